@@ -1,0 +1,28 @@
+"""Quantizers: the contract (`base`) and its implementations, registered by method name."""
+
+from __future__ import annotations
+
+from mixprec.quant import rtn as _rtn  # noqa: F401  (registers "rtn")
+from mixprec.quant.base import (
+    SUPPORTED_BITS,
+    SUPPORTED_GROUP_SIZES,
+    QuantConfig,
+    QuantizedWeight,
+    Quantizer,
+    get_quantizer,
+    quantizer_names,
+    register_quantizer,
+    storage_bits,
+)
+
+__all__ = [
+    "SUPPORTED_BITS",
+    "SUPPORTED_GROUP_SIZES",
+    "QuantConfig",
+    "QuantizedWeight",
+    "Quantizer",
+    "get_quantizer",
+    "quantizer_names",
+    "register_quantizer",
+    "storage_bits",
+]

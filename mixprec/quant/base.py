@@ -1,0 +1,164 @@
+"""The quantizer contract: settings, integer codes + scales, exact bit accounting, and a registry.
+
+A quantizer maps a float matrix [out, in] to `QuantizedWeight`: real integer codes, fp16 scales
+(and integer zero points when asymmetric), grouped along the input (last) dimension. Every later
+stage (variants, measurement, compile) only sees this type, so GPTQ or any other method plugs in by
+subclassing `Quantizer` and registering itself; nothing else changes.
+"""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import ClassVar, TypeVar
+
+import torch
+
+from mixprec.errors import QuantConfigError
+
+__all__ = [
+    "SUPPORTED_BITS",
+    "SUPPORTED_GROUP_SIZES",
+    "SCALE_BITS",
+    "QuantConfig",
+    "QuantizedWeight",
+    "Quantizer",
+    "register_quantizer",
+    "get_quantizer",
+    "quantizer_names",
+    "storage_bits",
+]
+
+SUPPORTED_BITS = (2, 3, 4, 5, 6, 7, 8)
+SUPPORTED_GROUP_SIZES = (32, 64, 128)
+#: Scales are stored as fp16: 16 bits per group, counted in every bpw figure.
+SCALE_BITS = 16
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    """Settings of one uniform quantization; validated on construction, stored in every manifest."""
+
+    method: str = "rtn"
+    bits: int = 4
+    group_size: int = 64
+    symmetric: bool = True
+    clip_search: bool = True
+    clip_grid: int = 32
+
+    def __post_init__(self) -> None:
+        if self.bits not in SUPPORTED_BITS:
+            raise QuantConfigError(f"bits={self.bits} is out of range; choose one of {SUPPORTED_BITS}")
+        if self.group_size not in SUPPORTED_GROUP_SIZES:
+            raise QuantConfigError(
+                f"group_size={self.group_size} is not supported; choose one of {SUPPORTED_GROUP_SIZES}"
+            )
+        if self.clip_grid < 2:
+            raise QuantConfigError(f"clip_grid={self.clip_grid} must be at least 2")
+        if self.method not in _REGISTRY:
+            raise QuantConfigError(f"unknown quantization method {self.method!r}; known: {quantizer_names()}")
+
+    @property
+    def variant_id(self) -> str:
+        """Folder name of the variant, e.g. `rtn-b4-g64-sym`."""
+        return f"{self.method}-b{self.bits}-g{self.group_size}-{'sym' if self.symmetric else 'asym'}"
+
+    def bits_per_weight(self, shape: tuple[int, int]) -> float:
+        """Exact bits per weight of a matrix of `shape`, codes + scales (+ zero points)."""
+        return storage_bits(self, shape) / (shape[0] * shape[1])
+
+
+def storage_bits(config: QuantConfig, shape: tuple[int, int]) -> int:
+    """Exact storage of one matrix: b bits per code, 16 per scale, b per zero point (asymmetric).
+
+    A partial last group (input dimension not a multiple of the group size) still pays a full scale.
+    """
+    rows, cols = shape
+    groups = rows * math.ceil(cols / config.group_size)
+    per_group = SCALE_BITS + (0 if config.symmetric else config.bits)
+    return rows * cols * config.bits + groups * per_group
+
+
+@dataclass(frozen=True)
+class QuantizedWeight:
+    """Integer codes [out, in] (uint8, 0..2^b-1), scales [out, groups] fp16, zeros [out, groups] or None.
+
+    Dequantization is `scale * (code - zero)`, with `zero = 2^(b-1)` for symmetric quantization.
+    """
+
+    codes: torch.Tensor
+    scales: torch.Tensor
+    zeros: torch.Tensor | None
+    bits: int
+    group_size: int
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The float matrix these codes stand for."""
+        rows, cols = self.codes.shape
+        zero = (self.zeros.to(torch.float32) if self.zeros is not None
+                else torch.full_like(self.scales, 2 ** (self.bits - 1), dtype=torch.float32))
+        scale = self.scales.to(torch.float32)
+        groups = scale.shape[1]
+        padded = groups * self.group_size
+        codes = self.codes.to(torch.float32)
+        if padded != cols:
+            codes = torch.nn.functional.pad(codes, (0, padded - cols))
+        codes = codes.view(rows, groups, self.group_size)
+        values = (codes - zero.unsqueeze(-1)) * scale.unsqueeze(-1)
+        return values.view(rows, padded)[:, :cols].to(dtype)
+
+    def storage_bits(self) -> int:
+        """Exact bits this weight occupies when packed (codes + scales + zero points)."""
+        zero_bits = 0 if self.zeros is None else self.zeros.numel() * self.bits
+        return self.codes.numel() * self.bits + self.scales.numel() * SCALE_BITS + zero_bits
+
+
+class Quantizer(ABC):
+    """A quantization method. Subclasses implement `quantize` for one 2-D matrix.
+
+    `hessian` is the input second-moment matrix [in, in] (X^T X over calibration tokens) that
+    error-compensating methods such as GPTQ need; methods that do not use it ignore it.
+    """
+
+    name: ClassVar[str]
+
+    def __init__(self, config: QuantConfig) -> None:
+        self.config = config
+
+    @abstractmethod
+    def quantize(self, weight: torch.Tensor, hessian: torch.Tensor | None = None) -> QuantizedWeight:
+        """Quantize one matrix [out, in]."""
+
+    def quantize_experts(self, weight: torch.Tensor,
+                         hessians: list[torch.Tensor | None] | None = None) -> list[QuantizedWeight]:
+        """Quantize a fused expert tensor [E, out, in] expert by expert (each with its own Hessian)."""
+        if weight.dim() != 3:
+            raise ValueError(f"expected a 3-D expert tensor [E, out, in], got shape {tuple(weight.shape)}")
+        hessians = hessians or [None] * weight.shape[0]
+        return [self.quantize(weight[e], hessians[e]) for e in range(weight.shape[0])]
+
+
+_REGISTRY: dict[str, type[Quantizer]] = {}
+Q = TypeVar("Q", bound=type[Quantizer])
+
+
+def register_quantizer(name: str) -> Callable[[Q], Q]:
+    """Class decorator that makes a quantizer available as `QuantConfig(method=name)`."""
+
+    def decorate(cls: Q) -> Q:
+        cls.name = name
+        _REGISTRY[name] = cls
+        return cls
+
+    return decorate
+
+
+def quantizer_names() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def get_quantizer(config: QuantConfig) -> Quantizer:
+    """Instantiate the registered quantizer for `config.method`."""
+    return _REGISTRY[config.method](config)
