@@ -20,7 +20,7 @@ from mixprec.quant.base import QuantConfig, QuantizedWeight, Quantizer, register
 __all__ = ["RTNQuantizer", "quantize_groups"]
 
 _MIN_CLIP = 0.35  # smallest clipping ratio tried; below this 2-bit error only grows on real weights
-_ROW_CHUNK = 4096  # rows quantized at a time, bounding memory at rows x clip_grid x in
+_ROW_CHUNK = 256  # rows quantized at a time: keeps each pass over the chunk in cache
 
 
 def _grouped(weight: torch.Tensor, group_size: int) -> torch.Tensor:
@@ -42,18 +42,35 @@ def _candidates(w: torch.Tensor, config: QuantConfig) -> tuple[torch.Tensor, tor
     return (hi - lo) / levels, lo
 
 
-def _quantize_with(w: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, config: QuantConfig,
-                   ratio: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Codes, fp16 scales and zero points for one clipping ratio."""
-    levels = 2**config.bits - 1
+def _scale_for(scale: torch.Tensor, ratio: torch.Tensor | float) -> torch.Tensor:
+    """The fp16 scale actually stored for a clipping ratio (never zero, so division is safe)."""
     s = (scale * ratio).to(torch.float16)
-    s = torch.where(s == 0, torch.ones_like(s), s)
-    if config.symmetric:
-        zero = offset
-    else:
-        zero = torch.clamp(torch.round(-(offset * ratio) / s.float()), 0, levels)
+    return torch.where(s == 0, torch.ones_like(s), s)
+
+
+def _quantize_with(w: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, config: QuantConfig,
+                   ratio: torch.Tensor | float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Codes, fp16 scales and zero points for one clipping ratio (a float or one ratio per group)."""
+    levels = 2**config.bits - 1
+    s = _scale_for(scale, ratio)
+    zero = offset if config.symmetric else torch.clamp(torch.round(-(offset * ratio) / s.float()), 0, levels)
     codes = torch.clamp(torch.round(w / s.float().unsqueeze(-1)) + zero.unsqueeze(-1), 0, levels)
     return codes, s, zero
+
+
+def _best_ratios(w: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, config: QuantConfig,
+                 ratios: list[float], weights: torch.Tensor | None) -> torch.Tensor:
+    """Per group, the clipping ratio with the smallest (importance-weighted) squared error."""
+    best_err = torch.full(scale.shape, float("inf"))
+    best_ratio = torch.ones_like(scale)
+    for ratio in ratios:
+        codes, s, zero = _quantize_with(w, scale, offset, config, ratio)
+        codes.sub_(zero.unsqueeze(-1)).mul_(s.float().unsqueeze(-1)).sub_(w).square_()
+        err = (codes if weights is None else codes.mul_(weights)).sum(dim=-1)
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        best_ratio = torch.where(better, torch.full_like(best_ratio, ratio), best_ratio)
+    return best_ratio
 
 
 def quantize_groups(weight: torch.Tensor, config: QuantConfig,
@@ -68,19 +85,11 @@ def quantize_groups(weight: torch.Tensor, config: QuantConfig,
     for start in range(0, rows, _ROW_CHUNK):
         w = _grouped(weight[start : start + _ROW_CHUNK], config.group_size)
         scale, offset = _candidates(w, config)
-        best_err = torch.full(scale.shape, float("inf"))
-        best = (torch.zeros_like(w), torch.zeros_like(scale, dtype=torch.float16), torch.zeros_like(scale))
-        for ratio in ratios:
-            codes, s, zero = _quantize_with(w, scale, offset, config, ratio)
-            sq = ((codes - zero.unsqueeze(-1)) * s.float().unsqueeze(-1) - w) ** 2
-            err = (sq if weights is None else sq * weights).sum(dim=-1)
-            better = err < best_err
-            best_err = torch.where(better, err, best_err)
-            best = (torch.where(better.unsqueeze(-1), codes, best[0]),
-                    torch.where(better, s, best[1]), torch.where(better, zero, best[2]))
-        codes_out.append(best[0].view(w.shape[0], -1)[:, :cols].to(torch.uint8))
-        scales_out.append(best[1])
-        zeros_out.append(best[2].to(torch.uint8))
+        ratio = _best_ratios(w, scale, offset, config, ratios, weights) if len(ratios) > 1 else 1.0
+        codes, s, zero = _quantize_with(w, scale, offset, config, ratio)
+        codes_out.append(codes.view(w.shape[0], -1)[:, :cols].to(torch.uint8))
+        scales_out.append(s)
+        zeros_out.append(zero.to(torch.uint8))
     zeros = None if config.symmetric else torch.cat(zeros_out)
     return QuantizedWeight(torch.cat(codes_out), torch.cat(scales_out), zeros, config.bits, config.group_size)
 
