@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# Idempotent setup on a fresh machine: a virtual environment in .venv with the CPU build of PyTorch
+# (pinned first, so no dependency can pull a CUDA build) and mixprec installed editable with dev extras.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+  "$PYTHON" -m venv .venv
+fi
+if ! .venv/bin/python -c "import torch" >/dev/null 2>&1; then
+  .venv/bin/pip install --quiet "torch==2.13.0"
+fi
+.venv/bin/pip install --quiet -e ".[dev]"
