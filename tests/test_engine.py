@@ -1,0 +1,152 @@
+"""KL engine contract: exact zeros, cached path == full forward, weights restored, batching, prefix reuse.
+
+Run: .venv/bin/python -m pytest tests/test_engine.py -q
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import pytest
+import torch
+
+from mixprec.data import TokenWindows, WindowConfig, windows_from_tokens
+from mixprec.engine import EngineConfig, KLEngine
+from mixprec.errors import MixprecError
+from mixprec.kl import compare_logits
+from mixprec.loading import Checkpoint, load_model
+from mixprec.quant import QuantConfig
+from mixprec.variants import Variant, apply_group, ensure_variants
+
+BITS = (2, 4, 8)
+
+
+@pytest.fixture(scope="module")
+def qwen(tiny_model_dirs: dict[str, Path], tmp_path_factory: pytest.TempPathFactory):
+    """Checkpoint, variants at BITS and windows of the tiny Qwen2-MoE (dense layer 0, MoE layer 1)."""
+    checkpoint = Checkpoint.open(tiny_model_dirs["qwen2_moe"])
+    work = tmp_path_factory.mktemp("engine_work")
+    variants = ensure_variants(checkpoint, checkpoint.model_map("layer"), [QuantConfig(bits=b) for b in BITS], work)
+    stream = torch.randint(3, 160, (2000,), generator=torch.Generator().manual_seed(1))
+    windows = windows_from_tokens(stream, WindowConfig(seq_len=24, num_windows=10), "random", "calibration")
+    return checkpoint, {v.bits: v for v in variants}, windows
+
+
+def _engine(checkpoint: Checkpoint, variants: dict[int, Variant], windows: TokenWindows,
+            granularity: str = "fine", **config: object) -> KLEngine:
+    return KLEngine(load_model(checkpoint), checkpoint.model_map(granularity), windows, variants,
+                    config=EngineConfig(batch_windows=4, **config))  # type: ignore[arg-type]
+
+
+def _quantizable(engine: KLEngine) -> list[str]:
+    return [g.name for g in engine.model_map.select()]
+
+
+def test_identical_model_gives_exactly_zero(qwen) -> None:
+    engine = _engine(*qwen)
+    for result in (engine.evaluate({}), engine.evaluate({"layers.1.attn.q": None}), engine.evaluate_full({})):
+        assert result.kl.numel() == 10 * 23
+        assert torch.count_nonzero(result.kl) == 0
+        assert bool(result.same_top1.all())
+
+
+def test_cached_path_equals_full_forward_bitwise(qwen) -> None:
+    engine = _engine(*qwen)
+    for name in _quantizable(engine):
+        cached, full = engine.evaluate({name: 2}), engine.evaluate_full({name: 2})
+        assert torch.equal(cached.kl, full.kl), name
+        assert float(cached.kl.mean()) > 0, f"{name} at 2 bits should differ from the reference"
+
+
+def test_matches_independent_apply_group_forward(qwen) -> None:
+    """The engine's number equals quantizing a copy with `apply_group` and comparing logits by hand."""
+    checkpoint, variants, windows = qwen
+    engine = _engine(checkpoint, variants, windows, granularity="layer")
+    group = engine.model_map.group("layers.1.experts")
+    model = load_model(checkpoint)
+    quantized = copy.deepcopy(model)
+    apply_group(dict(quantized.named_parameters()), group, variants[4])
+    with torch.no_grad():
+        ref, q = (m(input_ids=windows.tokens, use_cache=False).logits[:, :-1].reshape(-1, 160)
+                  for m in (model, quantized))
+    expected = compare_logits(ref, q, windows.tokens[:, 1:].reshape(-1))
+    assert torch.allclose(engine.evaluate({group.name: 4}).kl, expected.kl, rtol=1e-4, atol=1e-9)
+
+
+def test_weights_are_restored(qwen) -> None:
+    engine = _engine(*qwen)
+    before = {n: p.detach().clone() for n, p in engine.model.named_parameters()}
+    engine.evaluate({name: 2 for name in _quantizable(engine)})
+    engine.evaluate_many([{"layers.0.attn.o": 2}, {"layers.1.experts.down": 4}])
+    with pytest.raises(MixprecError, match="variants for"):
+        engine.evaluate({"layers.0.attn.q": 2, "layers.1.attn.q": 3})
+    for name, param in engine.model.named_parameters():
+        assert torch.equal(param, before[name]), name
+
+
+def test_batched_equals_single(qwen) -> None:
+    engine = _engine(*qwen, max_batch_windows=12)
+    assignments = [{name: bits} for name in _quantizable(engine) for bits in BITS]
+    batched = engine.evaluate_many(assignments)
+    calls = engine.layer_calls
+    singles = [engine.evaluate(a) for a in assignments]
+    assert engine.layer_calls - calls > calls, "batching should need fewer layer calls than one by one"
+    for a, b, s in zip(assignments, batched, singles, strict=True):
+        # A batched matmul may sum in another order: per-token KL moves by ~3e-8 at most, means by ~1e-10.
+        assert torch.allclose(b.kl, s.kl, rtol=1e-3, atol=1e-7), a
+        assert abs(float(b.kl.mean() - s.kl.mean())) <= 1e-3 * float(s.kl.mean()) + 1e-9, a
+
+
+def test_batched_with_eager_attention_mask(tiny_model_dirs: dict[str, Path], qwen) -> None:
+    """An eager attention mask has a batch dimension; tiling it must give the single-assignment result."""
+    checkpoint, variants, windows = qwen
+    model = load_model(checkpoint)
+    model.config._attn_implementation = "eager"
+    engine = KLEngine(model, checkpoint.model_map("layer"), windows, variants,
+                      config=EngineConfig(batch_windows=4, max_batch_windows=12))
+    assert engine._ref.kwargs[0][0]["attention_mask"] is not None
+    assignments = [{"layers.0.attn": 2}, {"layers.0.attn": 4}, {"layers.0.mlp": 2}]
+    for batched, a in zip(engine.evaluate_many(assignments), assignments, strict=True):
+        assert torch.allclose(batched.kl, engine.evaluate_full(a).kl, rtol=1e-3, atol=1e-7), a
+
+
+def test_shared_prefix_starts_late_and_stays_exact(qwen) -> None:
+    engine = _engine(*qwen)
+    base = {name: 4 for name in _quantizable(engine)}
+    engine.evaluate(base)
+    before = engine.layer_forwards
+    changed = dict(base, **{"layers.1.experts.down": 2})
+    result = engine.evaluate(changed)
+    assert engine.layer_forwards - before == 1, "only the last layer differs, so only it should rerun"
+    assert torch.equal(result.kl, engine.evaluate_full(changed).kl)
+
+
+def test_no_prefix_cache_still_exact(qwen) -> None:
+    engine = _engine(*qwen, prefix_cache_mib=0, ref_logits_mib=0)
+    base = {name: 4 for name in _quantizable(engine)}
+    engine.evaluate(base)
+    before = engine.layer_forwards
+    assert torch.equal(engine.evaluate(base).kl, engine.evaluate_full(base).kl)
+    assert engine.layer_forwards - before == 2 + 2
+
+
+@pytest.mark.parametrize("model_type", ["mixtral", "olmoe", "qwen3_moe", "llama"])
+def test_other_families_cached_equals_full(tiny_model_dirs: dict[str, Path], model_type: str,
+                                           tmp_path: Path) -> None:
+    checkpoint = Checkpoint.open(tiny_model_dirs[model_type])
+    variants = ensure_variants(checkpoint, checkpoint.model_map("layer"), [QuantConfig(bits=3)], tmp_path)
+    windows = windows_from_tokens(torch.arange(3, 160).repeat(4), WindowConfig(16, 6), "ramp", "calibration")
+    engine = KLEngine(load_model(checkpoint), checkpoint.model_map("layer"), windows, {3: variants[0]},
+                      config=EngineConfig(batch_windows=4))
+    for group in engine.model_map.select():
+        assert torch.equal(engine.evaluate({group.name: 3}).kl, engine.evaluate_full({group.name: 3}).kl)
+
+
+def test_bad_assignments_name_the_problem(qwen) -> None:
+    engine = _engine(*qwen)
+    with pytest.raises(MixprecError, match="nearest"):
+        engine.evaluate({"layers.1.atn.q": 2})
+    with pytest.raises(MixprecError, match="not in the 2-bit variant"):
+        engine.evaluate({"embed": 2})
+    assert engine.num_sequences == 10
