@@ -1,0 +1,240 @@
+"""Solvers and budgets: exact DP against brute force, budgets never exceeded, rule baselines, exact costs.
+
+Run: HF_HUB_OFFLINE=1 .venv/bin/python -m pytest tests/test_solve.py -q
+"""
+
+from __future__ import annotations
+
+import itertools
+import random
+from pathlib import Path
+
+import pytest
+
+from mixprec.arch import GroupKind
+from mixprec.budget import (
+    NULL_BITS_PER_WEIGHT,
+    BudgetError,
+    Constraints,
+    CostTable,
+    InfeasibleBudgetError,
+    budget_limit_bits,
+    check_feasible,
+    parse_settings,
+)
+from mixprec.loading import Checkpoint
+from mixprec.quant import QuantConfig
+from mixprec.recipe import Budget
+from mixprec.solve import (
+    Problem,
+    greedy,
+    hq_at_budget,
+    hq_rule,
+    isotonic_decreasing,
+    pareto_front,
+    uniform,
+    uniform_at_or_above,
+)
+from mixprec.variants import ensure_variants
+
+
+def random_problem(rng: random.Random, groups: int, max_options: int, costly: bool = False) -> Problem:
+    names, options, costs, losses = [], [], [], []
+    for g in range(groups):
+        k = rng.randint(1, max_options)
+        widths = sorted(rng.sample([2, 3, 4, 5, 6, 8], k))
+        size = rng.choice([64, 128, 96, 256]) if costly else rng.randint(1, 9)
+        names.append(f"g{g}")
+        options.append(tuple(widths))
+        costs.append(tuple(size * w + rng.randint(0, 3) for w in widths))
+        losses.append(tuple(rng.uniform(-0.5, 1.0) for _ in widths))  # not monotone on purpose
+    kinds = tuple(rng.choice(list(GroupKind)[:4]) for _ in range(groups))
+    layers = tuple(rng.randint(0, 3) for _ in range(groups))
+    params = tuple(c[0] // o[0] for c, o in zip(costs, options, strict=True))
+    return Problem(tuple(names), tuple(options), tuple(costs), tuple(losses), kinds, layers, params)
+
+
+def brute_force(problem: Problem, limit: int) -> float | None:
+    best = None
+    for picks in itertools.product(*(range(len(o)) for o in problem.options)):
+        cost = sum(problem.costs[i][k] for i, k in enumerate(picks))
+        if cost <= limit:
+            loss = sum(problem.losses[i][k] for i, k in enumerate(picks))
+            best = loss if best is None else min(best, loss)
+    return best
+
+
+def test_dp_equals_brute_force_on_random_instances() -> None:
+    rng = random.Random(1234)
+    for _ in range(150):
+        problem = random_problem(rng, rng.randint(1, 5), 4)
+        front = pareto_front(problem)
+        lo = sum(min(c) for c in problem.costs)
+        hi = sum(max(c) for c in problem.costs)
+        for limit in sorted({lo - 1, lo, hi, *(rng.randint(lo, hi) for _ in range(8))}):
+            expected = brute_force(problem, limit)
+            point = front.best_point(limit)
+            if expected is None:
+                assert point is None, f"limit {limit} below the cheapest recipe {lo} but DP found {point}"
+                continue
+            solution = front.best_under(limit)
+            assert solution.cost <= limit
+            assert solution.loss == pytest.approx(expected, abs=1e-12), f"DP {solution.loss} != brute {expected}"
+
+
+def test_front_is_monotone_and_rebuilds_each_point() -> None:
+    problem = random_problem(random.Random(7), 8, 5, costly=True)
+    front = pareto_front(problem)
+    assert all(a < b for a, b in zip(front.costs, front.costs[1:], strict=False)), "costs must strictly increase"
+    assert all(a > b for a, b in zip(front.losses, front.losses[1:], strict=False)), "losses must strictly fall"
+    for point in range(len(front)):
+        solution = front.solution(point)
+        assert solution.cost == front.costs[point]
+        assert solution.loss == pytest.approx(float(front.losses[point]), abs=1e-12)
+
+
+def test_no_solver_exceeds_its_budget() -> None:
+    rng = random.Random(99)
+    for _ in range(60):
+        problem = random_problem(rng, rng.randint(2, 7), 6, costly=True)
+        lo = sum(min(c) for c in problem.costs)
+        hi = sum(max(c) for c in problem.costs)
+        limit = rng.randint(lo, hi)
+        front = pareto_front(problem)
+        for solution in (front.best_under(limit), greedy(problem, limit), *front.near(limit, 4)):
+            assert solution.cost <= limit, f"{solution.solver} costs {solution.cost} > budget {limit}"
+            assert solution.cost == problem.cost(solution.assignment)
+        assert front.best_under(limit).loss <= greedy(problem, limit).loss + 1e-12, "exact DP lost to greedy"
+
+
+def exllamav3_optimize(meas: dict, budget: float) -> list[int]:
+    """Transcription of exllamav3 conversion/optimize_model.py `optimize` (the reference for `greedy`)."""
+    groups = meas["groups"]
+    solution = [0] * len(groups)
+
+    def adjust(dkld: float) -> float:
+        return dkld if dkld > 0 else -((-dkld) ** 0.69)
+
+    while True:
+        best, best_r = None, 0.0
+        for i, g in enumerate(groups):
+            cand, s = g["candidates"], solution[i]
+            for j, c in enumerate(cand):
+                if j < s:
+                    continue
+                dk, db = adjust(c["dkld"]), c["dbits"]
+                if s > 0:
+                    dk -= adjust(cand[s - 1]["dkld"])
+                    db -= cand[s - 1]["dbits"]
+                r = 1e10 * dk / (db + 1)
+                if r < best_r and budget > db:
+                    best, best_r = (i, j, db), r
+        if best is None:
+            return solution
+        i, j, db = best
+        solution[i] = j + 1
+        budget -= db
+
+
+def test_greedy_reproduces_exllamav3_optimizer() -> None:
+    rng = random.Random(5)
+    for _ in range(40):
+        problem = random_problem(rng, rng.randint(2, 8), 6, costly=True)
+        limit = rng.randint(sum(min(c) for c in problem.costs), sum(max(c) for c in problem.costs))
+        meas = {"groups": [{"candidates": [{"dkld": losses[j] - losses[0], "dbits": costs[j] - costs[0]}
+                                           for j in range(1, len(costs))]}
+                           for costs, losses in zip(problem.costs, problem.losses, strict=True)]}
+        expected = exllamav3_optimize(meas, limit - sum(c[0] for c in problem.costs))
+        assert list(problem.indices(greedy(problem, limit).assignment)) == expected
+
+
+def synthetic_model_problem() -> Problem:
+    """Four layers: attention, shared experts and routed experts (8x bigger), dense MLP in layer 0."""
+    names, kinds, layers, params = [], [], [], []
+    for layer in range(4):
+        for kind, size in ((GroupKind.ATTENTION, 64), (GroupKind.DENSE_MLP if layer == 0 else
+                                                        GroupKind.SHARED_EXPERTS, 128),
+                           *(() if layer == 0 else ((GroupKind.ROUTED_EXPERTS, 1024),))):
+            names.append(f"layers.{layer}.{kind.value}")
+            kinds.append(kind)
+            layers.append(layer)
+            params.append(size * 64)
+    widths = (2, 3, 4, 5, 6, 8)
+    costs = tuple(tuple(p * b + p // 64 * 16 for b in widths) for p in params)
+    losses = tuple(tuple(1.0 / p * 4.0 ** -b for b in widths) for p in params)
+    return Problem(tuple(names), (widths,) * len(names), costs, losses, tuple(kinds), tuple(layers), tuple(params))
+
+
+def test_uniform_and_hq_rule_baselines() -> None:
+    problem = synthetic_model_problem()
+    params = problem.total_params
+    three = uniform(problem, 3)
+    assert set(three.assignment.values()) == {3}
+    assert three.cost == sum(c[1] for c in problem.costs)
+    limit = int(3.0 * params)
+    above = uniform_at_or_above(problem, [2, 3, 4, 5, 6, 8], limit)
+    assert above.solver == "uniform-3" and above.cost >= limit, "3 bits (3.25 bpw) is the first uniform >= 3.0"
+    raw = hq_rule(problem, 3.0)
+    for name, bits in raw.assignment.items():
+        kind = problem.kinds[problem.names.index(name)]
+        extra = {GroupKind.ATTENTION: 2, GroupKind.SHARED_EXPERTS: 2, GroupKind.DENSE_MLP: 1}.get(kind, 0)
+        assert bits >= 3 + extra, f"--hq must clamp {name} to at least {3 + extra} bits, got {bits}"
+    fitted = hq_at_budget(problem, limit)
+    assert fitted.cost <= limit < raw.cost, "the raw --hq rule overshoots; the fitted one must not"
+
+
+def test_isotonic_decreasing() -> None:
+    assert isotonic_decreasing([3.0, 1.0, 2.0]) == pytest.approx([3.0, 1.5, 1.5])
+    assert isotonic_decreasing([5.0, 4.0, 1.0]) == [5.0, 4.0, 1.0]
+    weighted = isotonic_decreasing([1.0, 0.1, 0.3], [1.0, 3.0, 1.0])
+    assert weighted == pytest.approx([1.0, 0.15, 0.15])
+    rng = random.Random(3)
+    for _ in range(50):
+        values = [rng.random() for _ in range(6)]
+        fit = isotonic_decreasing(values)
+        assert all(a >= b - 1e-15 for a, b in zip(fit, fit[1:], strict=False))
+        assert sum(fit) == pytest.approx(sum(values)), "unweighted PAVA preserves the sum"
+
+
+# -- exact costs from real variants ----------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def tiny_table(tiny_model_dirs: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> CostTable:
+    checkpoint = Checkpoint.open(tiny_model_dirs["qwen2_moe"])
+    model_map = checkpoint.model_map("fine")
+    work = tmp_path_factory.mktemp("work")
+    variants = ensure_variants(checkpoint, model_map, [QuantConfig(bits=b, clip_search=False) for b in (2, 4)], work)
+    return CostTable.from_variants(model_map, {v.bits: v for v in variants})
+
+
+def test_costs_come_from_manifests(tiny_table: CostTable, tiny_model_dirs: dict[str, Path]) -> None:
+    for bits in (2, 4):
+        manifest_bits = sum(g.bits[bits] for g in tiny_table.groups)
+        assignment = dict.fromkeys(tiny_table.names, bits)
+        assert tiny_table.storage_bits(assignment) == manifest_bits
+        naive = sum(g.params * (bits + 16 / 64) for g in tiny_table.groups)
+        assert tiny_table.storage_bits(assignment) > naive, "partial scale groups (96 columns) cost extra"
+    null = dict.fromkeys(tiny_table.names, 2)
+    first = tiny_table.groups[0]
+    null[first.name] = None
+    assert tiny_table.storage_bits(null) - tiny_table.storage_bits(dict.fromkeys(tiny_table.names, 2)) == \
+        NULL_BITS_PER_WEIGHT * first.params - first.bits[2]
+
+
+def test_constraints_and_infeasible_budget(tiny_table: CostTable) -> None:
+    constraints = Constraints(pins=parse_settings(["layers.0.attn.q=2"], "--pin"),
+                              floors=parse_settings(["attention=4"], "--floor"))
+    options = constraints.options(tiny_table)
+    assert options["layers.0.attn.q"] == (2,), "a pin overrides a floor"
+    assert options["layers.1.attn.kv"] == (4,)
+    assert options["layers.1.experts.down"] == (2, 4)
+    with pytest.raises(InfeasibleBudgetError, match=r"between \d\.\d{4} and \d\.\d{4} bpw"):
+        budget = Budget(bpw=2.0)
+        check_feasible(tiny_table, options, budget_limit_bits(budget, tiny_table), budget)
+    check_feasible(tiny_table, options, budget_limit_bits(Budget(bpw=4.5), tiny_table), Budget(bpw=4.5))
+    with pytest.raises(BudgetError, match="nearest: attention"):
+        Constraints(floors={"atention": 5}).options(tiny_table)
+    with pytest.raises(BudgetError, match="no width satisfies"):
+        Constraints(floors={"attn": 5}).options(tiny_table)
+    with pytest.raises(BudgetError, match="expected SELECTOR=BITS"):
+        parse_settings(["attention"], "--floor")
