@@ -18,7 +18,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from functools import cached_property
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from safetensors import safe_open
@@ -32,6 +32,9 @@ from mixprec.loading import Checkpoint
 from mixprec.modelmap import Group, ModelMap, WeightRef
 from mixprec.progress import progress
 from mixprec.quant import QuantConfig, QuantizedWeight, get_quantizer
+
+if TYPE_CHECKING:
+    from mixprec.hessians import Calibration
 
 __all__ = ["VARIANT_SCHEMA_VERSION", "Variant", "quantize_variant", "ensure_variants", "apply_group"]
 
@@ -115,8 +118,9 @@ class Variant:
 
 
 def _quantize_group(checkpoint: Checkpoint, group: Group, config: QuantConfig,
-                    tensors: dict[str, torch.Tensor], units: dict[str, Any]) -> None:
-    quantizer = get_quantizer(config)
+                    tensors: dict[str, torch.Tensor], units: dict[str, Any],
+                    calibration: Calibration | None = None) -> None:
+    quantizer = get_quantizer(config) if calibration is None else calibration.quantizer(config)
     cache: dict[str, torch.Tensor] = {}
     for ref in group.weights:
         if ref.key not in cache:
@@ -125,7 +129,7 @@ def _quantize_group(checkpoint: Checkpoint, group: Group, config: QuantConfig,
         if tuple(matrix.shape) != ref.shape:
             raise VariantError(f"{checkpoint.path}: {ref.key} has shape {tuple(matrix.shape)} on disk but the "
                                f"model expects {ref.shape}; the checkpoint and config.json disagree")
-        q = quantizer.quantize(matrix)
+        q = quantizer.quantize(matrix, None if calibration is None else calibration.hessian(group, ref))
         tensors[f"{ref.unit}.codes"] = q.codes.contiguous()
         tensors[f"{ref.unit}.scales"] = q.scales.contiguous()
         if q.zeros is not None:
@@ -143,19 +147,25 @@ def _group_summary(groups: Iterable[Group], units: Mapping[str, Any]) -> dict[st
 
 
 def quantize_variant(checkpoint: Checkpoint, model_map: ModelMap, config: QuantConfig, out_dir: Path,
-                     kinds: tuple[GroupKind, ...] = DEFAULT_QUANTIZED_KINDS) -> Variant:
-    """Quantize every matrix of `kinds` at `config` and write the variant folder atomically."""
+                     kinds: tuple[GroupKind, ...] = DEFAULT_QUANTIZED_KINDS,
+                     calibration: Calibration | None = None) -> Variant:
+    """Quantize every matrix of `kinds` at `config` and write the variant folder atomically.
+
+    With `calibration` (`mixprec.hessians.Calibration`), each matrix is quantized with its Hessian
+    and the manifest gains a `calibration` record (data spec, settings, per-expert token counts).
+    """
     started = time.perf_counter()
     groups = model_map.select(kinds)
     tensors: dict[str, torch.Tensor] = {}
     units: dict[str, Any] = {}
     for group in progress(groups, desc=f"quantize {config.variant_id}", unit="group"):
-        _quantize_group(checkpoint, group, config, tensors, units)
+        _quantize_group(checkpoint, group, config, tensors, units, calibration)
     with atomic_dir(out_dir) as tmp:
         save_file(tensors, tmp / _WEIGHTS_FILE, metadata={"format": "pt", "mixprec.variant": config.variant_id})
         total_bits = sum(u["storage_bits"] for u in units.values())
         total_params = sum(u["numel"] for u in units.values())
-        atomic_write_json(tmp / _MANIFEST_FILE, {
+        extra = {} if calibration is None else {"calibration": calibration.record()}
+        atomic_write_json(tmp / _MANIFEST_FILE, extra | {
             "schema_version": VARIANT_SCHEMA_VERSION,
             "variant_id": config.variant_id,
             "quant_config": asdict(config),
@@ -173,7 +183,7 @@ def quantize_variant(checkpoint: Checkpoint, model_map: ModelMap, config: QuantC
 
 
 def _reusable(out_dir: Path, checkpoint: Checkpoint, config: QuantConfig,
-              kinds: tuple[GroupKind, ...]) -> Variant | None:
+              kinds: tuple[GroupKind, ...], calibration: Calibration | None = None) -> Variant | None:
     if not (out_dir / _MANIFEST_FILE).exists():
         return None
     try:
@@ -183,19 +193,25 @@ def _reusable(out_dir: Path, checkpoint: Checkpoint, config: QuantConfig,
         log.warning("rebuilding %s: %s", out_dir, exc)
         return None
     same = (variant.manifest["quant_config"] == asdict(config)
-            and variant.manifest["kinds"] == [k.value for k in kinds])
+            and variant.manifest["kinds"] == [k.value for k in kinds]
+            and variant.manifest.get("calibration", {}).get("identity")
+            == (None if calibration is None else calibration.identity()))
     return variant if same else None
 
 
 def ensure_variants(checkpoint: Checkpoint, model_map: ModelMap, configs: Iterable[QuantConfig],
-                    work_dir: Path, kinds: tuple[GroupKind, ...] = DEFAULT_QUANTIZED_KINDS) -> list[Variant]:
-    """Quantize each config into `work_dir/variants/`, reusing finished variants with identical inputs."""
+                    work_dir: Path, kinds: tuple[GroupKind, ...] = DEFAULT_QUANTIZED_KINDS,
+                    calibration: Calibration | None = None) -> list[Variant]:
+    """Quantize each config into `work_dir/variants/`, reusing finished variants with identical inputs.
+
+    A variant built with other calibration data or solver settings counts as different inputs and is rebuilt.
+    """
     variants = []
     for config in configs:
         out_dir = Path(work_dir) / "variants" / config.variant_id
-        variant = _reusable(out_dir, checkpoint, config, kinds)
+        variant = _reusable(out_dir, checkpoint, config, kinds, calibration)
         if variant is None:
-            variant = quantize_variant(checkpoint, model_map, config, out_dir, kinds)
+            variant = quantize_variant(checkpoint, model_map, config, out_dir, kinds, calibration)
             log.info("wrote %s (%.4f bpw)", out_dir, variant.manifest["totals"]["bpw"])
         else:
             log.info("reusing %s", out_dir)

@@ -5,22 +5,36 @@ fingerprint, quantizer settings and exact bits per group) goes to WORK/variants/
 Finished variants with the same model and settings are reused, so re-running is cheap and an
 interrupted run continues where it stopped.
 
+GPTQ (`--method gptq`) also needs calibration activations: by default a few dozen windows of the
+bundled corpus's train split (disjoint from the "calibration" split that measurement uses and from
+the "evaluation" split), or `--calib-data FILES`. Their Hessians are computed once, cached under
+WORK/calibration/, and shared by every bit width; the manifests record the data and per-expert
+token counts.
+
 Usage:
     mixprec quantize --bits 2 3 4 5 6 8
     mixprec quantize path/to/model --bits 3 4 --group-size 128 --asym --work work/mymodel
+    mixprec quantize --method gptq --bits 2 3 4 --calib-windows 32 --damp 0.01
 """
 
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from mixprec.arch import DEFAULT_QUANTIZED_KINDS, GroupKind
+from mixprec.calibrate import CalibConfig
 from mixprec.cli.common import add_model_argument, add_work_argument, default_work_dir, print_table
+from mixprec.hessians import Calibration, calibration_windows
 from mixprec.loading import Checkpoint
 from mixprec.quant import SUPPORTED_BITS, SUPPORTED_GROUP_SIZES, QuantConfig, quantizer_names
+from mixprec.quant.gptq import GPTQSettings
 from mixprec.variants import ensure_variants
 
-__all__ = ["register", "configs_from_args"]
+__all__ = ["register", "configs_from_args", "calibration_settings"]
+
+#: Methods that need calibration Hessians.
+_CALIBRATED_METHODS = ("gptq",)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -40,7 +54,24 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         choices=[k.value for k in GroupKind], metavar="KIND",
                         help="group kinds to quantize (default: attention dense_mlp shared_experts "
                              "routed_experts; add router, embedding or lm_head to include them)")
+    _add_calibration_arguments(parser)
     parser.set_defaults(run=run)
+
+
+def _add_calibration_arguments(parser: argparse.ArgumentParser) -> None:
+    calib = parser.add_argument_group("calibration (GPTQ)")
+    calib.add_argument("--calib-windows", type=int, default=CalibConfig.num_windows, metavar="N",
+                       help=f"calibration windows (default {CalibConfig.num_windows})")
+    calib.add_argument("--calib-seq-len", type=int, default=CalibConfig.seq_len, metavar="T",
+                       help=f"tokens per calibration window (default {CalibConfig.seq_len})")
+    calib.add_argument("--calib-data", type=Path, nargs="+", default=None, metavar="FILE",
+                       help="text files to calibrate on, tokenized with the model's tokenizer (default: the "
+                            "bundled corpus's train split, disjoint from measurement and evaluation data)")
+    calib.add_argument("--act-order", action=argparse.BooleanOptionalAction, default=GPTQSettings.act_order,
+                       help="visit columns by decreasing Hessian diagonal, with group scales fixed up front "
+                            f"(default {'on' if GPTQSettings.act_order else 'off'})")
+    calib.add_argument("--damp", type=float, default=GPTQSettings.damp,
+                       help=f"Hessian dampening as a fraction of its mean diagonal (default {GPTQSettings.damp})")
 
 
 def configs_from_args(args: argparse.Namespace) -> list[QuantConfig]:
@@ -50,13 +81,26 @@ def configs_from_args(args: argparse.Namespace) -> list[QuantConfig]:
             for bits in dict.fromkeys(args.bits)]
 
 
+def calibration_settings(args: argparse.Namespace) -> tuple[CalibConfig, GPTQSettings] | None:
+    """Validated calibration and solver settings for methods that need calibration, else None."""
+    if args.method not in _CALIBRATED_METHODS:
+        return None
+    return (CalibConfig(num_windows=args.calib_windows, seq_len=args.calib_seq_len),
+            GPTQSettings(damp=args.damp, act_order=args.act_order))
+
+
 def run(args: argparse.Namespace) -> int:
     configs = configs_from_args(args)  # validate before touching the model
+    settings = calibration_settings(args)
     checkpoint = Checkpoint.open(args.model)
     model_map = checkpoint.model_map("layer")
     kinds = tuple(GroupKind(k) for k in args.kinds)
     work = default_work_dir(args.model, args.work)
-    variants = ensure_variants(checkpoint, model_map, configs, work, kinds)
+    calibration = None
+    if settings is not None:
+        windows = calibration_windows(checkpoint.path, settings[0], args.calib_data)
+        calibration = Calibration(checkpoint, windows, settings[0], work / "calibration", settings[1])
+    variants = ensure_variants(checkpoint, model_map, configs, work, kinds, calibration)
     rows = [{"variant": v.manifest["variant_id"], "bpw": f"{v.manifest['totals']['bpw']:.4f}",
              "params": v.manifest["totals"]["params"],
              "MiB": f"{v.manifest['totals']['storage_bits'] / 8 / 2**20:.2f}", "folder": str(v.path)}
