@@ -1,0 +1,119 @@
+"""`mixprec measure [MODEL]`: end-to-end KL of every group at every bit width (swap one group at a time).
+
+drop mode lowers one group from the unquantized model; raise mode raises one group from a model with
+every group at --base-bits (exllamav3's direction). Missing variants are quantized first (as
+`mixprec quantize` would). Every finished (group, bits) result is stored at once in an Optuna
+journal, so an interrupted run continues where it stopped, and several workers (--workers N here, or
+the same command started elsewhere with a shared --storage URL) split one table.
+
+Writes WORK/measure/<mode>-<granularity>/{table.csv, summary.json, measurement.json, journal.log}.
+
+Basic:
+    mixprec measure --bits 2 3 4 5 6 8
+    mixprec measure --mode raise --base-bits 2 --bits 3 4 5 6 8
+    mixprec measure path/to/model --granularity fine --windows 16 --seq-len 512 --data a.txt b.txt
+
+Advanced:
+    --storage postgresql+psycopg2://user:pw@host/db   share one table between machines
+    --workers 2                                      worker processes on this machine
+    --reset-stale                                    re-run jobs left RUNNING by workers known to be gone
+    --max-jobs 10                                    measure at most 10 jobs in this run
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from mixprec.arch import DEFAULT_QUANTIZED_KINDS, GroupKind
+from mixprec.cli.common import add_model_argument, add_work_argument, default_work_dir, print_table
+from mixprec.engine import EngineConfig
+from mixprec.measure import MeasureConfig, load_measurement, run_measure
+from mixprec.measure_output import format_table
+from mixprec.quant import SUPPORTED_BITS, SUPPORTED_GROUP_SIZES, quantizer_names
+
+__all__ = ["register", "config_from_args"]
+
+
+def _add_basic(parser: argparse.ArgumentParser) -> None:
+    add_model_argument(parser)
+    add_work_argument(parser)
+    parser.add_argument("--bits", type=int, nargs="+", default=[2, 3, 4, 5, 6, 8], metavar="B",
+                        help=f"bit widths to measure, each one of {SUPPORTED_BITS} (default: 2 3 4 5 6 8)")
+    parser.add_argument("--mode", choices=["drop", "raise"], default="drop",
+                        help="drop: lower one group from full precision; raise: raise one group from --base-bits")
+    parser.add_argument("--base-bits", type=int, default=2, metavar="B", help="raise mode's base width (default 2)")
+    parser.add_argument("--granularity", choices=["layer", "fine", "expert"], default="layer",
+                        help="group per layer block, per projection, or per routed expert (default layer)")
+    parser.add_argument("--windows", type=int, default=32, help="token windows (default 32)")
+    parser.add_argument("--seq-len", type=int, default=256, help="tokens per window (default 256)")
+    parser.add_argument("--data", type=Path, nargs="+", default=None, metavar="FILE",
+                        help="text files to measure on (default: the model folder's calibration split)")
+    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
+                        help="where the engine runs (default auto: CUDA if visible)")
+
+
+def _add_advanced(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("advanced")
+    group.add_argument("--kinds", nargs="+", default=[k.value for k in DEFAULT_QUANTIZED_KINDS],
+                       choices=[k.value for k in GroupKind], metavar="KIND", help="group kinds to measure")
+    group.add_argument("--group-size", type=int, default=64, choices=SUPPORTED_GROUP_SIZES,
+                       help="quantizer group size (default 64)")
+    group.add_argument("--asym", action="store_true", help="asymmetric quantization")
+    group.add_argument("--method", default="rtn", choices=quantizer_names(), help="quantizer (default rtn)")
+    group.add_argument("--no-clip-search", action="store_true", help="plain min/max scales")
+    group.add_argument("--no-quantize", action="store_true",
+                       help="fail instead of quantizing missing variants")
+    group.add_argument("--storage", default=None, metavar="URL",
+                       help="Optuna storage URL or journal file path (default: journal.log in the measure folder)")
+    group.add_argument("--workers", type=int, default=1, help="worker processes on this machine (default 1)")
+    group.add_argument("--reset-stale", action="store_true",
+                       help="treat RUNNING jobs of workers on other hosts as dead and measure them again")
+    group.add_argument("--max-jobs", type=int, default=None, help="stop after this many jobs")
+    group.add_argument("--batch-jobs", type=int, default=6, help="jobs claimed and batched together (default 6)")
+    group.add_argument("--batch-windows", type=int, default=8, help="windows per forward chunk (default 8)")
+    group.add_argument("--cache-mib", type=float, default=256.0,
+                       help="memory for cached hidden states and batched candidates, MiB (default 256)")
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser("measure", help="measure the KL damage of every group at every bit width",
+                                   description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    _add_basic(parser)
+    _add_advanced(parser)
+    parser.set_defaults(run=run)
+
+
+def config_from_args(args: argparse.Namespace) -> MeasureConfig:
+    """Validated configuration (raises MixprecError on bad values, before any model is loaded)."""
+    engine = EngineConfig(batch_windows=args.batch_windows, max_batch_windows=max(32, args.batch_windows),
+                          prefix_cache_mib=args.cache_mib)
+    return MeasureConfig(
+        work=default_work_dir(args.model, args.work), model=args.model, mode=args.mode, bits=tuple(args.bits),
+        base_bits=args.base_bits, granularity=args.granularity, kinds=tuple(args.kinds), num_windows=args.windows,
+        seq_len=args.seq_len, data_files=tuple(args.data or ()), method=args.method, group_size=args.group_size,
+        symmetric=not args.asym, clip_search=not args.no_clip_search, storage=args.storage, device=args.device,
+        engine=engine, batch_jobs=args.batch_jobs, max_jobs=args.max_jobs, reset_stale=args.reset_stale,
+        quantize_missing=not args.no_quantize,
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    config = config_from_args(args)
+    folder = run_measure(config, workers=args.workers)
+    if folder is None:
+        print(f"measured this worker's share; other workers still hold jobs of {config.folder} "
+              "(the last one writes the table; re-run this command to check or to take over stale jobs)")
+        return 0
+    measurement = load_measurement(folder)
+    rows = format_table(measurement)
+    label = "KL(ref||q) with one group dropped" if config.mode == "drop" else (
+        f"KL change raising one group from {config.base_bits} bits "
+        f"(base KL {measurement.summary['base']['summary']['kl_mean']:.3e})")
+    print(f"{label}, mean ± se over {measurement.summary['data']['num_windows']} windows:")
+    print_table(rows, list(rows[0]))
+    floor = measurement.summary["noise_floor"]
+    print(f"noise floor: repeat fp32 {floor['repeat_fp32']['kl_mean']:.1e}, "
+          f"bf16 compute {floor['bf16_compute']['kl_mean']:.2e}")
+    print(f"wrote {folder / 'table.csv'}, {folder / 'summary.json'}, {folder / 'measurement.json'}")
+    return 0
