@@ -6,6 +6,7 @@ Run: .venv/bin/python -m pytest -q tests/test_gptq.py
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -26,6 +27,15 @@ from mixprec.variants import ensure_variants
 from tests.tiny_models import _COMMON, TINY_CONFIGS, build_tiny_model
 
 CALIB = CalibConfig(num_windows=6, seq_len=32, batch_windows=4)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread() -> Iterator[None]:
+    """GPTQ runs many tiny ops; on a busy 2-core machine intra-op threads cost more than they give."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def _layer_problem(rows: int = 96, cols: int = 128, tokens: int = 2048) -> tuple[torch.Tensor, torch.Tensor]:
