@@ -6,5 +6,16 @@ the network or logging. Heavy submodules are imported lazily by the names below.
 
 from __future__ import annotations
 
+from typing import Any
+
 __version__ = "0.1.0"
-__all__ = ["__version__"]
+__all__ = ["__version__", "load"]
+
+
+def __getattr__(name: str) -> Any:
+    """Lazy public names: `mixprec.load` imports torch and transformers only when first used."""
+    if name == "load":
+        from mixprec.qload import load
+
+        return load
+    raise AttributeError(f"module 'mixprec' has no attribute {name!r}")
