@@ -1,0 +1,163 @@
+"""`mixprec search [MODEL] --budget 3.0`: the best recipe for a bit budget, checked on held-out text.
+
+Reads the sensitivity table in WORK/measure/<mode>-<granularity>/ (and runs `mixprec measure` first
+when it is missing, unless --no-measure), solves the additive estimate exactly, runs an Optuna
+study of composed recipes measured for real on the calibration windows (seeded with the DP solutions,
+exllamav3's greedy, the --hq rule and uniform), then re-measures the chosen recipe and the baselines
+on the held-out evaluation split and prints them side by side with ± standard errors and paired
+differences. Writes the recipe YAML (and, with --export-exl3, an exllamav3 override YAML).
+
+Basic:
+    mixprec search --budget 3.0
+    mixprec search --budget 3.5 --trials 60 --out recipes/stdlib-moe-3.5bpw.yaml
+    mixprec search path/to/model --budget-gib 1.5 --floor attention=5 --pin layers.0.mlp=8
+
+Advanced:
+    --granularity layer|fine|expert     group size searched (default fine: q|kv|o, gate_up|down per layer)
+    --study NAME --storage URL          resume or share a study (default sqlite:///studies/NAME.db)
+    --multi-objective                   search KL vs bpw under the budget as a cap (Pareto front)
+    --sampler local|tpe|random          proposal strategy (default local: budget-preserving moves)
+    --export-exl3 FILE --exl3-source 4=/quants/4.0bpw ...   exllamav3 override YAML
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from mixprec.budget import Constraints, parse_settings
+from mixprec.cli.common import add_model_argument, add_work_argument, default_work_dir, print_table
+from mixprec.errors import MixprecError
+from mixprec.exl3_yaml import recipe_to_exl3
+from mixprec.loading import resolve_model_path
+from mixprec.measure import MeasureConfig
+from mixprec.recipe import Budget
+from mixprec.search import SAMPLERS, SearchConfig, quiet_optuna
+from mixprec.search_pipeline import StageConfig, prepare, run_stage
+
+__all__ = ["register", "config_from_args"]
+
+
+def _add_basic(parser: argparse.ArgumentParser) -> None:
+    add_model_argument(parser)
+    add_work_argument(parser)
+    parser.add_argument("--budget", type=float, default=None, metavar="BPW",
+                        help="average bits per quantized weight, scales counted (e.g. 3.0)")
+    parser.add_argument("--budget-gib", type=float, default=None, metavar="GIB",
+                        help="total size of the quantized weights in GiB (instead of --budget)")
+    parser.add_argument("--trials", type=int, default=40, help="completed real-KL trials in the study (default 40)")
+    parser.add_argument("--floor", nargs="+", default=[], metavar="SEL=BITS",
+                        help="minimum bits by group, kind or glob, e.g. attention=5 'layers.0.*=4'")
+    parser.add_argument("--ceiling", nargs="+", default=[], metavar="SEL=BITS", help="maximum bits, same selectors")
+    parser.add_argument("--pin", nargs="+", default=[], metavar="SEL=BITS",
+                        help="fix groups to a width (or null: keep original precision, counted at 16 bits/weight)")
+    parser.add_argument("--seed", type=int, default=0, help="random seed of the study (default 0)")
+    parser.add_argument("--out", type=Path, default=None, metavar="FILE",
+                        help="recipe YAML to write (default recipes/<model>-<budget>.yaml)")
+    parser.add_argument("--export-exl3", type=Path, default=None, metavar="FILE",
+                        help="also write an exllamav3 override YAML")
+
+
+def _add_advanced(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("advanced")
+    group.add_argument("--granularity", choices=["layer", "fine", "expert"], default="fine",
+                       help="search granularity; the measurement must be at the same one (default fine)")
+    group.add_argument("--mode", choices=["drop", "raise"], default="drop", help="which measurement table to read")
+    group.add_argument("--base-bits", type=int, default=2, help="raise-mode measurement base width (default 2)")
+    group.add_argument("--bits", type=int, nargs="+", default=[2, 3, 4, 5, 6, 8], metavar="B",
+                       help="widths of the measurement (default 2 3 4 5 6 8)")
+    group.add_argument("--group-size", type=int, default=64, help="quantizer group size (default 64)")
+    group.add_argument("--windows", type=int, default=32, help="calibration windows of the measurement (default 32)")
+    group.add_argument("--eval-windows", type=int, default=32, help="held-out evaluation windows (default 32)")
+    group.add_argument("--seq-len", type=int, default=256, help="tokens per window (default 256)")
+    group.add_argument("--eval-data", type=Path, nargs="+", default=None, metavar="FILE",
+                       help="held-out text files (default: the model folder's evaluation split)")
+    group.add_argument("--no-measure", action="store_true", help="fail instead of measuring a missing table")
+    group.add_argument("--study", default=None, help="study name (default derived from model, budget, granularity)")
+    group.add_argument("--storage", default=None, metavar="URL", help="Optuna storage URL or journal file path")
+    group.add_argument("--studies-dir", type=Path, default=Path("studies"), help="default storage and artifacts")
+    group.add_argument("--sampler", choices=SAMPLERS, default="local", help="proposal strategy (default local)")
+    group.add_argument("--multi-objective", action="store_true", help="minimise KL and bpw (budget is a cap)")
+    group.add_argument("--exl3-source", nargs="+", default=[], metavar="BITS=DIR",
+                       help="exllamav3 quant folder per width (default: the mixprec variant folders)")
+    group.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="engine device")
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser("search", help="find the best recipe for a bit budget",
+                                   description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    _add_basic(parser)
+    _add_advanced(parser)
+    parser.set_defaults(run=run)
+
+
+def _budget(args: argparse.Namespace) -> Budget:
+    if (args.budget is None) == (args.budget_gib is None):
+        raise MixprecError("give exactly one of --budget BPW or --budget-gib GIB")
+    return Budget(bpw=args.budget) if args.budget is not None else Budget(gib=args.budget_gib)
+
+
+def _label(budget: Budget) -> str:
+    return f"{budget.bpw:g}bpw" if budget.bpw is not None else f"{budget.gib:g}gib"
+
+
+def config_from_args(args: argparse.Namespace) -> StageConfig:
+    """Validated stage configuration (raises MixprecError on bad values, before any model is loaded)."""
+    budget = _budget(args)
+    work = default_work_dir(args.model, args.work)
+    name = resolve_model_path(args.model).name
+    study = args.study or f"{name}-{args.granularity}-{_label(budget)}-s{args.seed}"
+    measure = MeasureConfig(work=work, model=args.model, mode=args.mode, bits=tuple(args.bits),
+                            base_bits=args.base_bits, granularity=args.granularity, num_windows=args.windows,
+                            seq_len=args.seq_len, group_size=args.group_size, device=args.device)
+    constraints = Constraints(pins=parse_settings(args.pin, "--pin", allow_null=True),
+                              floors=parse_settings(args.floor, "--floor"),  # type: ignore[arg-type]
+                              ceilings=parse_settings(args.ceiling, "--ceiling"))  # type: ignore[arg-type]
+    search = SearchConfig(trials=args.trials, seed=args.seed, study_name=study, storage=args.storage,
+                          studies_dir=args.studies_dir, sampler=args.sampler, multi_objective=args.multi_objective)
+    return StageConfig(work=work, budget=budget, model=args.model, granularity=args.granularity, measure=measure,
+                       constraints=constraints, search=search, eval_windows=args.eval_windows,
+                       eval_seq_len=args.seq_len, eval_files=tuple(args.eval_data or ()), device=args.device,
+                       measure_if_missing=not args.no_measure)
+
+
+def _fmt(value: float, se: float) -> str:
+    return f"{value:.3e} ± {se:.1e}"
+
+
+def _print(rows: list[dict[str, object]], budget: Budget) -> None:
+    print(f"held-out KL(ref||q) at budget {_label(budget)} (mean ± se over sequences; diff is paired vs mixprec):")
+    table = [{"recipe": r["recipe"], "bpw": f"{r['bpw']:.4f}", "predicted": f"{r['predicted']:.3e}",
+              "calibration": _fmt(r["calibration_kl"], r["calibration_se"]),  # type: ignore[arg-type]
+              "evaluation": _fmt(r["evaluation_kl"], r["evaluation_se"]),  # type: ignore[arg-type]
+              "diff vs mixprec": f"{r['diff_vs_mixprec']:+.2e} ± {r['diff_se']:.1e}",
+              "ratio": f"{r['ratio_vs_mixprec']:.2f}x"} for r in rows]
+    print_table(table, list(table[0]))
+
+
+def _exl3_sources(items: list[str]) -> dict[int, str]:
+    sources = {}
+    for item in items:
+        bits, sep, folder = item.partition("=")
+        if not sep or not bits.isdigit() or not folder:
+            raise MixprecError(f"--exl3-source {item!r}: expected BITS=DIR, e.g. --exl3-source 4=/quants/4.0bpw")
+        sources[int(bits)] = folder
+    return sources
+
+
+def run(args: argparse.Namespace) -> int:
+    config = config_from_args(args)
+    if not args.verbose:
+        quiet_optuna()
+    inputs = prepare(config)
+    sources = _exl3_sources(args.exl3_source)  # validated before the long part
+    result = run_stage(config, inputs)
+    _print(result.comparison, config.budget)
+    out = args.out or Path("recipes") / f"{inputs.checkpoint.path.name}-{_label(config.budget)}.yaml"
+    result.recipe.save(out)
+    print(f"wrote {out} (study {result.search.study_name} in {result.search.storage_url})")
+    if args.export_exl3 is not None:
+        dirs = sources or {b: str(v.path) for b, v in inputs.variants.items()}
+        recipe_to_exl3(result.recipe.groups, inputs.model_map, dirs).save(args.export_exl3)
+        print(f"wrote {args.export_exl3}")
+    return 0

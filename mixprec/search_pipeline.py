@@ -1,0 +1,289 @@
+"""The search stage end to end: measurement -> exact proxy solutions -> Optuna study -> held-out check -> recipe.
+
+`prepare` validates everything that can be checked without loading the model (measurement present
+and of the right granularity, variants from the same model, constraints resolvable, budget
+achievable), so bad input fails in a second. `run_stage` then
+
+1. solves the additive estimate exactly (Pareto DP) and builds the baselines at the same budget:
+   exllamav3's greedy, the `--hq` rule, the largest uniform recipe that fits and the smallest
+   uniform recipe at or above the budget (the publisher's "nearest uniform quant" comparison);
+2. runs the study on the measurement's own calibration windows (`mixprec.search`), seeded with the
+   DP points nearest the budget and the baselines that fit;
+3. re-measures the chosen recipe and every baseline on the held-out **evaluation** split with a
+   second engine (`require_disjoint` refuses the calibration tokens), paired on the same tokens, so
+   each difference comes with the standard error of the difference;
+4. returns the recipe with predicted / calibration / evaluation KL and its provenance.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mixprec.budget import Constraints, CostTable, Option, budget_limit_bits, check_feasible
+from mixprec.data import TokenWindows, WindowConfig, load_windows, require_disjoint
+from mixprec.engine import KLEngine
+from mixprec.errors import FingerprintMismatchError, MixprecError
+from mixprec.fileio import sha256_file
+from mixprec.kl import bootstrap_se, paired_difference
+from mixprec.loading import Checkpoint, load_model
+from mixprec.measure import MeasureConfig, load_measurement, run_measure
+from mixprec.measure_output import Measurement
+from mixprec.modelmap import Granularity, ModelMap
+from mixprec.recipe import Budget, ModelRef, QuantSettings, Recipe
+from mixprec.search import SearchConfig, SearchResult, run_search
+from mixprec.solve import (
+    Problem,
+    Solution,
+    greedy,
+    hq_at_budget,
+    isotonic_decreasing,
+    pareto_front,
+    uniform,
+    uniform_at_or_above,
+)
+from mixprec.variants import Variant
+
+__all__ = ["StageConfig", "Inputs", "StageResult", "measurement_losses", "prepare", "baselines", "run_stage"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class StageConfig:
+    """Everything `mixprec search` needs; the measurement settings must match an existing (or new) table."""
+
+    work: Path
+    budget: Budget
+    model: str | None = None
+    granularity: str = "fine"
+    measure: MeasureConfig | None = None
+    constraints: Constraints = field(default_factory=Constraints)
+    search: SearchConfig = field(default_factory=SearchConfig)
+    eval_windows: int = 32
+    eval_seq_len: int = 256
+    eval_files: tuple[Path, ...] = ()
+    device: str = "auto"
+    measure_if_missing: bool = True
+
+    def __post_init__(self) -> None:
+        Granularity(self.granularity)
+        WindowConfig(self.eval_seq_len, self.eval_windows)
+
+    def measure_config(self) -> MeasureConfig:
+        """The measurement this search reads (default: drop mode at the search granularity)."""
+        if self.measure is not None:
+            if self.measure.granularity != self.granularity:
+                raise MixprecError(f"the measurement is at granularity {self.measure.granularity!r} but the search "
+                                   f"is at {self.granularity!r}; measure at the granularity you search")
+            return self.measure
+        return MeasureConfig(work=self.work, model=self.model, granularity=self.granularity, device=self.device)
+
+
+@dataclass
+class Inputs:
+    """Validated inputs of one search: model, map, measurement, variants, costs, options, budget, problem."""
+
+    checkpoint: Checkpoint
+    model_map: ModelMap
+    measurement: Measurement
+    variants: dict[int, Variant]
+    table: CostTable
+    options: dict[str, tuple[Option, ...]]
+    limit_bits: int
+    problem: Problem
+
+
+@dataclass
+class StageResult:
+    recipe: Recipe
+    comparison: list[dict[str, Any]]
+    search: SearchResult
+
+
+def measurement_losses(measurement: Measurement) -> dict[str, dict[int, float]]:
+    """Per group and width, the additive loss: drop-mode KL, or raise-mode ΔKL (0 at the base width).
+
+    Each group's row is made non-increasing in bits by a 1/SE²-weighted isotonic fit: KL that
+    rises with more bits is noise at the floor (FIELD.md §9.4).
+    """
+    frame = measurement.table.sort_values(["group", "bits"])
+    losses: dict[str, dict[int, float]] = {}
+    for group, rows in frame.groupby("group", sort=False):
+        bits = [int(b) for b in rows["bits"]]
+        values = [float(v) for v in rows["dkl"]]
+        weights = [1.0 / max(float(se), 1e-12) ** 2 if se == se else 1.0 for se in rows["dkl_se"]]
+        if str(rows["mode"].iloc[0]) == "raise":
+            base = int(rows["base_bits"].iloc[0])
+            bits, values, weights = [base, *bits], [0.0, *values], [max(weights) * 10, *weights]
+        losses[str(group)] = dict(zip(bits, isotonic_decreasing(values, weights), strict=True))
+    return losses
+
+
+def _ensure_measurement(config: StageConfig) -> Measurement:
+    measure = config.measure_config()
+    try:
+        return load_measurement(measure.folder)
+    except MixprecError:
+        if not config.measure_if_missing:
+            raise
+    log.info("no finished measurement in %s: measuring it now (as `mixprec measure --granularity %s`)",
+             measure.folder, measure.granularity)
+    folder = run_measure(measure)
+    if folder is None:
+        raise MixprecError(f"other workers still hold jobs of {measure.folder}; re-run when they finish")
+    return load_measurement(folder)
+
+
+def _variants(measurement: Measurement, checkpoint: Checkpoint) -> dict[int, Variant]:
+    if measurement.summary["model"]["fingerprint"] != checkpoint.fingerprint:
+        raise FingerprintMismatchError(f"{measurement.folder} was measured on another model; use this model's "
+                                       "own --work folder or re-run `mixprec measure`")
+    variants = {}
+    for bits, info in measurement.summary["variants"].items():
+        variant = Variant.open(info["path"], checkpoint.fingerprint)
+        if variant.manifest["file_sha256"] != info["sha256"]:
+            raise FingerprintMismatchError(f"{info['path']} changed since {measurement.folder} was measured; "
+                                           "re-run `mixprec measure`")
+        variants[int(bits)] = variant
+    return variants
+
+
+def prepare(config: StageConfig) -> Inputs:
+    """Validate and assemble the inputs (measuring first if the table is missing and allowed)."""
+    checkpoint = Checkpoint.open(config.model)
+    model_map = checkpoint.model_map(config.granularity)
+    measurement = _ensure_measurement(config)
+    variants = _variants(measurement, checkpoint)
+    table = CostTable.from_variants(model_map, variants)
+    options = config.constraints.options(table)
+    limit = budget_limit_bits(config.budget, table)
+    check_feasible(table, options, limit, config.budget)
+    problem = Problem.build(table, options, measurement_losses(measurement))
+    return Inputs(checkpoint, model_map, measurement, variants, table, options, limit, problem)
+
+
+def baselines(inputs: Inputs) -> dict[str, Solution]:
+    """DP at the budget, greedy, `--hq` fitted to the budget, best uniform that fits, uniform at or above it."""
+    problem, limit = inputs.problem, inputs.limit_bits
+    result = {"dp": pareto_front(problem).best_under(limit), "greedy": greedy(problem, limit),
+              "hq": hq_at_budget(problem, limit)}
+    fitting = [uniform(problem, b) for b in inputs.table.levels]
+    fitting = [s for s in fitting if s.cost <= limit]
+    if fitting:
+        result["uniform-fit"] = fitting[-1]
+    result["uniform"] = uniform_at_or_above(problem, inputs.table.levels, limit)
+    return result
+
+
+def _calibration_windows(inputs: Inputs) -> TokenWindows:
+    data = inputs.measurement.summary["data"]
+    prefix = f"{inputs.checkpoint.path.name}:"
+    files = None if str(data["source"]).startswith(prefix) else [Path(p) for p in str(data["source"]).split(",")]
+    windows = load_windows(inputs.checkpoint.path, data["split"], WindowConfig(data["seq_len"], data["num_windows"]),
+                           files)
+    if windows.spec.sha256 != data["sha256"]:
+        raise FingerprintMismatchError(f"the calibration tokens of {inputs.measurement.folder} cannot be rebuilt "
+                                       f"from {data['source']} (sha256 differs); re-run `mixprec measure`")
+    return windows
+
+
+def _compare(engine: KLEngine, solutions: dict[str, Solution], chosen: str) -> dict[str, dict[str, float]]:
+    """KL ± SE of every solution and its paired difference from `chosen`, on the engine's windows."""
+    kls = {name: engine.evaluate(s.assignment).kl for name, s in solutions.items()}
+    n = engine.num_sequences
+    out = {}
+    for name, kl in kls.items():
+        diff, diff_se = paired_difference(kl, kls[chosen], n)
+        out[name] = {"kl": float(kl.double().mean()), "se": _sequence_se(kl, n), "diff": diff, "diff_se": diff_se}
+    return out
+
+
+def _sequence_se(kl: torch.Tensor, num_sequences: int) -> float:
+    return bootstrap_se(kl.double().view(num_sequences, -1).mean(dim=1))
+
+
+def _recipe(inputs: Inputs, config: StageConfig, solution: Solution, kl: dict[str, float],
+            provenance: dict[str, Any]) -> Recipe:
+    first = next(iter(inputs.variants.values()))
+    return Recipe(
+        model=ModelRef(inputs.checkpoint.path.name, inputs.checkpoint.model_type, inputs.checkpoint.fingerprint),
+        granularity=inputs.model_map.granularity, quantizer=QuantSettings.from_config(first.config),
+        groups=dict(solution.assignment), budget=config.budget, achieved=inputs.table.achieved(solution.assignment),
+        provenance=provenance, kl=kl)
+
+
+def _provenance(inputs: Inputs, config: StageConfig, windows: TokenWindows) -> dict[str, Any]:
+    m = inputs.measurement
+    return {
+        "stage": "mixprec search",
+        "measurement": {"folder": str(m.folder), "table_sha256": sha256_file(m.folder / "table.csv"),
+                        "mode": m.summary["settings"]["mode"], "granularity": m.summary["settings"]["granularity"]},
+        "variants": {str(b): {"variant_id": v.manifest["variant_id"], "sha256": v.manifest["file_sha256"]}
+                     for b, v in sorted(inputs.variants.items())},
+        "calibration": windows.spec.to_dict(),
+        "constraints": asdict(config.constraints),
+        "search": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(config.search).items()},
+        "null_bits_per_weight": 16,
+    }
+
+
+def _search_on_calibration(inputs: Inputs, config: StageConfig, model: torch.nn.Module,
+                           compared: dict[str, Solution]) -> tuple[SearchResult, dict[str, Any], TokenWindows,
+                                                                   dict[str, dict[str, float]]]:
+    """Run the study on the measurement's windows; returns it, provenance, windows and calibration comparison."""
+    calibration = _calibration_windows(inputs)
+    engine = KLEngine(model, inputs.model_map, calibration, inputs.variants, config.device)
+    provenance = _provenance(inputs, config, calibration)
+
+    def recipe_for(solution: Solution) -> Recipe:
+        return _recipe(inputs, config, solution, {"predicted": solution.loss, **solution.extra},
+                       {**provenance, "solver": solution.solver})
+
+    front = pareto_front(inputs.problem).near(inputs.limit_bits, config.search.front_seeds)
+    seeds = front + [compared[k] for k in ("greedy", "hq", "uniform-fit") if k in compared]
+    context = {"model": inputs.checkpoint.fingerprint, "measurement": provenance["measurement"]["table_sha256"],
+               "budget": asdict(config.budget), "constraints": provenance["constraints"]}
+    result = run_search(inputs.problem, inputs.limit_bits, lambda a: engine.evaluate(a).kl, engine.num_sequences,
+                        seeds, config.search, recipe_for, context)
+    compared["mixprec"] = result.best
+    return result, provenance, calibration, _compare(engine, compared, "mixprec")
+
+
+def run_stage(config: StageConfig, inputs: Inputs | None = None) -> StageResult:
+    """Search, check on held-out data, and return the recipe plus the comparison table (see module doc)."""
+    inputs = inputs or prepare(config)
+    compared = {k: v for k, v in baselines(inputs).items() if k != "dp"}
+    model = load_model(inputs.checkpoint)
+    result, provenance, calibration, calib = _search_on_calibration(inputs, config, model, compared)
+    compared = {"mixprec": compared.pop("mixprec"), **compared}
+    held_out = load_windows(inputs.checkpoint.path, "evaluation",
+                            WindowConfig(config.eval_seq_len, config.eval_windows), list(config.eval_files) or None)
+    require_disjoint(calibration.spec, held_out.spec)
+    engine = KLEngine(model, inputs.model_map, held_out, inputs.variants, config.device)
+    evaluation = _compare(engine, compared, "mixprec")
+    rows = _rows(inputs, compared, calib, evaluation)
+    best = result.best
+    kl = {"predicted": best.loss, "calibration": calib["mixprec"]["kl"], "calibration_se": calib["mixprec"]["se"],
+          "evaluation": evaluation["mixprec"]["kl"], "evaluation_se": evaluation["mixprec"]["se"]}
+    provenance = {**provenance, "solver": f"search (best trial {best.extra.get('trial')}, from {best.solver})",
+                  "study": {"name": result.study_name, "storage": result.storage_url},
+                  "evaluation": held_out.spec.to_dict(), "comparison": rows}
+    return StageResult(_recipe(inputs, config, best, kl, provenance), rows, result)
+
+
+def _rows(inputs: Inputs, compared: dict[str, Solution], calib: dict[str, dict[str, float]],
+          evaluation: dict[str, dict[str, float]]) -> list[dict[str, Any]]:
+    rows = []
+    for name, solution in compared.items():
+        e, c = evaluation[name], calib[name]
+        rows.append({"recipe": name, "solver": solution.solver, "bpw": round(solution.cost / inputs.table.params, 4),
+                     "predicted": solution.loss, "calibration_kl": c["kl"], "calibration_se": c["se"],
+                     "evaluation_kl": e["kl"], "evaluation_se": e["se"],
+                     "diff_vs_mixprec": e["diff"], "diff_se": e["diff_se"],
+                     "ratio_vs_mixprec": e["kl"] / evaluation["mixprec"]["kl"]})
+    return rows
