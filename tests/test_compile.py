@@ -262,3 +262,20 @@ def test_cli_compile_prints_predicted_and_actual(compiled: tuple, tiny_model_dir
     out = capsys.readouterr().out
     assert code == 0 and "quantized tensors" in out and "1.00000" in out
     assert all(h.data_bytes <= 30_000 or len(h.tensors) <= 3 for h in checkpoint_shards(tmp_path / "out"))
+
+
+def test_cli_compiles_an_exllamav3_override_yaml(compiled: tuple, tiny_model_dirs: dict, tmp_path: Path,
+                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    from mixprec.exl3_yaml import recipe_to_exl3
+
+    recipe, work, _ = compiled
+    checkpoint = Checkpoint.open(tiny_model_dirs["qwen2_moe"])
+    recipe = make_recipe(checkpoint, null_first=False)
+    sources = {b: work / "variants" / recipe.quant_config(b).variant_id for b in (2, 4, 8)}
+    recipe_to_exl3(recipe.groups, checkpoint.model_map("layer"), sources, base_bits=4).save(tmp_path / "ov.yaml")
+    args = ["compile", str(tmp_path / "ov.yaml"), "--out", str(tmp_path / "out"), "--model",
+            str(tiny_model_dirs["qwen2_moe"])]
+    assert main(args) == 2 and "--base-bits" in capsys.readouterr().err
+    assert main([*args, "--base-bits", "4"]) == 0
+    compiled_groups = json.loads((tmp_path / "out" / "config.json").read_text())["quantization_config"]["groups"]
+    assert compiled_groups == recipe.groups
