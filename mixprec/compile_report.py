@@ -111,8 +111,8 @@ def verify_output(folder: Path, plan: CompilePlan, recipe_yaml: str) -> None:
     entries = plan.entries()
     for entry in entries:
         _check_entry(folder, entry, plan, tensors)
-    expected = sum(len(quantized_nbytes(e.ref.shape, 8, plan.group_size, plan.symmetric)) if e.ref else 1
-                   for e in entries)
+    per_matrix = 2 if plan.symmetric else 3  # qweight + scales (+ qzeros)
+    expected = sum(per_matrix if e.ref is not None else 1 for e in entries)
     if len(tensors) != expected:
         raise _fail(folder, f"the shards hold {len(tensors)} tensors, the plan has {expected}")
 

@@ -26,7 +26,7 @@ from mixprec.data import DataSpec, TokenWindows, WindowConfig, load_windows
 from mixprec.errors import FingerprintMismatchError, MixprecError
 from mixprec.fileio import atomic_write_json
 from mixprec.kl import CONFIDENCE_BINS, KLSummary, TokenComparison, compare_logits, summarize
-from mixprec.loading import Checkpoint, load_model, resolve_model_path
+from mixprec.loading import Checkpoint, load_model
 from mixprec.progress import progress
 from mixprec.qload import CompiledCheckpoint, is_mixprec_checkpoint, load
 
@@ -123,7 +123,7 @@ def evaluate(candidate: str | Path, reference: str | Path | None = None, config:
     reference_checkpoint = Checkpoint.open(reference)
     if is_mixprec_checkpoint(candidate) and not allow_other_reference:
         _check_reference(candidate, reference_checkpoint)
-    windows: TokenWindows = load_windows(resolve_model_path(reference), config.split, config.windows, text_files)
+    windows: TokenWindows = load_windows(reference_checkpoint.path, config.split, config.windows, text_files)
     timings: dict[str, float] = {}
     started = time.perf_counter()
     ref_model = load_model(reference_checkpoint, dtype=torch.float32)

@@ -99,7 +99,7 @@ def size_rows(report: dict[str, object]) -> list[dict[str, object]]:
     assert isinstance(predicted, dict) and isinstance(actual, dict)
     rows = [("quantized tensors", predicted["quantized_bytes"], actual["quantized_bytes"]),
             ("all tensors", predicted["tensor_bytes"], actual["tensor_bytes"]),
-            ("whole folder", predicted["tensor_bytes"], actual["folder_bytes"])]
+            ("whole folder (+ headers, config, tokenizer)", predicted["tensor_bytes"], actual["folder_bytes"])]
     return [{"what": what, "predicted": f"{p:,.0f}", "actual": f"{a:,}",
              "actual/predicted": f"{a / p:.5f}" if p else "-"} for what, p, a in rows]
 
