@@ -250,7 +250,8 @@ class Worker:
         stats = summarize(result, engine.num_sequences)
         storage = self.variants[job.bits].storage_bits(group)
         if self.base is None:
-            base_bits, base_storage = 16, reference_bits(self.checkpoint, group)
+            base_storage = reference_bits(self.checkpoint, group)
+            base_bits = round(base_storage / group.num_params)  # the checkpoint's dtype width, e.g. 16 for bf16
             dkl, dkl_se = stats.kl_mean, stats.kl_se
         else:
             base_bits, base_storage = self.config.base_bits, self.variants[self.config.base_bits].storage_bits(group)

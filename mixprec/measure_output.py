@@ -130,7 +130,7 @@ def write_outputs(config: MeasureConfig, checkpoint: Checkpoint, model_map: Mode
     table = _table(jobs, rows)
     folder = config.folder
     buffer = io.StringIO()
-    table.to_csv(buffer, index=False, float_format="%.6g")
+    table.to_csv(buffer, index=False)  # full precision: later stages difference these numbers
     atomic_write_text(folder / "table.csv", buffer.getvalue())
     summary = {
         "schema_version": MEASUREMENT_SCHEMA_VERSION,
