@@ -173,6 +173,10 @@ class KLEngine:
         self.evaluations += 1
         return TokenComparison.cat(parts)
 
+    def clear_prefix_cache(self) -> None:
+        """Forget hidden states kept from earlier evaluations (the reference is kept)."""
+        self._prefix.clear()
+
     def cache_stats(self) -> dict[str, float]:
         """Hit counts and sizes of the two caches, for logs and benchmarks."""
         return {"prefix_hits": self._prefix.hits, "prefix_entries": len(self._prefix),
