@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from mixprec.arch import GroupKind
 from mixprec.errors import MixprecError
 from mixprec.modelmap import Group, ModelMap, nearest_names
+from mixprec.quant import QuantConfig, storage_bits
 from mixprec.recipe import Budget
 from mixprec.variants import Variant
 
@@ -103,6 +104,17 @@ class CostTable:
                                 {bits: variants[bits].storage_bits(g) for bits in sorted(variants)})
                       for g in groups)
         return cls(costs, {bits: str(v.manifest["variant_id"]) for bits, v in sorted(variants.items())})
+
+    @classmethod
+    def from_configs(cls, model_map: ModelMap, configs: Mapping[int, QuantConfig],
+                     kinds: Iterable[GroupKind]) -> CostTable:
+        """The same table computed from quantizer settings (`mixprec.quant.storage_bits`, exact per matrix),
+        for validating a budget before any variant exists; the search itself uses `from_variants`."""
+        ordered = sorted(configs.items())
+        costs = tuple(GroupCost(g.name, g.kind, g.layer, g.num_params,
+                                {b: sum(storage_bits(c, r.shape) for r in g.weights) for b, c in ordered})
+                      for g in model_map.select(kinds))
+        return cls(costs, {b: c.variant_id for b, c in sorted(configs.items())})
 
     @property
     def names(self) -> list[str]:

@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 
+from mixprec.arch import GroupKind
 from mixprec.budget import Constraints, CostTable, Option, budget_limit_bits, check_feasible
 from mixprec.data import TokenWindows, WindowConfig, load_windows, require_disjoint
 from mixprec.engine import KLEngine
@@ -153,16 +154,28 @@ def _variants(measurement: Measurement, checkpoint: Checkpoint) -> dict[int, Var
     return variants
 
 
-def prepare(config: StageConfig) -> Inputs:
-    """Validate and assemble the inputs (measuring first if the table is missing and allowed)."""
-    checkpoint = Checkpoint.open(config.model)
-    model_map = checkpoint.model_map(config.granularity)
-    measurement = _ensure_measurement(config)
-    variants = _variants(measurement, checkpoint)
-    table = CostTable.from_variants(model_map, variants)
+def _check_budget(table: CostTable, config: StageConfig) -> tuple[dict[str, tuple[Option, ...]], int]:
     options = config.constraints.options(table)
     limit = budget_limit_bits(config.budget, table)
     check_feasible(table, options, limit, config.budget)
+    return options, limit
+
+
+def prepare(config: StageConfig) -> Inputs:
+    """Validate and assemble the inputs (measuring first if the table is missing and allowed).
+
+    Constraints and the budget are checked against costs computed from the quantizer settings
+    before anything is measured, then again against the variants' manifests.
+    """
+    checkpoint = Checkpoint.open(config.model)
+    model_map = checkpoint.model_map(config.granularity)
+    measure = config.measure_config()
+    planned = {b: measure.quant_config(b) for b in measure.bits}
+    _check_budget(CostTable.from_configs(model_map, planned, [GroupKind(k) for k in measure.kinds]), config)
+    measurement = _ensure_measurement(config)
+    variants = _variants(measurement, checkpoint)
+    table = CostTable.from_variants(model_map, variants)
+    options, limit = _check_budget(table, config)
     problem = Problem.build(table, options, measurement_losses(measurement))
     return Inputs(checkpoint, model_map, measurement, variants, table, options, limit, problem)
 

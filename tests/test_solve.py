@@ -238,3 +238,11 @@ def test_constraints_and_infeasible_budget(tiny_table: CostTable) -> None:
         Constraints(floors={"attn": 5}).options(tiny_table)
     with pytest.raises(BudgetError, match="expected SELECTOR=BITS"):
         parse_settings(["attention"], "--floor")
+
+
+def test_planned_costs_equal_manifest_costs(tiny_table: CostTable, tiny_model_dirs: dict[str, Path]) -> None:
+    """The pre-measurement budget check uses the same exact accounting as the variants' manifests."""
+    model_map = Checkpoint.open(tiny_model_dirs["qwen2_moe"]).model_map("fine")
+    kinds = {g.kind for g in tiny_table.groups}
+    planned = CostTable.from_configs(model_map, {b: QuantConfig(bits=b, clip_search=False) for b in (2, 4)}, kinds)
+    assert planned.groups == tiny_table.groups

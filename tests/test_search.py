@@ -1,0 +1,240 @@
+"""The Optuna search on a real tiny Qwen2-MoE: budget, determinism, resume, artifacts, MO mode, the CLI.
+
+Every trial is a real composed recipe evaluated by `KLEngine` on random-token windows; studies live
+in SQLite or journal files under tmp dirs.
+
+Run: HF_HUB_OFFLINE=1 .venv/bin/python -m pytest tests/test_search.py -q
+"""
+
+from __future__ import annotations
+
+import random
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import optuna
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from mixprec.budget import Constraints, CostTable
+from mixprec.cli import main
+from mixprec.data import WindowConfig, windows_from_tokens
+from mixprec.engine import KLEngine
+from mixprec.errors import FingerprintMismatchError
+from mixprec.exl3_yaml import Exl3Overrides, exl3_to_groups, source_bits
+from mixprec.loading import Checkpoint, load_model
+from mixprec.moves import fill, mutate, repair, total_cost
+from mixprec.quant import QuantConfig
+from mixprec.recipe import Recipe
+from mixprec.search import SearchConfig, run_search
+from mixprec.solve import Problem, Solution, greedy, hq_at_budget, pareto_front, uniform
+from mixprec.variants import ensure_variants
+from tests.test_solve import random_problem
+
+BITS = (2, 3, 4, 8)
+
+
+@dataclass
+class Setup:
+    problem: Problem
+    limit: int
+    engine: KLEngine
+    seeds: list[Solution]
+    table: CostTable
+
+
+@pytest.fixture(scope="module")
+def setup(tiny_model_dirs: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Setup:
+    checkpoint = Checkpoint.open(tiny_model_dirs["qwen2_moe"])
+    model_map = checkpoint.model_map("fine")
+    work = tmp_path_factory.mktemp("work")
+    variants = {v.bits: v for v in ensure_variants(
+        checkpoint, model_map, [QuantConfig(bits=b, clip_search=False) for b in BITS], work)}
+    stream = torch.randint(3, 160, (8 * 32,), generator=torch.Generator().manual_seed(1))
+    windows = windows_from_tokens(stream, WindowConfig(32, 8), "random", "calibration")
+    engine = KLEngine(load_model(checkpoint), model_map, windows, variants, "cpu")
+    table = CostTable.from_variants(model_map, variants)
+    jobs = [(g, b) for g in table.names for b in BITS]
+    results = engine.evaluate_many([{g: b} for g, b in jobs])
+    losses: dict[str, dict[int | None, float]] = {}
+    for (g, b), result in zip(jobs, results, strict=True):
+        losses.setdefault(g, {})[b] = float(result.kl.double().mean())
+    problem = Problem.build(table, Constraints().options(table), losses)
+    limit = int(3.0 * table.params)
+    seeds = [*pareto_front(problem).near(limit, 2), greedy(problem, limit), hq_at_budget(problem, limit),
+             uniform(problem, 2)]
+    return Setup(problem, limit, engine, seeds, table)
+
+
+def search(setup: Setup, tmp: Path, **overrides: object) -> tuple[object, SearchConfig]:
+    config = SearchConfig(**{"trials": 10, "studies_dir": tmp / "studies", "study_name": "s", **overrides})
+    result = run_search(setup.problem, setup.limit, lambda a: setup.engine.evaluate(a).kl,
+                        setup.engine.num_sequences, setup.seeds, config,
+                        recipe_for=lambda s: recipe_of(setup, s))
+    return result, config
+
+
+def recipe_of(setup: Setup, solution: Solution) -> Recipe:
+    from mixprec.recipe import Budget, ModelRef, QuantSettings
+
+    return Recipe(ModelRef("tiny", "qwen2_moe", "f" * 64), setup.engine.model_map.granularity, QuantSettings(),
+                  dict(solution.assignment), Budget(bpw=3.0), setup.table.achieved(solution.assignment),
+                  {"solver": solution.solver}, {"predicted": solution.loss, **solution.extra})
+
+
+def sequence(result: object) -> list[tuple[float, float]]:
+    return [(row["bpw"], row["kl"]) for row in result.history]  # type: ignore[attr-defined]
+
+
+def test_study_stays_in_budget_records_constraints_and_artifacts(setup: Setup, tmp_path: Path) -> None:
+    result, config = search(setup, tmp_path, trials=12)
+    study = optuna.load_study(study_name="s", storage=config.storage_url)
+    complete = study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))
+    assert len(complete) == 12
+    for trial in complete:
+        assert trial.user_attrs["metrics"]["storage_bits"] <= setup.limit, f"trial {trial.number} exceeds the budget"
+        assert trial.constraints["bpw_excess"] <= 0
+        assert trial.user_attrs["metrics"]["storage_bits"] == setup.problem.cost(trial.user_attrs["assignment"])
+    seeded = [t for t in complete if "seed" in t.user_attrs]
+    assert {t.user_attrs["seed"] for t in seeded} >= {"dp", "hq", "uniform-2"}
+    evaluated = [t.user_attrs["assignment"] for t in complete]
+    assert all(seed.assignment in evaluated for seed in setup.seeds), "every seed (greedy too) is evaluated"
+    assert result.best.extra["calibration"] <= min(t.values[0] for t in seeded), "the choice lost to a seed"
+    assert result.best.cost <= setup.limit
+    others = [t for t in complete if t.user_attrs["assignment"] != seeded[0].user_attrs["assignment"]]
+    assert all(t.user_attrs["metrics"]["dkl_vs_ref_se"] > 0 for t in others), "paired SE must be recorded"
+    files = list((tmp_path / "studies" / "artifacts").iterdir())
+    assert len(files) == 12, "one recipe artifact per trial"
+    recipes = [Recipe.from_yaml(f.read_text()) for f in files]
+    assert {tuple(r.groups.values()) for r in recipes} == {tuple(t.user_attrs["assignment"].values())
+                                                            for t in complete}
+
+
+def test_same_seed_same_recipe(setup: Setup, tmp_path: Path) -> None:
+    first, _ = search(setup, tmp_path / "a", seed=3)
+    again, _ = search(setup, tmp_path / "b", seed=3)
+    other, _ = search(setup, tmp_path / "c", seed=4)
+    assert first.best.assignment == again.best.assignment  # type: ignore[attr-defined]
+    assert sequence(first) == sequence(again)
+    assert sequence(first) != sequence(other), "another seed should propose other recipes"
+
+
+def test_interrupted_study_resumes_as_if_uninterrupted(setup: Setup, tmp_path: Path) -> None:
+    whole, _ = search(setup, tmp_path / "whole", trials=12)
+    journal = str(tmp_path / "parts" / "study.log")
+    search(setup, tmp_path / "parts", trials=6, storage=journal)
+    resumed, config = search(setup, tmp_path / "parts", trials=12, storage=journal)
+    assert sequence(resumed) == sequence(whole)
+    study = optuna.load_study(study_name="s", storage=optuna.storages.JournalStorage(
+        optuna.storages.journal.JournalFileBackend(journal)))
+    labels = [t.user_attrs["seed"] for t in study.trials if "seed" in t.user_attrs]
+    assert "hq" in labels and len(labels) == len(set(labels)), f"seeds must not be enqueued twice: {labels}"
+    with pytest.raises(FingerprintMismatchError, match="new --study name"):
+        run_search(setup.problem, setup.limit - 1000, lambda a: setup.engine.evaluate(a).kl,
+                   setup.engine.num_sequences, setup.seeds[-1:], config)
+
+
+def test_killed_trials_are_recovered(setup: Setup, tmp_path: Path) -> None:
+    calls = 0
+
+    def dies_on_fifth(assignment: dict[str, int | None]) -> torch.Tensor:
+        nonlocal calls
+        calls += 1
+        if calls == 5:
+            raise KeyboardInterrupt
+        return setup.engine.evaluate(assignment).kl
+
+    config = SearchConfig(trials=8, studies_dir=tmp_path, study_name="k")
+    with pytest.raises(KeyboardInterrupt):
+        run_search(setup.problem, setup.limit, dies_on_fifth, setup.engine.num_sequences, setup.seeds, config)
+    study = optuna.load_study(study_name="k", storage=config.storage_url)
+    orphan = study.ask()  # a trial left RUNNING by a process that no longer exists
+    orphan.set_user_attr("owner", {"host": __import__("socket").gethostname(), "pid": 2**22 + 7, "start": "0"})
+    result = run_search(setup.problem, setup.limit, lambda a: setup.engine.evaluate(a).kl,
+                        setup.engine.num_sequences, setup.seeds, config)
+    states = [t.state for t in optuna.load_study(study_name="k", storage=config.storage_url).trials]
+    assert states.count(optuna.trial.TrialState.COMPLETE) == 8
+    assert states.count(optuna.trial.TrialState.RUNNING) == 0, "the orphan must be marked failed"
+    assert states.count(optuna.trial.TrialState.FAIL) == 2
+    assert len(result.history) == 8
+
+
+def test_budget_blind_sampler_is_repaired(setup: Setup, tmp_path: Path) -> None:
+    result, config = search(setup, tmp_path, sampler="random", trials=14)
+    study = optuna.load_study(study_name="s", storage=config.storage_url)
+    trials = study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))
+    excess = [t.user_attrs["metrics"]["raw_bpw_excess"] for t in trials]
+    assert any(e > 0 for e in excess), "random proposals should overshoot sometimes"
+    assert all(t.user_attrs["metrics"]["storage_bits"] <= setup.limit for t in trials)
+
+
+def test_multi_objective_front(setup: Setup, tmp_path: Path) -> None:
+    result, _ = search(setup, tmp_path, multi_objective=True, trials=12)
+    front = result.pareto  # type: ignore[attr-defined]
+    assert len(front) >= 2
+    assert all(p["bpw"] <= 3.0 + 1e-9 for p in front)
+    assert [p["bpw"] for p in front] == sorted(p["bpw"] for p in front)
+    assert all(a["kl"] > b["kl"] for a, b in zip(front, front[1:], strict=False)), "front KL falls as bpw rises"
+
+
+def test_moves_never_leave_the_budget() -> None:
+    rng = random.Random(11)
+    for _ in range(100):
+        problem = random_problem(rng, rng.randint(2, 8), 6, costly=True)
+        lo = total_cost(problem, [0] * len(problem.names))
+        hi = total_cost(problem, [len(c) - 1 for c in problem.costs])
+        limit = rng.randint(lo, hi)
+        start = [rng.randrange(len(c)) for c in problem.costs]
+        fixed = repair(problem, start, limit)
+        assert total_cost(problem, fixed) <= limit
+        assert fill(problem, fixed, limit) == fixed, "repair leaves no improving raise that fits"
+        child = mutate(problem, fixed, limit, rng, moves=3)
+        assert total_cost(problem, child) <= limit
+
+
+def _bundle_splits(folder: Path) -> None:
+    generator = torch.Generator().manual_seed(0)
+    for split in ("calibration", "evaluation"):
+        tokens = torch.randint(3, 160, (2048,), generator=generator, dtype=torch.int32)
+        save_file({"tokens": tokens}, folder / f"{split}.safetensors")
+
+
+def mixprec(*args: str, capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
+    """Run the real CLI entry point in-process; returns (exit code, stdout, stderr)."""
+    code = main(list(args))
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+@pytest.mark.slow
+def test_cli_search_end_to_end(tiny_model_dirs: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                               capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.chdir(tmp_path)
+    model = tmp_path / "tiny"
+    shutil.copytree(tiny_model_dirs["qwen2_moe"], model)
+    _bundle_splits(model)
+    common = [str(model), "--work", str(tmp_path / "work"), "--bits", "2", "3", "4", "--windows", "4",
+              "--seq-len", "32", "--eval-windows", "4", "--studies-dir", str(tmp_path / "studies")]
+    code, _, err = mixprec("search", *common, "--budget", "1.5", capsys=capsys)
+    assert code == 2 and "between" in err and "bpw" in err, err
+    assert not (tmp_path / "work" / "measure").exists(), "an infeasible budget must fail before measuring"
+    code, _, err = mixprec("search", *common, "--budget", "3", "--floor", "atention=4", capsys=capsys)
+    assert code == 2 and "nearest: attention" in err, err
+    out, exl3 = tmp_path / "r.yaml", tmp_path / "exl3.yaml"
+    code, stdout, err = mixprec("search", *common, "--budget", "3", "--trials", "6", "--floor", "attention=3",
+                                "--out", str(out), "--export-exl3", str(exl3), capsys=capsys)
+    assert code == 0, err
+    for name in ("mixprec", "greedy", "hq", "uniform"):
+        assert f"\n{name} " in stdout, stdout
+    recipe = Recipe.load(out)
+    checkpoint = Checkpoint.open(model)
+    recipe.check_model(checkpoint.model_map("fine"), checkpoint.fingerprint)
+    assert recipe.achieved["bpw"] <= 3.0 and recipe.achieved["storage_bits"] <= 3 * recipe.achieved["params"]
+    assert all(bits >= 3 for name, bits in recipe.groups.items() if ".attn." in name), "floor ignored"
+    assert {"predicted", "calibration", "evaluation", "evaluation_se"} <= set(recipe.kl)
+    assert recipe.provenance["evaluation"]["split"] == "evaluation"
+    overrides = Exl3Overrides.load(exl3)
+    bits_of_dir = {s.model_dir: source_bits(s.model_dir) for s in overrides.sources}
+    assert exl3_to_groups(overrides, checkpoint.model_map("fine"), bits_of_dir, base_bits=-1) == recipe.groups
