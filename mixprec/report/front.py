@@ -1,0 +1,45 @@
+"""The additive estimate's exact Pareto front, rebuilt from a measurement table alone.
+
+The report draws the front the search started from (every cost-optimal recipe of the sensitivity
+table, `mixprec.solve.pareto_front`) next to the held-out KL the chosen recipes reached, so a reader
+sees how far the composed model departs from the sum of single-group KLs. The costs come from the
+table's own `storage_bits` (exact bits per group and width, copied from the variants' manifests),
+and the losses from the same isotonic cleaning the search uses, so no model or variant is loaded.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+from mixprec.arch import GroupKind
+from mixprec.budget import CostTable, GroupCost
+from mixprec.measure_output import Measurement
+from mixprec.search_pipeline import measurement_losses
+from mixprec.solve import Problem, pareto_front
+
+__all__ = ["cost_table", "additive_front"]
+
+
+def cost_table(measurement: Measurement) -> CostTable:
+    """Exact storage bits per group and width; raise mode adds the base width (storage_bits - delta_bits)."""
+    groups = []
+    for name, rows in measurement.table.groupby("group", sort=False):
+        bits = {int(r.bits): int(r.storage_bits) for r in rows.itertuples()}
+        if str(rows["mode"].iloc[0]) == "raise":
+            first = rows.iloc[0]
+            bits[int(first["base_bits"])] = int(first["storage_bits"] - first["delta_bits"])
+        layer = rows["layer"].iloc[0]
+        groups.append(GroupCost(str(name), GroupKind(str(rows["kind"].iloc[0])),
+                                None if pd.isna(layer) else int(layer), int(rows["params"].iloc[0]),
+                                dict(sorted(bits.items()))))
+    return CostTable(tuple(groups))
+
+
+def additive_front(measurement: Measurement, max_points: int = 400) -> pd.DataFrame:
+    """bpw and predicted KL of every point of the DP front (thinned to about `max_points` for plotting)."""
+    table = cost_table(measurement)
+    options = {g.name: tuple(g.bits) for g in table.groups}
+    front = pareto_front(Problem.build(table, options, measurement_losses(measurement)))
+    keep = np.unique(np.linspace(0, len(front) - 1, num=min(len(front), max_points)).round().astype(int))
+    return pd.DataFrame({"bpw": front.costs[keep] / table.params, "predicted": front.losses[keep]})
