@@ -25,8 +25,8 @@ from mixprec.measure_output import Measurement, load_measurement
 from mixprec.recipe import Recipe
 from mixprec.variants import Variant
 
-__all__ = ["RecipeRun", "StudyTrials", "WorkFolder", "collect", "resolve_storage", "read_study", "split_group",
-           "budget_label"]
+__all__ = ["RecipeRun", "StudyTrials", "WorkFolder", "collect", "resolve_storage", "open_storage", "read_study",
+           "split_group", "budget_label"]
 
 log = logging.getLogger(__name__)
 
@@ -200,7 +200,7 @@ def resolve_storage(url: str, work_dir: Path) -> str | None:
     return None
 
 
-def _open_storage(url: str) -> Any:
+def open_storage(url: str) -> Any:
     import optuna
 
     if "://" not in url:
@@ -229,7 +229,7 @@ def read_study(name: str, url: str) -> StudyTrials:
     from optuna.trial import TrialState
 
     try:
-        storage = _open_storage(url)
+        storage = open_storage(url)
         trials = storage.get_all_trials(storage.get_study_id_from_name(name), deepcopy=False,
                                         states=(TrialState.COMPLETE,))
     except KeyError as exc:
@@ -244,7 +244,7 @@ def read_study(name: str, url: str) -> StudyTrials:
 
 
 def _study_names(url: str) -> list[str]:
-    return [s.study_name for s in _open_storage(url).get_all_studies()]
+    return [s.study_name for s in open_storage(url).get_all_studies()]
 
 
 def _read_studies(work_dir: Path, recipes: list[RecipeRun]) -> tuple[list[StudyTrials], list[str]]:

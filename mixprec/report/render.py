@@ -26,7 +26,7 @@ from mixprec.report import tables
 from mixprec.report.collect import WorkFolder, collect
 from mixprec.report.front import additive_front
 
-__all__ = ["ReportConfig", "FigureFile", "build_report", "render_report", "draw_figures"]
+__all__ = ["ReportConfig", "FigureFile", "build_report", "render_report", "draw_figures", "attach_to_studies"]
 
 log = logging.getLogger(__name__)
 
@@ -187,13 +187,33 @@ def render_report(data: WorkFolder, out_dir: Path, dpi: int = 110) -> Path:
     return Path(out_dir) / "index.html"
 
 
+def attach_to_studies(data: WorkFolder, report_dir: Path) -> int:
+    """Attach the report (figures, summary.md, the study's own recipe) to each study a recipe names."""
+    from mixprec.dashboard import attach_report, default_artifact_dir
+
+    attached = 0
+    for run in data.recipes:
+        study = next((s for s in data.studies if run.study is not None and s.name == run.study[0]), None)
+        artifacts = None if study is None else study.artifact_dir or default_artifact_dir(study.storage)
+        if study is None or artifacts is None:
+            continue
+        attach_report(report_dir, study.storage, study.name, run.path, artifacts)
+        attached += 1
+    return attached
+
+
 def build_report(work_dir: str | Path, recipes: tuple[str | Path, ...] = (), out_dir: str | Path | None = None,
-                 studies: bool = True, dpi: int = 110) -> Path:
+                 studies: bool = True, attach: bool = True, dpi: int = 110) -> Path:
     """Read a work folder (plus extra recipe files) and write its report; returns WORK/report/index.html.
 
-    This is what `mixprec report` and `mixprec demo` call. `studies=False` skips reading Optuna studies.
+    This is what `mixprec report` and `mixprec demo` call. `studies=False` skips reading Optuna studies;
+    `attach` uploads the figures, summary and recipe to each recipe's study as artifacts (idempotent)
+    and shows the summary as the study's dashboard note, so `mixprec dashboard` opens them.
     """
     config = ReportConfig(Path(work_dir), tuple(Path(r) for r in recipes),
                           None if out_dir is None else Path(out_dir), studies, dpi)
     data = collect(config.work_dir, config.recipes, config.studies)
-    return render_report(data, config.out, config.dpi)
+    page = render_report(data, config.out, config.dpi)
+    if attach and studies:
+        log.info("attached the report to %d stud(ies)", attach_to_studies(data, config.out))
+    return page

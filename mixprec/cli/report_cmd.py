@@ -1,0 +1,52 @@
+"""`mixprec report [MODEL] --work DIR`: an HTML report with PNG figures and a Markdown summary.
+
+Reads what the stages left in the work folder (variants, the sensitivity measurement, the recipes
+in WORK/recipes/ and their Optuna studies) and writes WORK/report/: index.html, summary.md,
+report.json and figures/*.png (sensitivity heatmap, Pareto front with greedy / --hq / uniform,
+the recipes' bit maps, predicted vs measured KL, measurement uncertainty). The figures and summary
+are also attached to each recipe's study, so `mixprec dashboard` shows them.
+
+Basic:
+    mixprec report
+    mixprec report --work work/stdlib-moe --recipe recipes/stdlib-moe-3bpw.yaml
+    mixprec report path/to/model --out reports/mymodel
+
+Advanced:
+    --no-studies     do not read Optuna studies (the predicted-vs-measured plot then shows only
+                     the recipes' held-out comparison)
+    --no-attach      read the studies but do not upload the report into them
+    --dpi N          figure resolution (default 110)
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from mixprec.cli.common import add_model_argument, add_work_argument, default_work_dir
+from mixprec.report import build_report
+
+__all__ = ["register", "run"]
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser("report", help="write an HTML/Markdown report with figures of a work folder",
+                                   description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_model_argument(parser)
+    add_work_argument(parser)
+    parser.add_argument("--recipe", type=Path, nargs="+", default=[], metavar="FILE",
+                        help="extra recipe YAML files (WORK/recipes/*.yaml are always included)")
+    parser.add_argument("--out", type=Path, default=None, metavar="DIR", help="report folder (default WORK/report)")
+    group = parser.add_argument_group("advanced")
+    group.add_argument("--no-studies", action="store_true", help="do not read the Optuna studies")
+    group.add_argument("--no-attach", action="store_true", help="do not attach the report to the studies")
+    group.add_argument("--dpi", type=int, default=110, help="figure resolution (default 110)")
+    parser.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    work = default_work_dir(args.model, args.work)
+    page = build_report(work, tuple(args.recipe), args.out, studies=not args.no_studies,
+                        attach=not args.no_attach, dpi=args.dpi)
+    print(f"wrote {page} and {page.parent / 'summary.md'}")
+    return 0
