@@ -296,6 +296,7 @@ def _rows(inputs: Inputs, compared: dict[str, Solution], calib: dict[str, dict[s
         e, c = evaluation[name], calib[name]
         rows.append({"recipe": name, "solver": solution.solver, "bpw": round(solution.cost / inputs.table.params, 4),
                      "predicted": solution.loss, "calibration_kl": c["kl"], "calibration_se": c["se"],
+                     "calibration_diff": c["diff"], "calibration_diff_se": c["diff_se"],
                      "evaluation_kl": e["kl"], "evaluation_se": e["se"],
                      "diff_vs_mixprec": e["diff"], "diff_se": e["diff_se"],
                      "ratio_vs_mixprec": e["kl"] / evaluation["mixprec"]["kl"]})

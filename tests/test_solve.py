@@ -246,3 +246,20 @@ def test_planned_costs_equal_manifest_costs(tiny_table: CostTable, tiny_model_di
     kinds = {g.kind for g in tiny_table.groups}
     planned = CostTable.from_configs(model_map, {b: QuantConfig(bits=b, clip_search=False) for b in (2, 4)}, kinds)
     assert planned.groups == tiny_table.groups
+
+
+def test_measurement_losses_are_monotone_in_bits(tmp_path: Path) -> None:
+    import pandas as pd
+
+    from mixprec.measure_output import Measurement
+    from mixprec.search_pipeline import measurement_losses
+
+    drop = pd.DataFrame({"group": ["a"] * 4 + ["b"] * 4, "bits": [2, 3, 4, 8] * 2, "mode": "drop", "base_bits": 16,
+                         "dkl": [1e-1, 1e-2, 2e-5, 3e-5, 5e-2, 6e-3, 1e-3, 1e-4],
+                         "dkl_se": [1e-3, 1e-4, 1e-5, 1e-5, 1e-3, 1e-4, 1e-5, 1e-6]})
+    losses = measurement_losses(Measurement(tmp_path, drop, {}))
+    assert losses["b"] == {2: 5e-2, 3: 6e-3, 4: 1e-3, 8: 1e-4}, "monotone rows are kept as measured"
+    assert losses["a"][4] == losses["a"][8] == pytest.approx(2.5e-5), "4->8 rise at the noise floor is pooled"
+    raised = pd.DataFrame({"group": ["a"] * 3, "bits": [3, 4, 8], "mode": "raise", "base_bits": 2,
+                           "dkl": [-0.05, -0.06, -0.0605], "dkl_se": [1e-3, 1e-3, 1e-3]})
+    assert measurement_losses(Measurement(tmp_path, raised, {}))["a"] == {2: 0.0, 3: -0.05, 4: -0.06, 8: -0.0605}

@@ -129,6 +129,7 @@ def _print(rows: list[dict[str, object]], budget: Budget) -> None:
     print(f"held-out KL(ref||q) at budget {_label(budget)} (mean ± se over sequences; diff is paired vs mixprec):")
     table = [{"recipe": r["recipe"], "bpw": f"{r['bpw']:.4f}", "predicted": f"{r['predicted']:.3e}",
               "calibration": _fmt(r["calibration_kl"], r["calibration_se"]),  # type: ignore[arg-type]
+              "cal. diff": f"{r['calibration_diff']:+.2e} ± {r['calibration_diff_se']:.1e}",
               "evaluation": _fmt(r["evaluation_kl"], r["evaluation_se"]),  # type: ignore[arg-type]
               "diff vs mixprec": f"{r['diff_vs_mixprec']:+.2e} ± {r['diff_se']:.1e}",
               "ratio": f"{r['ratio_vs_mixprec']:.2f}x"} for r in rows]

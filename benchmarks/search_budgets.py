@@ -1,0 +1,87 @@
+"""Held-out KL of mixprec's searched recipe vs exllamav3 greedy, the --hq rule and uniform, at several budgets.
+
+For every granularity and budget it runs the search stage exactly as `mixprec search` does (same
+measurement, study, held-out evaluation), then prints one table: held-out KL ± SE per recipe with
+its achieved bpw, the ratio baseline KL / mixprec KL, and the paired difference with its SE (same
+evaluation tokens). Uniform is the smallest uniform variant at or above the budget, so it gets
+*more* bits than the others. Results also go to a JSON file; recipes of one granularity to recipes/.
+
+Run: .venv/bin/python benchmarks/search_budgets.py [MODEL] --budgets 2.5 3.0 3.5 4.0 --granularity layer fine
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import time
+from pathlib import Path
+
+from mixprec.cli.common import default_work_dir
+from mixprec.fileio import atomic_write_json
+from mixprec.measure import MeasureConfig
+from mixprec.recipe import Budget
+from mixprec.search import SearchConfig, quiet_optuna
+from mixprec.search_pipeline import StageConfig, run_stage
+
+BASELINES = ("greedy", "hq", "uniform")
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("model", nargs="?", default=None, help="model folder (default: the bundled model)")
+    p.add_argument("--work", type=Path, default=None)
+    p.add_argument("--budgets", type=float, nargs="+", default=[2.5, 3.0, 3.5, 4.0])
+    p.add_argument("--granularity", nargs="+", default=["layer", "fine"], choices=["layer", "fine", "expert"])
+    p.add_argument("--trials", type=int, default=40)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--studies-dir", type=Path, default=Path("studies"))
+    p.add_argument("--recipes", type=Path, default=Path("recipes"), help="where recipes of --save-granularity go")
+    p.add_argument("--save-granularity", default="fine")
+    p.add_argument("--json", type=Path, default=Path("benchmarks/results/search_budgets.json"))
+    return p
+
+
+def _one(args: argparse.Namespace, granularity: str, budget: float) -> dict[str, object]:
+    work = default_work_dir(args.model, args.work)
+    name = (args.model and Path(args.model).name) or "stdlib-moe"
+    study = f"{name}-{granularity}-{budget:g}bpw-s{args.seed}"
+    config = StageConfig(work=work, budget=Budget(bpw=budget), model=args.model, granularity=granularity,
+                         measure=MeasureConfig(work=work, model=args.model, granularity=granularity),
+                         search=SearchConfig(trials=args.trials, seed=args.seed, study_name=study,
+                                             studies_dir=args.studies_dir))
+    started = time.perf_counter()
+    result = run_stage(config)
+    seconds = time.perf_counter() - started
+    if granularity == args.save_granularity:
+        result.recipe.save(args.recipes / f"{name}-{budget:g}bpw.yaml")
+    return {"granularity": granularity, "budget": budget, "seconds": round(seconds, 1), "rows": result.comparison}
+
+
+def _print(results: list[dict[str, object]]) -> None:
+    head = f"{'gran':6} {'budget':>6}  {'mixprec KL (bpw)':>26}" + "".join(f"  {b + ' KL (bpw), ratio, diff':>48}"
+                                                                       for b in BASELINES)
+    print(head)
+    for r in results:
+        rows = {row["recipe"]: row for row in r["rows"]}  # type: ignore[attr-defined]
+        m = rows["mixprec"]
+        line = f"{r['granularity']:6} {r['budget']:6.2f}  {m['evaluation_kl']:.3e}±{m['evaluation_se']:.0e} " \
+               f"({m['bpw']:.3f})"
+        for b in BASELINES:
+            x = rows[b]
+            line += (f"  {x['evaluation_kl']:.3e}±{x['evaluation_se']:.0e} ({x['bpw']:.3f}) "
+                     f"{x['ratio_vs_mixprec']:5.2f}x {x['diff_vs_mixprec']:+.1e}±{x['diff_se']:.0e}")
+        print(line)
+
+
+def main() -> None:
+    args = _parser().parse_args()
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    quiet_optuna()
+    results = [_one(args, g, b) for g in args.granularity for b in args.budgets]
+    atomic_write_json(args.json, results)
+    _print(results)
+    print(f"wrote {args.json}")
+
+
+if __name__ == "__main__":
+    main()
