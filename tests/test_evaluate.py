@@ -113,3 +113,22 @@ def test_cli_eval(setup: tuple, tmp_path: Path, capsys: pytest.CaptureFixture[st
     printed = capsys.readouterr().out
     assert code == 0 and "Mean    KLD" in printed and "Same top p" in printed
     assert json.loads((tmp_path / "r.json").read_text())["summary"]["n_tokens"] == 4 * 15
+
+
+def test_eval_of_the_checkpoint_equals_what_the_search_engine_measured(setup: tuple) -> None:
+    """The KL the search's engine measures for the recipe is the KL of the compiled checkpoint."""
+    from mixprec.engine import KLEngine
+    from mixprec.loading import Checkpoint, load_model
+    from mixprec.qload import load
+    from mixprec.variants import Variant
+
+    recipe, work, out, reference = setup
+    windows = load_windows(reference, "evaluation", WindowConfig(CONFIG.seq_len, CONFIG.num_windows))
+    variants = {b: Variant.open(work / "variants" / recipe.quant_config(b).variant_id)
+                for b in set(recipe.groups.values()) if b is not None}
+    engine = KLEngine(load_model(reference), Checkpoint.open(reference).model_map(recipe.granularity), windows,
+                      variants)
+    measured = engine.evaluate(recipe.groups)
+    evaluated = compare_models(load_model(reference), load(out), windows.tokens, CONFIG.batch_size)
+    torch.testing.assert_close(evaluated.kl, measured.kl, rtol=1e-3, atol=1e-6)
+    assert torch.equal(evaluated.same_top1, measured.same_top1)
