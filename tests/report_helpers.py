@@ -25,6 +25,7 @@ from mixprec.recipe import Budget
 from mixprec.search import SearchConfig, quiet_optuna
 from mixprec.search_pipeline import StageConfig, run_stage
 from tests.measure_helpers import model_with_splits
+from tests.tiny_models import save_tiny_model
 
 __all__ = ["BUDGETS", "BITS", "build_work_folder", "shared_work_folder"]
 
@@ -41,8 +42,8 @@ def _stage_config(model: Path, work: Path, budget: float) -> StageConfig:
 
 
 def build_work_folder(tiny_model: Path, root: Path) -> Path:
-    """Model copy with splits in `root/model`, work folder in `root/work` (returned)."""
-    model = model_with_splits(tiny_model, root / "model")
+    """Model copy with splits in `root/tiny-moe`, work folder in `root/work` (returned)."""
+    model = model_with_splits(tiny_model, root / "tiny-moe")
     work = root / "work"
     quiet_optuna()
     threads = torch.get_num_threads()
@@ -56,8 +57,10 @@ def build_work_folder(tiny_model: Path, root: Path) -> Path:
     return work
 
 
-def shared_work_folder(tiny_model_dirs: dict[str, Path], factory: pytest.TempPathFactory) -> Path:
-    """The session's work folder, built by the first test that asks (a file lock guards xdist workers)."""
+def shared_work_folder(factory: pytest.TempPathFactory) -> Path:
+    """The session's work folder, built by the first test that asks (a file lock guards xdist workers).
+
+    Only the Qwen2-MoE tiny model is saved (not every family, as the `tiny_model_dirs` fixture does)."""
     root = factory.getbasetemp() / "report-work"
     root.mkdir(exist_ok=True)
     with open(root / ".lock", "w") as lock:
@@ -65,7 +68,9 @@ def shared_work_folder(tiny_model_dirs: dict[str, Path], factory: pytest.TempPat
         done = root / "work" / ".complete"
         if not done.exists():
             shutil.rmtree(root / "work", ignore_errors=True)
-            shutil.rmtree(root / "model", ignore_errors=True)
-            build_work_folder(tiny_model_dirs["qwen2_moe"], root)
+            for leftover in ("tiny-moe", "source"):
+                shutil.rmtree(root / leftover, ignore_errors=True)
+            source = save_tiny_model("qwen2_moe", root / "source")
+            build_work_folder(source, root)
             done.touch()
     return root / "work"

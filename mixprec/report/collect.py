@@ -215,8 +215,13 @@ def open_storage(url: str) -> Any:
 _TRIAL_COLUMNS = ["number", "seed", "bpw", "kl", "kl_se", "predicted", "dkl_vs_ref", "dkl_vs_ref_se", "feasible"]
 
 
+def _trial_attrs(trial: Any) -> dict[str, Any]:
+    """User attrs with the search's `metrics` dict flattened (older studies stored each metric on its own)."""
+    return {**trial.user_attrs, **(trial.user_attrs.get("metrics") or {})}
+
+
 def _trial_row(trial: Any) -> dict[str, Any]:
-    attrs = trial.user_attrs
+    attrs = _trial_attrs(trial)
     return {"number": trial.number, "seed": attrs.get("seed", "search"), "bpw": attrs.get("bpw"),
             "kl": trial.values[0] if trial.values else None, "kl_se": attrs.get("kl_se"),
             "predicted": attrs.get("predicted"), "dkl_vs_ref": attrs.get("dkl_vs_ref"),
@@ -237,7 +242,7 @@ def read_study(name: str, url: str) -> StudyTrials:
             from exc
     except Exception as exc:  # sqlalchemy / journal errors: name the file instead of a deep traceback
         raise MixprecError(f"cannot read study {name!r} from {url} ({exc}); is it an Optuna storage?") from exc
-    frame = pd.DataFrame([_trial_row(t) for t in trials if "predicted" in t.user_attrs], columns=_TRIAL_COLUMNS)
+    frame = pd.DataFrame([_trial_row(t) for t in trials if "predicted" in _trial_attrs(t)], columns=_TRIAL_COLUMNS)
     local = url.removeprefix("sqlite:///") if url.startswith("sqlite:///") or "://" not in url else None
     artifacts = Path(local).parent / "artifacts" if local else None
     return StudyTrials(name, url, frame, artifacts if artifacts is not None and artifacts.is_dir() else None)

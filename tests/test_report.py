@@ -1,0 +1,168 @@
+"""`mixprec report` on a real small work folder: every group and budget listed, real PNGs, named axes.
+
+The work folder comes from the real stages on the tiny Qwen2-MoE (`tests.report_helpers`): three
+variants, a drop-mode measurement, and searches at 2.5 and 3 bpw with SQLite studies.
+
+Run: HF_HUB_OFFLINE=1 .venv/bin/python -m pytest tests/test_report.py -q
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import optuna
+import pytest
+from PIL import Image
+
+from mixprec.cli import main
+from mixprec.errors import MixprecError
+from mixprec.recipe import Recipe
+from mixprec.report import build_report, collect
+from mixprec.report import figures as fig
+from mixprec.report.front import additive_front
+from mixprec.report.render import attach_to_studies
+from tests.report_helpers import BITS, BUDGETS, shared_work_folder
+
+FIGURES = {"pareto", "bitmap", "sensitivity", "additivity", "uncertainty"}
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return shared_work_folder(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def report(work: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """`mixprec report --work W --recipe OUTSIDE --out R` through the CLI entry point; returns R."""
+    out = tmp_path_factory.mktemp("report")
+    extra = out.parent / "outside-3bpw.yaml"  # a recipe outside the work folder, given with --recipe
+    shutil.copyfile(work / "recipes" / "tiny-3bpw.yaml", extra)
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        code = main(["report", "--work", str(work), "--recipe", str(extra), "--out", str(out), "--dpi", "80"])
+    assert code == 0
+    assert f"wrote {out / 'index.html'}" in printed.getvalue()
+    return out
+
+
+def all_groups(work: Path) -> list[str]:
+    groups = {g for p in (work / "recipes").glob("*.yaml") for g in Recipe.load(p).groups}
+    assert len(groups) >= 10, "the tiny model should have attention, dense, shared and routed groups"
+    return sorted(groups)
+
+
+def test_report_lists_every_group_and_budget(work: Path, report: Path) -> None:
+    index = json.loads((report / "report.json").read_text())
+    groups, budgets = all_groups(work), [f"{b:g}bpw" for b in BUDGETS]
+    assert sorted(index["groups"]) == groups
+    assert index["budgets"] == budgets, "budgets are listed in size order"
+    html, md = (report / "index.html").read_text(), (report / "summary.md").read_text()
+    for text in (html, md):
+        for name in groups:
+            assert f">{name}<" in text or f"| {name} |" in text, f"group {name} missing from the report"
+        for budget in budgets:
+            assert budget in text
+        for recipe in ("mixprec", "greedy", "hq", "uniform", "outside-3bpw"):
+            assert recipe in text
+    assert {Path(f["file"]).stem for f in index["figures"]} == FIGURES
+    for name in FIGURES:
+        assert f"src='figures/{name}.png'" in html and f"](figures/{name}.png)" in md
+
+
+def test_figures_are_real_readable_pngs(report: Path) -> None:
+    for name in FIGURES:
+        with Image.open(report / "figures" / f"{name}.png") as image:
+            assert image.format == "PNG"
+            assert image.width >= 400 and image.height >= 250, f"{name} is too small to read: {image.size}"
+            pixels = np.asarray(image.convert("L"), dtype=float)
+        assert pixels.std() > 10, f"{name}.png looks blank"
+
+
+def _axes(figure: object) -> list[object]:
+    return [ax for ax in figure.axes if ax.get_visible() and ax.get_label() != "<colorbar>"]  # type: ignore[attr-defined]
+
+
+def test_every_plot_has_named_axes_a_title_and_log_kl(work: Path) -> None:
+    data = collect(work)
+    m = data.measurement
+    assert m is not None
+    drawn = {
+        "pareto": fig.pareto_figure(additive_front(m), data.comparison(), "t"),
+        "bitmap": fig.bit_map_figure(data.bit_table(), {r.label: r.label for r in data.recipes}, "t"),
+        "sensitivity": fig.sensitivity_heatmap(m.table, "t"),
+        "additivity": fig.additivity_figure(data.trials(), data.comparison(), "t"),
+        "uncertainty": fig.uncertainty_figure(m.table, 1e-7, "t"),
+    }
+    for name, figure in drawn.items():
+        axes = _axes(figure)
+        assert axes, name
+        for ax in axes:
+            assert ax.get_xlabel() and ax.get_ylabel(), f"{name}: unnamed axis"
+            assert ax.get_title() or figure.get_suptitle(), f"{name}: no title"
+    assert len(_axes(drawn["sensitivity"])) == len(BITS), "one heatmap panel per measured width"
+    assert len(_axes(drawn["bitmap"])) == len(BUDGETS), "one bit map per recipe"
+    assert _axes(drawn["pareto"])[0].get_yscale() == "log"
+    assert {ax.get_xscale() for ax in _axes(drawn["additivity"])} == {"log"}
+    legend = [t.get_text() for t in _axes(drawn["pareto"])[0].get_legend().get_texts()]
+    assert any("greedy" in t for t in legend) and any("--hq" in t for t in legend)
+    assert any("uniform" in t for t in legend)
+    ours = [c for c in _axes(drawn["pareto"])[0].containers if c.get_label() == "mixprec (held-out, ± SE)"]
+    assert len(ours) == 1 and len(ours[0].lines[0].get_xdata()) == len(BUDGETS), "one mixprec point per budget"
+
+
+def test_collect_reads_trials_front_and_comparisons(work: Path) -> None:
+    data = collect(work)
+    trials = data.trials()
+    for budget in BUDGETS:
+        study = optuna.load_study(study_name=f"tiny-{budget:g}bpw", storage=f"sqlite:///{work}/studies/"
+                                  f"tiny-{budget:g}bpw.db")
+        complete = study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))
+        mine = trials[trials["study"] == study.study_name].set_index("number")
+        assert len(mine) == len(complete)
+        for t in complete:
+            assert mine.loc[t.number, "kl"] == t.values[0]
+            assert mine.loc[t.number, "predicted"] == t.user_attrs["metrics"]["predicted"]
+    front = additive_front(data.measurement)
+    assert (np.diff(front["bpw"]) > 0).all() and (np.diff(front["predicted"]) < 0).all(), "a front is monotone"
+    assert front["bpw"].min() == pytest.approx(data.variants["bpw"].min())
+    assert front["bpw"].max() == pytest.approx(data.variants["bpw"].max())
+    comparison = data.comparison()
+    assert set(comparison["budget"]) == {f"{b:g}bpw" for b in BUDGETS}
+    ours = comparison[comparison["recipe"] == "mixprec"]
+    assert (ours["bpw"].to_numpy() <= np.array(BUDGETS) + 1e-9).all()
+
+
+def test_report_errors(work: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert main(["report", "--work", str(empty)]) == 2
+    assert "no finished measurement" in capsys.readouterr().err
+    with pytest.raises(MixprecError, match="work folder .* does not exist"):
+        collect(tmp_path / "nowhere")
+    with pytest.raises(MixprecError, match="dpi"):
+        build_report(work, dpi=5)
+    with pytest.raises(MixprecError, match="work folder itself"):
+        build_report(work, out_dir=work)
+
+
+def test_attach_puts_figures_in_the_study_once(work: Path, report: Path) -> None:
+    study = optuna.load_study(study_name="tiny-3bpw", storage=f"sqlite:///{work}/studies/tiny-3bpw.db")
+    names = [m.filename for m in optuna.artifacts.get_all_artifact_meta(study)]
+    assert {n.rsplit("-", 1)[0] for n in names} >= FIGURES | {"summary", "tiny-3bpw"}, "report not attached"
+    assert attach_to_studies(collect(work), report) == len(BUDGETS)
+    again = [m.filename for m in optuna.artifacts.get_all_artifact_meta(study)]
+    assert again == names, "an unchanged report must not be uploaded twice"
+
+
+def test_import_has_no_plotting_side_effects() -> None:
+    code = ("import sys, mixprec.report, mixprec.dashboard, mixprec.cli; "
+            "assert 'matplotlib' not in sys.modules and 'optuna_dashboard' not in sys.modules, 'eager import'")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
