@@ -18,13 +18,15 @@ from pathlib import Path
 
 import numpy as np
 import optuna
+import pandas as pd
 import pytest
 from PIL import Image
 
 from mixprec.cli import main
 from mixprec.errors import MixprecError
+from mixprec.measure_output import TABLE_COLUMNS, Measurement
 from mixprec.recipe import Recipe
-from mixprec.report import build_report, collect
+from mixprec.report import build_report, collect, tables
 from mixprec.report import figures as fig
 from mixprec.report.front import additive_front
 from mixprec.report.render import attach_to_studies
@@ -137,6 +139,33 @@ def test_collect_reads_trials_front_and_comparisons(work: Path) -> None:
     assert set(comparison["budget"]) == {f"{b:g}bpw" for b in BUDGETS}
     ours = comparison[comparison["recipe"] == "mixprec"]
     assert (ours["bpw"].to_numpy() <= np.array(BUDGETS) + 1e-9).all()
+
+
+def test_raise_mode_front_adds_the_base_kl(tmp_path: Path) -> None:
+    """Raise-mode losses are ΔKL from the all-at-base model; the front must be base KL + ΣΔ, not ΣΔ."""
+    rows = []
+    for group, gains in (("layers.0.attn", (-3e-4, -4e-4)), ("layers.0.mlp", (-1e-4, -1.5e-4))):
+        for bits, gain in zip((4, 8), gains, strict=True):
+            rows.append({c: 0 for c in TABLE_COLUMNS} | {
+                "group": group, "kind": "attention" if "attn" in group else "dense_mlp", "layer": 0, "params": 64,
+                "mode": "raise", "base_bits": 2, "bits": bits, "storage_bits": 64 * bits, "delta_bits": 64 * (bits - 2),
+                "dkl": gain, "dkl_se": 1e-5})
+    summary = {"base": {"summary": {"kl_mean": 1e-3}}}
+    front = additive_front(Measurement(tmp_path, pd.DataFrame(rows), summary))
+    assert front["predicted"].iloc[0] == pytest.approx(1e-3), "all groups at the base width predict the base KL"
+    assert front["predicted"].iloc[-1] == pytest.approx(1e-3 - 4e-4 - 1.5e-4)
+    assert front["bpw"].tolist()[0] == 2 and front["bpw"].tolist()[-1] == 8
+
+
+def test_demo_summary_adds_compiled_checkpoints(work: Path) -> None:
+    data = collect(work)
+    assert tables.compiled_table(data).empty, "no demo_summary.json, no compiled section"
+    data.demo = {"budgets": [{"budget": 3.0, "compiled": "c/3bpw", "compiled_mib": 1.25, "compiled_kl": 2e-4,
+                              "compiled_kl_se": 1e-5, "comparison": {"mixprec": {"evaluation_kl": 1.9e-4,
+                                                                                 "evaluation_se": 1e-5}}}]}
+    row = tables.compiled_table(data).iloc[0]
+    assert (row["budget"], row["size MiB"], row["compiled KL (held-out)"]) == ("3bpw", "1.25", "2.000e-04 ± 1.0e-05")
+    assert row["search's held-out KL"] == "1.900e-04 ± 1.0e-05" and row["PPL ratio"] == "—"
 
 
 def test_report_errors(work: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -3,7 +3,8 @@
 The report, the notebook and anyone at a Python prompt read the same `WorkFolder`, so every number
 they show comes from one place. Nothing here writes or computes KL: it only reads what the stages
 left behind (WORK/variants/*/manifest.json, WORK/measure/*/table.csv + summary.json,
-WORK/recipes/*.yaml and the Optuna studies the recipes name, plus any studies in WORK/studies/).
+WORK/recipes/*.yaml and the Optuna studies the recipes name, plus any studies in WORK/studies/, and
+WORK/demo_summary.json when `mixprec demo` compiled and re-evaluated the recipes).
 
 A recipe records its study as the storage URL the search was given, often relative to the directory
 the search ran in (`sqlite:///studies/x.db`); `resolve_storage` also looks for it next to the work
@@ -21,6 +22,7 @@ from typing import Any
 import pandas as pd
 
 from mixprec.errors import MixprecError
+from mixprec.fileio import read_json
 from mixprec.measure_output import Measurement, load_measurement
 from mixprec.recipe import Recipe
 from mixprec.variants import Variant
@@ -103,6 +105,7 @@ class WorkFolder:
     recipes: list[RecipeRun]
     studies: list[StudyTrials] = field(default_factory=list)
     missing_studies: list[str] = field(default_factory=list)
+    demo: dict[str, Any] | None = None
 
     @property
     def measurement(self) -> Measurement | None:
@@ -283,7 +286,8 @@ def collect(work_dir: str | Path, recipes: tuple[str | Path, ...] = (), studies:
                            "with --work pointing there first (or pass the right --work)")
     runs = _read_recipes(work_dir, tuple(Path(p) for p in recipes))
     found, missing = _read_studies(work_dir, runs) if studies else ([], [])
-    folder = WorkFolder(work_dir, _read_variants(work_dir), _read_measurements(work_dir), runs, found, missing)
+    demo = read_json(work_dir / "demo_summary.json") if (work_dir / "demo_summary.json").is_file() else None
+    folder = WorkFolder(work_dir, _read_variants(work_dir), _read_measurements(work_dir), runs, found, missing, demo)
     if not folder.measurements and not folder.recipes:
         raise MixprecError(f"{work_dir} holds no finished measurement (measure/*/summary.json) and no recipe "
                            "(recipes/*.yaml); run `mixprec measure` and `mixprec search` first, or pass --recipe")

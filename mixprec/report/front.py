@@ -18,7 +18,7 @@ from mixprec.measure_output import Measurement
 from mixprec.search_pipeline import measurement_losses
 from mixprec.solve import Problem, pareto_front
 
-__all__ = ["cost_table", "additive_front"]
+__all__ = ["cost_table", "additive_front", "base_kl"]
 
 
 def cost_table(measurement: Measurement) -> CostTable:
@@ -42,4 +42,17 @@ def additive_front(measurement: Measurement, max_points: int = 400) -> pd.DataFr
     options = {g.name: tuple(g.bits) for g in table.groups}
     front = pareto_front(Problem.build(table, options, measurement_losses(measurement)))
     keep = np.unique(np.linspace(0, len(front) - 1, num=min(len(front), max_points)).round().astype(int))
-    return pd.DataFrame({"bpw": front.costs[keep] / table.params, "predicted": front.losses[keep]})
+    predicted = front.losses[keep] + base_kl(measurement)
+    return pd.DataFrame({"bpw": front.costs[keep] / table.params, "predicted": predicted})
+
+
+def base_kl(measurement: Measurement) -> float:
+    """What the additive losses are relative to: 0 in drop mode, the all-at-base KL in raise mode.
+
+    Note: raise-mode losses are ΔKL from the base model (negative when a group is raised), so the
+    composed model's KL is predicted as base KL + ΣΔ; without the base the prediction is not a KL.
+    """
+    if str(measurement.table["mode"].iloc[0]) != "raise":
+        return 0.0
+    base = ((measurement.summary.get("base") or {}).get("summary") or {}).get("kl_mean")
+    return float(base) if base is not None else 0.0

@@ -24,7 +24,7 @@ from mixprec.fileio import atomic_dir, atomic_write_json, atomic_write_text
 from mixprec.report import figures as fig
 from mixprec.report import tables
 from mixprec.report.collect import WorkFolder, collect
-from mixprec.report.front import additive_front
+from mixprec.report.front import additive_front, base_kl
 
 __all__ = ["ReportConfig", "FigureFile", "build_report", "render_report", "draw_figures", "attach_to_studies"]
 
@@ -91,7 +91,8 @@ def draw_figures(data: WorkFolder, folder: Path, dpi: int = 110) -> list[FigureF
 
     if m is not None or not comparison.empty:
         front = additive_front(m) if m is not None else None
-        keep("pareto", fig.pareto_figure(front, comparison, f"{model}: size vs held-out KL"), "Pareto front",
+        what = "size vs held-out KL" if not comparison.empty else "size vs predicted KL (no recipes yet)"
+        keep("pareto", fig.pareto_figure(front, comparison, f"{model}: {what}"), "Pareto front",
              "Held-out KL (± SE) of the chosen recipe at each budget, with exllamav3's greedy, the --hq rule and "
              "uniform recipes at their own sizes; the dashed line is the exact front of the additive estimate.")
     if data.recipes:
@@ -101,6 +102,9 @@ def draw_figures(data: WorkFolder, folder: Path, dpi: int = 110) -> list[FigureF
         keep("sensitivity", fig.sensitivity_heatmap(m.table, f"{model}: sensitivity ({m.folder.name})"),
              "Sensitivity heatmap", "End-to-end KL when only this group is quantized at this width (log colour).")
     if not trials.empty or not comparison.empty:
+        offset = base_kl(m) if m is not None else 0.0  # raise mode predicts ΔKL from the base model
+        trials = trials.assign(predicted=trials["predicted"] + offset) if not trials.empty else trials
+        comparison = comparison.assign(predicted=comparison["predicted"] + offset) if offset else comparison
         keep("additivity", fig.additivity_figure(trials, comparison, f"{model}: is the damage additive?"),
              "Predicted vs measured KL", "Sum of single-group KLs against the composed recipe's measured KL; points "
              "on the diagonal mean the additive estimate the solver optimises is exact.")
@@ -125,13 +129,20 @@ def _md_table(frame: pd.DataFrame) -> str:
     return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in cells]) + "\n"
 
 
-def _sections(data: WorkFolder) -> list[tuple[str, pd.DataFrame]]:
-    return [("Recipes per budget", tables.budgets_table(data)),
-            ("Held-out comparison", tables.comparison_table(data)),
-            ("Bits per group", tables.bits_table(data)),
-            ("Sensitivity table", tables.sensitivity_table(data)),
-            ("Variants", tables.variants_table(data)),
-            ("Optuna studies", tables.studies_table(data))]
+Section = tuple[str, pd.DataFrame]
+
+
+def _sections(data: WorkFolder) -> tuple[list[Section], list[Section]]:
+    """Tables shown before the figures (the results) and after them (the details)."""
+    compiled = tables.compiled_table(data)
+    results = [("Recipes per budget", tables.budgets_table(data)),
+               ("Held-out comparison", tables.comparison_table(data)),
+               *([("Compiled checkpoints", compiled)] if not compiled.empty else [])]
+    details = [("Bits per group", tables.bits_table(data)),
+               ("Sensitivity table", tables.sensitivity_table(data)),
+               ("Variants", tables.variants_table(data)),
+               ("Optuna studies", tables.studies_table(data))]
+    return results, details
 
 
 _CSS = ("body{font-family:sans-serif;max-width:1200px;margin:2em auto;padding:0 1em;color:#222}"
@@ -147,13 +158,13 @@ def _html(data: WorkFolder, drawn: list[FigureFile]) -> str:
              f"</title><style>{_CSS}</style></head><body><h1>mixprec report: {esc(data.model_name)}</h1><dl>"]
     parts += [f"<dt>{esc(k)}</dt><dd>{esc(v)}</dd>" for k, v in tables.overview(data)]
     parts.append("</dl>")
-    sections = _sections(data)
-    for title, frame in sections[:2]:
+    results, details = _sections(data)
+    for title, frame in results:
         parts.append(f"<h2>{esc(title)}</h2>{_html_table(frame)}")
     parts.append("<h2>Figures</h2>")
     parts += [f"<figure id='{f.name}'><h3>{esc(f.title)}</h3><img src='{f.path}' alt='{esc(f.title)}'>"
               f"<figcaption>{esc(f.caption)}</figcaption></figure>" for f in drawn]
-    for title, frame in sections[2:]:
+    for title, frame in details:
         parts.append(f"<h2>{esc(title)}</h2>{_html_table(frame)}")
     return "\n".join(parts) + "\n</body></html>\n"
 
@@ -161,8 +172,8 @@ def _html(data: WorkFolder, drawn: list[FigureFile]) -> str:
 def _markdown(data: WorkFolder, drawn: list[FigureFile]) -> str:
     lines = [f"# mixprec report: {data.model_name}\n"]
     lines += [f"- **{k}**: {v}" for k, v in tables.overview(data)]
-    sections = _sections(data)
-    for title, frame in sections[:3]:
+    results, details = _sections(data)
+    for title, frame in [*results, details[0]]:  # the summary stops at the bit table; the page has the rest
         lines += ["", f"## {title}\n", _md_table(frame)]
     lines += ["", "## Figures\n"]
     lines += [f"### {f.title}\n\n![{f.title}]({f.path})\n\n{f.caption}\n" for f in drawn]

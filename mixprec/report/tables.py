@@ -13,7 +13,7 @@ import pandas as pd
 from mixprec.report.collect import WorkFolder
 
 __all__ = ["fmt_kl", "overview", "variants_table", "budgets_table", "comparison_table", "bits_table",
-           "sensitivity_table", "studies_table"]
+           "sensitivity_table", "compiled_table", "studies_table"]
 
 
 def fmt_kl(value: Any, se: Any = None) -> str:
@@ -103,6 +103,21 @@ def sensitivity_table(data: WorkFolder) -> pd.DataFrame:
     frame = pd.DataFrame.from_dict(cells, orient="index")
     frame = frame[sorted(frame.columns, key=lambda c: int(c.split("-")[0]))]
     return frame.rename_axis("group").reset_index()
+
+
+def compiled_table(data: WorkFolder) -> pd.DataFrame:
+    """`mixprec demo`'s compiled checkpoints re-evaluated on their own, next to what the search measured."""
+    rows = []
+    for row in (data.demo or {}).get("budgets", []):
+        ours = (row.get("comparison") or {}).get("mixprec") or {}
+        mib = row.get("compiled_mib")
+        rows.append({"budget": f"{row.get('budget'):g}bpw", "compiled": row.get("compiled", "—"),
+                     "size MiB": "—" if mib is None else f"{mib:.2f}",
+                     "compiled KL (held-out)": fmt_kl(row.get("compiled_kl"), row.get("compiled_kl_se")),
+                     "search's held-out KL": fmt_kl(ours.get("evaluation_kl"), ours.get("evaluation_se")),
+                     "same top-1": fmt_kl(row.get("compiled_same_top1")),
+                     "PPL ratio": fmt_kl(row.get("compiled_ppl_ratio"))})
+    return pd.DataFrame(rows)
 
 
 def studies_table(data: WorkFolder) -> pd.DataFrame:
