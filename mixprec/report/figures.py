@@ -76,9 +76,15 @@ def _annotate(ax: Any, grid: np.ndarray, text: Any, dark: Any, size: float) -> N
                     color="white" if dark(value) else "black")
 
 
+def _panel_size(rows: int, cols: int, cell_w: float, cell_h: float) -> tuple[float, float]:
+    """Inches of one layer x group panel: cells shrink on deep or wide models so a figure stays under ~20 in."""
+    return min(cell_w * cols, 16.0), min(cell_h * rows, 9.0)
+
+
 def _grid_axes(ax: Any, rows: list[str], cols: list[str]) -> None:
-    ax.set_xticks(range(len(cols)), cols, rotation=45, ha="right")
-    ax.set_yticks(range(len(rows)), rows)
+    xstep, ystep = max(1, len(cols) // 40), max(1, len(rows) // 40)  # thin labels that would overlap
+    ax.set_xticks(range(0, len(cols), xstep), cols[::xstep], rotation=45, ha="right")
+    ax.set_yticks(range(0, len(rows), ystep), rows[::ystep])
     ax.set_xlabel("group within layer")
     ax.set_ylabel("layer")
 
@@ -96,7 +102,8 @@ def sensitivity_heatmap(table: pd.DataFrame, title: str) -> Figure:
     ncols = min(3, len(bits))
     nrows = math.ceil(len(bits) / ncols)
     _, rows, cols = layer_grid(table["group"].unique().tolist(), [0.0] * table["group"].nunique())
-    figure = _figure(max(7.0, 1.0 + ncols * (1.0 + 0.5 * len(cols))), 1.2 + nrows * (1.8 + 0.45 * len(rows)))
+    width, height = _panel_size(len(rows), len(cols), 0.5, 0.45)
+    figure = _figure(max(7.0, 1.0 + ncols * (1.0 + width)), 1.2 + nrows * (1.8 + height))
     axes = figure.subplots(nrows, ncols, squeeze=False)
     image = None
     for ax, b in zip(axes.flat, bits, strict=False):
@@ -167,15 +174,17 @@ def bit_map_figure(bits: pd.DataFrame, titles: dict[str, str], title: str) -> Fi
     colours = ListedColormap([_viridis(i / max(1, len(levels) - 1)) for i in range(len(levels))])
     norm = BoundaryNorm(np.arange(len(levels) + 1) - 0.5, len(levels))
     _, rows, cols = layer_grid(bits.index.tolist(), [0.0] * len(bits))
-    figure = _figure(max(6.0, 1.5 + 0.7 * len(cols)), 1.0 + len(recipes) * (1.0 + 0.42 * len(rows)))
+    width, height = _panel_size(len(rows), len(cols), 0.7, 0.42)
+    figure = _figure(max(6.0, 1.5 + width), 1.0 + len(recipes) * (1.0 + height))
     axes = figure.subplots(len(recipes), 1, squeeze=False)[:, 0]
     image = None
     for ax, recipe in zip(axes, recipes, strict=True):
         widths = [16 if pd.isna(v) else int(v) for v in bits[recipe]]
         grid, rows, cols = layer_grid(bits.index.tolist(), [levels.index(w) for w in widths])
         image = ax.imshow(grid, cmap=colours, norm=norm, aspect="auto")
-        _annotate(ax, grid, lambda v: "fp" if levels[int(v)] == 16 else str(levels[int(v)]),
-                  lambda v: v < len(levels) / 2, 9)
+        if grid.size <= 300:
+            _annotate(ax, grid, lambda v: "fp" if levels[int(v)] == 16 else str(levels[int(v)]),
+                      lambda v: v < len(levels) / 2, 9)
         _grid_axes(ax, rows, cols)
         ax.set_title(titles[recipe], fontsize=10)
     bar = figure.colorbar(image, ax=axes, ticks=range(len(levels)), shrink=0.9)
@@ -232,7 +241,7 @@ def uncertainty_figure(table: pd.DataFrame, noise_floor: float | None, title: st
     """Left: every table entry with ± SE and the bf16 noise floor; right: relative SE against the KL itself."""
     groups = list(dict.fromkeys(table["group"]))
     bits = sorted(table["bits"].unique())
-    figure = _figure(max(9.0, 4.0 + 0.32 * len(groups)), 5.4)
+    figure = _figure(min(max(9.0, 4.0 + 0.32 * len(groups)), 20.0), 5.4)
     left, right = figure.subplots(1, 2, width_ratios=[max(2.0, len(groups) / 8), 1.2])
     value = table["dkl"].abs().astype(float)
     for i, b in enumerate(bits):
