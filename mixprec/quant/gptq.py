@@ -95,55 +95,66 @@ def _column_quantize(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
 
 
 class _Grid:
-    """Per-group scales and zero points [rows, groups] in float32, filled statically or group by group."""
+    """Per-group fp16 scales and zero points [rows, groups], filled up front or group by group.
+
+    Float copies are kept transposed ([groups, rows], contiguous) because the solve reads one
+    group's values for every column it quantizes.
+    """
 
     def __init__(self, rows: int, cols: int, config: QuantConfig) -> None:
         self.config = config
-        self.groups = math.ceil(cols / config.group_size)
-        self.scales = torch.zeros(rows, self.groups, dtype=torch.float16)
-        self.zeros = torch.full((rows, self.groups), float(2 ** (config.bits - 1)))
+        groups = math.ceil(cols / config.group_size)
+        self.scales = torch.ones(rows, groups, dtype=torch.float16)
+        self.zeros: torch.Tensor | None = None if config.symmetric else torch.zeros(rows, groups, dtype=torch.uint8)
+        self._scale_t = torch.ones(groups, rows)
+        self._zero_t = torch.full((groups, rows), float(2 ** (config.bits - 1)))
+
+    def _store(self, groups: slice, q: QuantizedWeight) -> None:
+        self.scales[:, groups] = q.scales
+        self._scale_t[groups] = q.scales.T.to(torch.float32)
+        if q.zeros is not None and self.zeros is not None:
+            self.zeros[:, groups] = q.zeros
+            self._zero_t[groups] = q.zeros.T.to(torch.float32)
 
     def fit(self, group: int, columns: torch.Tensor, importance: torch.Tensor) -> None:
-        """Choose group `group`'s scale from its current columns with RTN's clipping search."""
-        q = quantize_groups(columns, self.config, importance)
-        self.scales[:, group] = q.scales[:, 0]
-        if q.zeros is not None:
-            self.zeros[:, group] = q.zeros[:, 0].to(torch.float32)
+        """Choose one group's scale from its current columns [rows, width] with RTN's clipping search."""
+        self._store(slice(group, group + 1), quantize_groups(columns, self.config, importance))
 
     def fit_all(self, weight: torch.Tensor, importance: torch.Tensor) -> None:
-        q = quantize_groups(weight, self.config, importance)
-        self.scales = q.scales
-        if q.zeros is not None:
-            self.zeros = q.zeros.to(torch.float32)
+        """Choose every group's scale from the original weights (static groups)."""
+        self._store(slice(None), quantize_groups(weight, self.config, importance))
 
     def column(self, col: int) -> tuple[torch.Tensor, torch.Tensor]:
         g = col // self.config.group_size
-        return self.scales[:, g].to(torch.float32), self.zeros[:, g]
+        return self._scale_t[g], self._zero_t[g]
 
 
-def _solve(w: torch.Tensor, factor: torch.Tensor, perm: torch.Tensor, grid: _Grid, static: bool,
+def _solve(wt: torch.Tensor, factor: torch.Tensor, perm: torch.Tensor, grid: _Grid, static: bool,
            importance: torch.Tensor, block_size: int) -> torch.Tensor:
-    """Quantize the columns of `w` (already permuted) in blocks; returns codes in permuted order."""
-    rows, cols = w.shape
+    """Quantize the rows of `wt` = Wᵀ [in, out] (already permuted) in blocks; codes in permuted order.
+
+    Working on the transpose makes every column of W a contiguous row, which is what the inner loop
+    touches; the lazy update of the remaining columns is one matrix product per block.
+    """
+    cols = wt.shape[0]
     gs = grid.config.group_size
     levels = 2**grid.config.bits - 1
-    codes = torch.zeros_like(w)
+    codes = torch.zeros_like(wt)
     for start in range(0, cols, block_size):
         stop = min(start + block_size, cols)
-        block = w[:, start:stop].clone()
+        block = wt[start:stop].clone()
         errors = torch.zeros_like(block)
         inv = factor[start:stop, start:stop]
         for i in range(stop - start):
             col = int(perm[start + i])
             if not static and col % gs == 0:
                 width = min(gs, cols - col)
-                grid.fit(col // gs, block[:, i : i + width], importance[col : col + width])
+                grid.fit(col // gs, block[i : i + width].T, importance[col : col + width])
             scale, zero = grid.column(col)
-            codes[:, start + i], deq = _column_quantize(block[:, i], scale, zero, levels)
-            err = (block[:, i] - deq) / inv[i, i]
-            block[:, i:] -= err.unsqueeze(1) * inv[i, i:].unsqueeze(0)
-            errors[:, i] = err
-        w[:, stop:] -= errors @ factor[start:stop, stop:]
+            codes[start + i], deq = _column_quantize(block[i], scale, zero, levels)
+            errors[i] = (block[i] - deq) / inv[i, i]
+            block[i:] -= inv[i, i:].unsqueeze(1) * errors[i].unsqueeze(0)
+        wt[stop:] -= factor[start:stop, stop:].T @ errors
     return codes
 
 
@@ -156,7 +167,7 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, config: QuantConf
                                f"dimension {cols}; it must be [in, in] = [{cols}, {cols}]")
     if not torch.isfinite(hessian).all():
         raise QuantConfigError("GPTQ: the Hessian contains NaN or inf; the calibration activations overflowed")
-    w = weight.to(torch.float32).clone()
+    w = weight.to(torch.float32)
     importance = torch.diagonal(hessian).to(torch.float32).clamp_min(0)
     grid = _Grid(rows, cols, config)
     static = settings.act_order
@@ -168,11 +179,11 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, config: QuantConf
     factor = dampened_inverse_factor(hessian[perm][:, perm], settings.damp)
     gs = config.group_size
     block_size = max(gs, math.ceil(settings.block_size / gs) * gs)  # dynamic groups never straddle blocks
-    codes_perm = _solve(w[:, perm], factor, perm, grid, static, importance, block_size)
+    codes_perm = _solve(w.T[perm].contiguous(), factor, perm, grid, static, importance, block_size)
     codes = torch.empty_like(codes_perm)
-    codes[:, perm] = codes_perm
-    zeros = None if config.symmetric else grid.zeros.to(torch.uint8)
-    return QuantizedWeight(codes.to(torch.uint8), grid.scales, zeros, config.bits, config.group_size)
+    codes[perm] = codes_perm
+    return QuantizedWeight(codes.T.contiguous().to(torch.uint8), grid.scales, grid.zeros, config.bits,
+                           config.group_size)
 
 
 @register_quantizer("gptq")
