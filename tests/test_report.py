@@ -166,6 +166,7 @@ def test_demo_summary_adds_compiled_checkpoints(work: Path) -> None:
     row = tables.compiled_table(data).iloc[0]
     assert (row["budget"], row["size MiB"], row["compiled KL (held-out)"]) == ("3bpw", "1.25", "2.000e-04 ± 1.0e-05")
     assert row["search's held-out KL"] == "1.900e-04 ± 1.0e-05" and row["PPL ratio"] == "—"
+    assert row["compiled"] == "3bpw"
 
 
 def test_report_errors(work: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

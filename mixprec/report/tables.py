@@ -6,6 +6,7 @@ recipes at equal size are often within a few SE; a table without them invites ov
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import pandas as pd
@@ -110,13 +111,13 @@ def compiled_table(data: WorkFolder) -> pd.DataFrame:
     rows = []
     for row in (data.demo or {}).get("budgets", []):
         ours = (row.get("comparison") or {}).get("mixprec") or {}
-        mib = row.get("compiled_mib")
-        rows.append({"budget": f"{row.get('budget'):g}bpw", "compiled": row.get("compiled", "—"),
+        mib, top1, ppl = row.get("compiled_mib"), row.get("compiled_same_top1"), row.get("compiled_ppl_ratio")
+        rows.append({"budget": f"{row.get('budget'):g}bpw", "compiled": Path(str(row.get("compiled", "—"))).name,
                      "size MiB": "—" if mib is None else f"{mib:.2f}",
                      "compiled KL (held-out)": fmt_kl(row.get("compiled_kl"), row.get("compiled_kl_se")),
                      "search's held-out KL": fmt_kl(ours.get("evaluation_kl"), ours.get("evaluation_se")),
-                     "same top-1": fmt_kl(row.get("compiled_same_top1")),
-                     "PPL ratio": fmt_kl(row.get("compiled_ppl_ratio"))})
+                     "same top-1": "—" if top1 is None else f"{100 * top1:.2f}%",
+                     "PPL ratio": "—" if ppl is None else f"{ppl:.4f}"})
     return pd.DataFrame(rows)
 
 
