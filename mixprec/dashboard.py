@@ -62,6 +62,9 @@ def find_storage(study: str | None, storage: str | None, studies_dir: Path) -> s
                                "(or pass --storage URL)")
         return f"sqlite:///{path}"
     found = sorted(Path(studies_dir).glob("*.db"))
+    if not found:
+        raise MixprecError(f"no study database in {studies_dir}; run `mixprec search` first, or point --studies-dir "
+                           "at the folder holding them (the demo keeps them in WORK/studies)")
     if len(found) != 1:
         raise MixprecError(f"{studies_dir} holds {len(found)} study databases ({[p.stem for p in found]}); "
                            "choose one with --study NAME or --storage URL")

@@ -119,6 +119,8 @@ def test_storage_lookup_and_config_errors(work: Path, tmp_path: Path) -> None:
         find_storage(None, None, studies)
     with pytest.raises(MixprecError, match="no study database .*tiny-3bpw"):
         find_storage("nope", None, studies)
+    with pytest.raises(MixprecError, match="no study database in .*run `mixprec search` first"):
+        find_storage(None, None, tmp_path)
     with pytest.raises(MixprecError, match="no study storage"):
         find_storage(None, f"sqlite:///{tmp_path}/missing.db", studies)
     with pytest.raises(MixprecError, match="not a TCP port"):
