@@ -47,6 +47,11 @@ _MIB = 2**20
 Setting = tuple[tuple[str, int], ...]
 
 
+def _on_cpu(result: TokenComparison) -> TokenComparison:
+    """Per-token results go back to the CPU: they are small, and the statistics (bootstrap) run there."""
+    return TokenComparison(*(getattr(result, f).cpu() for f in TokenComparison.__annotations__))
+
+
 def resolve_device(device: str | torch.device) -> torch.device:
     """`auto` picks CUDA when a GPU is visible, else CPU; anything else is passed to torch."""
     if str(device) == "auto":
@@ -171,7 +176,7 @@ class KLEngine:
         self.layer_forwards += self.num_layers
         self.layer_calls += self.num_layers * len(self._chunks)
         self.evaluations += 1
-        return TokenComparison.cat(parts)
+        return _on_cpu(TokenComparison.cat(parts))
 
     def clear_prefix_cache(self) -> None:
         """Forget hidden states kept from earlier evaluations (the reference is kept)."""
@@ -290,7 +295,7 @@ class KLEngine:
             with self._swapped(plan.settings.get(self.num_layers, ())):
                 logits = self._blocks.head(self._blocks.norm(state[c]))
             parts.append(self._compare(c, logits, ref_logits))
-        return TokenComparison.cat(parts)
+        return _on_cpu(TokenComparison.cat(parts))
 
     def _compare(self, c: int, logits: torch.Tensor, ref_logits: torch.Tensor | None = None) -> TokenComparison:
         if ref_logits is None:
