@@ -25,7 +25,6 @@ import logging
 import time
 from collections import defaultdict
 from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -34,9 +33,10 @@ from mixprec.arch import GroupKind
 from mixprec.bytecache import ByteLRU
 from mixprec.data import TokenWindows
 from mixprec.engine_capture import LayerInputs, capture_reference, expand_kwargs, find_blocks, strict_fp32
+from mixprec.engine_weights import Setting, WeightSwapper
 from mixprec.errors import MixprecError
 from mixprec.kl import TokenComparison, compare_logits
-from mixprec.modelmap import ModelMap, WeightRef
+from mixprec.modelmap import ModelMap
 from mixprec.variants import Variant
 
 __all__ = ["EngineConfig", "KLEngine", "resolve_device"]
@@ -44,7 +44,6 @@ __all__ = ["EngineConfig", "KLEngine", "resolve_device"]
 log = logging.getLogger(__name__)
 
 _MIB = 2**20
-Setting = tuple[tuple[str, int], ...]
 
 
 def _on_cpu(result: TokenComparison) -> TokenComparison:
@@ -116,9 +115,8 @@ class KLEngine:
         if self.dtype != torch.float32:
             log.warning("model parameters are %s, not float32: the noise floor rises to the bf16 level", self.dtype)
         self._blocks = find_blocks(self.model)
-        self._params = dict(self.model.named_parameters())
         self._chunks = [t.to(self.device) for t in windows.tokens.split(self.config.batch_windows)]
-        self._weights = ByteLRU(int(self.config.weight_cache_mib * _MIB))
+        self._swapper = WeightSwapper(self.model, model_map, self.variants, int(self.config.weight_cache_mib * _MIB))
         self._prefix = ByteLRU(int(self.config.prefix_cache_mib * _MIB))
         started = time.perf_counter()
         with torch.no_grad(), strict_fp32(self.device):
@@ -168,7 +166,7 @@ class KLEngine:
         plan = self._plan(assignment, use_cache=False)
         items = tuple(item for setting in plan.settings.values() for item in setting)
         parts = []
-        with torch.no_grad(), strict_fp32(self.device), self._swapped(items):
+        with torch.no_grad(), strict_fp32(self.device), self._swapper.swapped(items):
             for c, tokens in enumerate(self._chunks):
                 with torch.autocast(self.device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
                     logits = self.model(input_ids=tokens, use_cache=False).logits
@@ -185,8 +183,8 @@ class KLEngine:
     def cache_stats(self) -> dict[str, float]:
         """Hit counts and sizes of the two caches, for logs and benchmarks."""
         return {"prefix_hits": self._prefix.hits, "prefix_entries": len(self._prefix),
-                "prefix_mib": self._prefix.bytes / _MIB, "weight_hits": self._weights.hits,
-                "weight_misses": self._weights.misses, "weight_mib": self._weights.bytes / _MIB}
+                "prefix_mib": self._prefix.bytes / _MIB, "weight_hits": self._swapper.cache.hits,
+                "weight_misses": self._swapper.cache.misses, "weight_mib": self._swapper.cache.bytes / _MIB}
 
     # -- planning -----------------------------------------------------------------------------------
 
@@ -243,7 +241,7 @@ class KLEngine:
             states = [p.state for p in plans]
             for layer in range(min(p.start for p in plans), self.num_layers):
                 for setting, members in self._by_setting(plans, layer).items():
-                    with self._swapped(setting):
+                    with self._swapper.swapped(setting):
                         outputs = self._layer(layer, [states[i] for i in members])  # type: ignore[misc]
                     for i, out in zip(members, outputs, strict=True):
                         states[i] = out
@@ -266,7 +264,7 @@ class KLEngine:
         for plan in plans:
             if plan.start >= 0:
                 continue
-            with self._swapped(plan.settings[-1]):
+            with self._swapper.swapped(plan.settings[-1]):
                 plan.state = [self._blocks.embed(tokens) for tokens in self._chunks]
             plan.start = 0
 
@@ -292,7 +290,7 @@ class KLEngine:
         parts = []
         for c in range(len(self._chunks)):
             ref_logits = self._ref.logits(c, self._blocks)  # before the head is swapped
-            with self._swapped(plan.settings.get(self.num_layers, ())):
+            with self._swapper.swapped(plan.settings.get(self.num_layers, ())):
                 logits = self._blocks.head(self._blocks.norm(state[c]))
             parts.append(self._compare(c, logits, ref_logits))
         return _on_cpu(TokenComparison.cat(parts))
@@ -304,28 +302,3 @@ class KLEngine:
         labels = self._chunks[c][:, 1:].reshape(-1)
         q = logits[:, :-1].reshape(-1, vocab)
         return compare_logits(ref_logits, q, labels, self.config.chunk_rows)
-
-    # -- weights ------------------------------------------------------------------------------------
-
-    def _dequantized(self, ref: WeightRef, bits: int) -> torch.Tensor:
-        key = (ref.unit, bits)
-        weight = self._weights.get(key)
-        if weight is None:
-            weight = self.variants[bits].dequantized(ref, self.dtype).to(self.device)
-            self._weights.put(key, weight)
-        return weight  # type: ignore[return-value]
-
-    @contextmanager
-    def _swapped(self, setting: Setting) -> Iterator[None]:
-        """Copy the variants' matrices into the model for the block, then copy the originals back."""
-        saved: list[tuple[torch.Tensor, torch.Tensor]] = []
-        try:
-            for name, bits in setting:
-                for ref in self.model_map.group(name).weights:
-                    view = ref.slice_memory(self._params[ref.param])
-                    saved.append((view, view.clone()))
-                    view.copy_(self._dequantized(ref, bits))
-            yield
-        finally:
-            for view, original in reversed(saved):
-                view.copy_(original)
