@@ -30,17 +30,17 @@ from typing import Any
 import torch
 
 from mixprec.arch import DEFAULT_QUANTIZED_KINDS, GroupKind
-from mixprec.data import TokenWindows, WindowConfig, load_windows
+from mixprec.data import WindowConfig, load_windows
 from mixprec.engine import EngineConfig, KLEngine
 from mixprec.errors import MixprecError
 from mixprec.kl import TokenComparison, paired_difference, summarize
 from mixprec.loading import Checkpoint, load_model
+from mixprec.measure_inputs import check_disjoint, measure_variants, measurement_fingerprint
 from mixprec.measure_output import Measurement, load_measurement, reference_bits, write_outputs
 from mixprec.measure_store import Job, JobStore, open_storage
 from mixprec.modelmap import Granularity, ModelMap
 from mixprec.progress import progress
 from mixprec.quant import QuantConfig
-from mixprec.variants import Variant, ensure_variants
 
 __all__ = ["MeasureConfig", "Measurement", "Worker", "run_measure", "load_measurement", "measurement_jobs"]
 
@@ -128,37 +128,6 @@ def measurement_jobs(model_map: ModelMap, config: MeasureConfig) -> list[Job]:
     return [Job(g.name, b, position[g.name]) for g in groups for b in config.measured_bits]
 
 
-def _variants(config: MeasureConfig, checkpoint: Checkpoint) -> dict[int, Variant]:
-    widths = sorted(set(config.bits) | ({config.base_bits} if config.mode == "raise" else set()))
-    configs = [config.quant_config(b) for b in widths]
-    kinds = tuple(dict.fromkeys([*DEFAULT_QUANTIZED_KINDS, *(GroupKind(k) for k in config.kinds)]))
-    found: dict[int, Variant] = {}
-    for quant in configs:
-        folder = Path(config.work) / "variants" / quant.variant_id
-        try:
-            variant = Variant.open(folder, checkpoint.fingerprint)
-            same = variant.manifest["quant_config"] == asdict(quant)
-            if same and set(config.kinds) <= set(variant.manifest["kinds"]):
-                found[quant.bits] = variant
-        except MixprecError:
-            pass
-    missing = [q for q in configs if q.bits not in found]
-    if missing and not config.quantize_missing:
-        widths = " ".join(str(q.bits) for q in missing)
-        raise MixprecError(f"variants {[q.variant_id for q in missing]} are missing in "
-                           f"{Path(config.work) / 'variants'}; run `mixprec quantize --bits {widths} --work "
-                           f"{config.work}` (with the same --group-size/--asym), or drop --no-quantize")
-    for variant in ensure_variants(checkpoint, checkpoint.model_map("layer"), missing, config.work, kinds):
-        found[variant.bits] = variant
-    return found
-
-
-def _fingerprint(checkpoint: Checkpoint, variants: dict[int, Variant], windows: TokenWindows,
-                 config: MeasureConfig) -> dict[str, Any]:
-    return {"model": checkpoint.fingerprint, "data": windows.spec.sha256, "settings": config.settings(),
-            "variants": {v.manifest["variant_id"]: v.manifest["file_sha256"] for v in variants.values()}}
-
-
 class Worker:
     """One measuring process: prepare (inputs, job store, engine) once, then `run` claims and measures jobs."""
 
@@ -166,13 +135,14 @@ class Worker:
         self.config = config
         self.checkpoint = Checkpoint.open(config.model)
         self.model_map = self.checkpoint.model_map(config.granularity)
-        self.variants = _variants(config, self.checkpoint)
+        self.variants = measure_variants(config, self.checkpoint)
         self.windows = load_windows(self.checkpoint.path, config.split,
                                     WindowConfig(config.seq_len, config.num_windows), list(config.data_files) or None)
+        check_disjoint(self.variants, self.windows)
         self.jobs = measurement_jobs(self.model_map, config)
         lock = config.folder / ".enqueue.lock" if config.storage is None else None
         self.store = JobStore(open_storage(config.storage, config.folder),
-                              _fingerprint(self.checkpoint, self.variants, self.windows, config), lock)
+                              measurement_fingerprint(self.checkpoint, self.variants, self.windows, config), lock)
         self.store.enqueue(self.jobs)
         self.store.recover_stale(config.reset_stale)
         self.engine: KLEngine | None = None
