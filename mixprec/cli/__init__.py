@@ -19,7 +19,7 @@ from mixprec.errors import MixprecError
 __all__ = ["main", "build_parser", "STAGES"]
 
 #: Stage modules under mixprec.cli, in the order they appear in `mixprec --help`.
-STAGES = ("inspect", "quantize", "measure", "search", "compile", "eval", "report", "dashboard")
+STAGES = ("inspect", "quantize", "measure", "search", "compile", "eval", "report", "dashboard", "demo")
 
 
 def build_parser() -> argparse.ArgumentParser:
