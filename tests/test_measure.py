@@ -185,3 +185,16 @@ def test_missing_variants_without_quantize_name_the_command(model_dir: Path, tmp
 def test_bad_settings_fail_before_loading(bad: dict[str, object], match: str, tmp_path: Path) -> None:
     with pytest.raises((MixprecError, ValueError), match=match):
         MeasureConfig(work=tmp_path, **bad)  # type: ignore[arg-type]
+
+
+def test_cli_prints_table_and_files(model_dir: Path, work: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from mixprec.cli import main
+
+    code = main(["measure", str(model_dir), "--work", str(work), "--bits", "2", "8", "--mode", "raise",
+                 "--base-bits", "2", "--windows", "4", "--seq-len", "16", "--device", "cpu", "--no-quantize"])
+    out = capsys.readouterr().out
+    assert code == 0
+    assert "raising one group from 2 bits" in out and "layers.1.experts" in out and "8b" in out
+    assert "noise floor: repeat fp32 0.0e+00" in out
+    assert str(work / "measure" / "raise-b2-layer" / "table.csv") in out
+    assert main(["measure", str(model_dir), "--work", str(work), "--bits", "3", "--no-quantize"]) == 2
