@@ -136,8 +136,10 @@ class LocalMoveSampler(optuna.samplers.BaseSampler):
     """
 
     def __init__(self, problem: Problem, limit_bits: int, seed: int = 0, max_moves: int = 3, top: int = 3,
-                 multi_objective: bool = False) -> None:
+                 multi_objective: bool = False, candidates: int = 24, exploit: float = 0.7) -> None:
         self.problem = problem
+        self.candidates = candidates
+        self.exploit = exploit
         self.limit_bits = limit_bits
         self.seed = seed
         self.max_moves = max_moves
@@ -158,13 +160,30 @@ class LocalMoveSampler(optuna.samplers.BaseSampler):
             return {}
         rng = random.Random(f"{self.seed}:{trial.number}")
         seen = {tuple(t.user_attrs["levels"]) for t in trials if "levels" in t.user_attrs}
-        child: list[int] = []
-        for _ in range(20):
-            parent, limit = self._parent(study, done, rng)
-            child = mutate(self.problem, parent, limit, rng, rng.randint(1, self.max_moves), self.top)
-            if tuple(child) not in seen:
+        for _ in range(5):  # another parent when every child of this one was evaluated already
+            child = self._child(study, done, seen, rng)
+            if child is not None:
                 break
+        else:
+            return {}  # everything nearby is evaluated: a random proposal, repaired to the budget
         return {name: child[self.problem.names.index(name)] for name in search_space}
+
+    def _child(self, study: optuna.Study, done: list[FrozenTrial], seen: set[tuple[int, ...]],
+               rng: random.Random) -> list[int] | None:
+        """Mutate one parent `candidates` times; keep the unseen child the estimate likes best (mostly) or a
+        random unseen one (sometimes), so real evaluations go to plausible recipes but the proxy's blind
+        spots are still visited."""
+        parent, limit = self._parent(study, done, rng)
+        children: dict[tuple[int, ...], float] = {}
+        for _ in range(self.candidates):
+            child = mutate(self.problem, parent, limit, rng, rng.randint(1, self.max_moves), self.top)
+            key = tuple(child)
+            if key not in seen and key not in children:
+                children[key] = self.problem.loss(self.problem.assignment(child))
+        if not children:
+            return None
+        ranked = sorted(children, key=lambda k: (children[k], k))
+        return list(ranked[0] if rng.random() < self.exploit else rng.choice(ranked))
 
     def _parent(self, study: optuna.Study, done: list[FrozenTrial], rng: random.Random) -> tuple[list[int], int]:
         if not self.multi_objective:
