@@ -44,6 +44,7 @@ from mixprec.solve import (
     hq_at_budget,
     isotonic_decreasing,
     pareto_front,
+    tied_solutions,
     uniform,
     uniform_at_or_above,
 )
@@ -258,7 +259,8 @@ def _search_on_calibration(inputs: Inputs, config: StageConfig, model: torch.nn.
                        {**provenance, "solver": solution.solver})
 
     front = pareto_front(inputs.problem).near(inputs.limit_bits, config.search.front_seeds)
-    seeds = front + [compared[k] for k in ("greedy", "hq", "uniform-fit") if k in compared]
+    tied = tied_solutions(inputs.problem, inputs.limit_bits)
+    seeds = front + [compared[k] for k in ("greedy", "hq", "uniform-fit") if k in compared] + tied
     context = {"model": inputs.checkpoint.fingerprint, "measurement": provenance["measurement"]["table_sha256"],
                "budget": asdict(config.budget), "constraints": provenance["constraints"]}
     result = run_search(inputs.problem, inputs.limit_bits, lambda a: engine.evaluate(a).kl, engine.num_sequences,

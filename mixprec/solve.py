@@ -22,7 +22,7 @@ All solvers are pure functions of a `Problem`; none of them imports Optuna or to
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Hashable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -43,6 +43,8 @@ __all__ = [
     "hq_at_budget",
     "HQ_EXTRA_BITS",
     "isotonic_decreasing",
+    "tie_groups",
+    "tied_solutions",
 ]
 
 #: exllamav3 `select_hq_bits` per kind (glm4_moe / deepseek_v3 / ernie4_5_moe architecture files).
@@ -306,3 +308,48 @@ def isotonic_decreasing(values: Sequence[float], weights: Sequence[float] | None
             (m2, w2, c2), (m1, w1, c1) = blocks.pop(), blocks.pop()
             blocks.append([(m1 * w1 + m2 * w2) / (w1 + w2), w1 + w2, c1 + c2])
     return [m for m, _, c in blocks for _ in range(int(c))]
+
+
+def tie_groups(problem: Problem, key: Callable[[int], Hashable]) -> tuple[Problem, list[list[int]]]:
+    """The problem with groups of equal `key(i)` forced to one width (options common to all, costs and
+    losses summed); returns it and the member indices of each tied group. Pinned groups stay alone."""
+    members: dict[Hashable, list[int]] = {}
+    for i in range(len(problem.names)):
+        alone = len(problem.options[i]) == 1
+        members.setdefault(("pinned", i) if alone else key(i), []).append(i)
+    names, options, costs, losses = [], [], [], []
+    for tied in members.values():
+        common = [o for o in problem.options[tied[0]] if all(o in problem.options[i] for i in tied)]
+        if not common:
+            raise MixprecError(f"groups {[problem.names[i] for i in tied]} share no width and cannot be tied")
+        names.append("+".join(problem.names[i] for i in tied))
+        options.append(tuple(common))
+        costs.append(tuple(sum(problem.costs[i][problem.options[i].index(o)] for i in tied) for o in common))
+        losses.append(tuple(sum(problem.losses[i][problem.options[i].index(o)] for i in tied) for o in common))
+    tied_problem = Problem(tuple(names), tuple(options), tuple(costs), tuple(losses),
+                           tuple(problem.kinds[t[0]] for t in members.values()) if problem.kinds else (),
+                           tuple(problem.layers[t[0]] for t in members.values()) if problem.layers else (),
+                           tuple(sum(problem.params[i] for i in t) for t in members.values()) if problem.params
+                           else ())
+    return tied_problem, list(members.values())
+
+
+def tied_solutions(problem: Problem, limit_bits: int) -> list[Solution]:
+    """DP and greedy with widths tied per (layer, kind) block and per kind: coarse structures that a
+    search at fine granularity should start from too, because the estimate is least reliable when it
+    splits a block (FIELD.md §9.5)."""
+    keys: dict[str, Callable[[int], Hashable]] = {
+        "block": lambda i: (problem.layers[i], problem.kinds[i]),
+        "kind": lambda i: problem.kinds[i],
+    }
+    found: list[Solution] = []
+    for label, key in keys.items():
+        tied, members = tie_groups(problem, key)
+        if len(tied.names) == len(problem.names) or sum(min(c) for c in tied.costs) > limit_bits:
+            continue
+        solved = (("dp", pareto_front(tied).best_under(limit_bits)), ("greedy", greedy(tied, limit_bits)))
+        for solver, solution in solved:
+            assignment = {problem.names[i]: solution.assignment[name]
+                          for name, group in zip(tied.names, members, strict=True) for i in group}
+            found.append(problem.solution(assignment, f"{solver}-{label}"))
+    return found

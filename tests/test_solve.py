@@ -32,6 +32,7 @@ from mixprec.solve import (
     hq_rule,
     isotonic_decreasing,
     pareto_front,
+    tied_solutions,
     uniform,
     uniform_at_or_above,
 )
@@ -263,3 +264,27 @@ def test_measurement_losses_are_monotone_in_bits(tmp_path: Path) -> None:
     raised = pd.DataFrame({"group": ["a"] * 3, "bits": [3, 4, 8], "mode": "raise", "base_bits": 2,
                            "dkl": [-0.05, -0.06, -0.0605], "dkl_se": [1e-3, 1e-3, 1e-3]})
     assert measurement_losses(Measurement(tmp_path, raised, {}))["a"] == {2: 0.0, 3: -0.05, 4: -0.06, 8: -0.0605}
+
+
+def test_tied_solutions_keep_blocks_at_one_width() -> None:
+    problem = synthetic_model_problem()
+    split = Problem(tuple(n + s for n in problem.names for s in (".a", ".b")),
+                    tuple(o for o in problem.options for _ in range(2)),
+                    tuple(tuple(c // 2 for c in cs) for cs in problem.costs for _ in range(2)),
+                    tuple(tuple(v * f for v in ls) for ls in problem.losses for f in (0.3, 0.7)),
+                    tuple(k for k in problem.kinds for _ in range(2)),
+                    tuple(x for x in problem.layers for _ in range(2)),
+                    tuple(p // 2 for p in problem.params for _ in range(2)))
+    limit = int(3.0 * split.total_params)
+    solutions = tied_solutions(split, limit)
+    assert {s.solver for s in solutions} == {"dp-block", "greedy-block", "dp-kind", "greedy-kind"}
+    exact = pareto_front(split).best_under(limit)
+    for solution in solutions:
+        assert solution.cost <= limit
+        assert solution.loss >= exact.loss - 1e-15, "a tied recipe cannot beat the untied optimum"
+        for name in problem.names:
+            assert solution.assignment[name + ".a"] == solution.assignment[name + ".b"], f"{solution.solver} split"
+    kind = next(s for s in solutions if s.solver == "dp-kind")
+    for k in set(problem.kinds):
+        widths = {kind.assignment[n] for n, kk in zip(split.names, split.kinds, strict=True) if kk is k}
+        assert len(widths) == 1, f"dp-kind gives {k} several widths {widths}"

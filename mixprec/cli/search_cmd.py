@@ -31,6 +31,7 @@ from mixprec.errors import MixprecError
 from mixprec.exl3_yaml import recipe_to_exl3
 from mixprec.loading import resolve_model_path
 from mixprec.measure import MeasureConfig
+from mixprec.quant import quantizer_names
 from mixprec.recipe import Budget
 from mixprec.search import SAMPLERS, SearchConfig, quiet_optuna
 from mixprec.search_pipeline import StageConfig, prepare, run_stage
@@ -67,6 +68,7 @@ def _add_advanced(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--bits", type=int, nargs="+", default=[2, 3, 4, 5, 6, 8], metavar="B",
                        help="widths of the measurement (default 2 3 4 5 6 8)")
     group.add_argument("--group-size", type=int, default=64, help="quantizer group size (default 64)")
+    group.add_argument("--method", default="rtn", choices=quantizer_names(), help="quantizer (default rtn)")
     group.add_argument("--windows", type=int, default=32, help="calibration windows of the measurement (default 32)")
     group.add_argument("--eval-windows", type=int, default=32, help="held-out evaluation windows (default 32)")
     group.add_argument("--seq-len", type=int, default=256, help="tokens per window (default 256)")
@@ -109,7 +111,8 @@ def config_from_args(args: argparse.Namespace) -> StageConfig:
     study = args.study or f"{name}-{args.granularity}-{_label(budget)}-s{args.seed}"
     measure = MeasureConfig(work=work, model=args.model, mode=args.mode, bits=tuple(args.bits),
                             base_bits=args.base_bits, granularity=args.granularity, num_windows=args.windows,
-                            seq_len=args.seq_len, group_size=args.group_size, device=args.device)
+                            seq_len=args.seq_len, group_size=args.group_size, method=args.method,
+                            device=args.device)
     constraints = Constraints(pins=parse_settings(args.pin, "--pin", allow_null=True),
                               floors=parse_settings(args.floor, "--floor"),  # type: ignore[arg-type]
                               ceilings=parse_settings(args.ceiling, "--ceiling"))  # type: ignore[arg-type]
