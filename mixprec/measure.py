@@ -147,6 +147,7 @@ class Worker:
         self.store.recover_stale(config.reset_stale)
         self.engine: KLEngine | None = None
         self.base: TokenComparison | None = None
+        self._reference_bits: dict[str, int] = {}
 
     def _prepare_engine(self) -> KLEngine:
         if self.engine is None:
@@ -220,7 +221,9 @@ class Worker:
         stats = summarize(result, engine.num_sequences)
         storage = self.variants[job.bits].storage_bits(group)
         if self.base is None:
-            base_storage = reference_bits(self.checkpoint, group)
+            if group.name not in self._reference_bits:
+                self._reference_bits[group.name] = reference_bits(self.checkpoint, group)
+            base_storage = self._reference_bits[group.name]
             base_bits = round(base_storage / group.num_params)  # the checkpoint's dtype width, e.g. 16 for bf16
             dkl, dkl_se = stats.kl_mean, stats.kl_se
         else:
