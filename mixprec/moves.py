@@ -21,7 +21,7 @@ from collections.abc import Sequence
 from mixprec.errors import MixprecError
 from mixprec.solve import Problem
 
-__all__ = ["total_cost", "lower_until_fits", "fill", "repair", "mutate"]
+__all__ = ["total_cost", "lower_until_fits", "fill", "repair", "blocks", "mutate"]
 
 
 def total_cost(problem: Problem, picks: Sequence[int]) -> int:
@@ -85,21 +85,38 @@ def repair(problem: Problem, picks: Sequence[int], limit: int) -> list[int]:
     return fill(problem, lower_until_fits(problem, list(picks), limit), limit)
 
 
+def blocks(problem: Problem) -> list[list[int]]:
+    """Indices of groups sharing a layer and kind (e.g. a layer's q, kv and o) when there are several."""
+    found: dict[tuple[object, object], list[int]] = {}
+    for i, key in enumerate(zip(problem.layers, problem.kinds, strict=False)):
+        if len(problem.costs[i]) > 1:
+            found.setdefault(key, []).append(i)
+    return [members for members in found.values() if len(members) > 1]
+
+
 def mutate(problem: Problem, picks: Sequence[int], limit: int, rng: random.Random, moves: int = 1,
-           top: int = 3) -> list[int]:
-    """Apply `moves` random one-level changes, each paid for (or spent) by the estimate; stays within `limit`."""
+           top: int = 3, units: Sequence[Sequence[int]] | None = None) -> list[int]:
+    """Apply `moves` random one-level changes, each paid for (or spent) by the estimate; stays within `limit`.
+
+    A move changes one unit: a single group, or one of `units` (blocks of groups moved together, so
+    a search at fine granularity can also shift a whole layer block as a coarse search would).
+    """
     child = list(picks)
-    movable = [i for i, costs in enumerate(problem.costs) if len(costs) > 1]
-    if not movable:
+    singles = [[i] for i, costs in enumerate(problem.costs) if len(costs) > 1]
+    pool = singles + [list(u) for u in (units or ())]
+    if not singles:
         return child
     for _ in range(moves):
-        i = rng.choice(movable)
-        can_raise, can_lower = child[i] + 1 < len(problem.costs[i]), child[i] > 0
-        if can_raise and (not can_lower or rng.random() < 0.5):
-            child[i] += 1
-            child = lower_until_fits(problem, child, limit, rng, top, frozen=frozenset({i}))
-            child = fill(problem, child, limit, rng, top, frozen=frozenset({i}))
+        unit = rng.choice(pool)
+        frozen = frozenset(unit)
+        raisable = [i for i in unit if child[i] + 1 < len(problem.costs[i])]
+        lowerable = [i for i in unit if child[i] > 0]
+        if raisable and (not lowerable or rng.random() < 0.5):
+            for i in raisable:
+                child[i] += 1
+            child = lower_until_fits(problem, child, limit, rng, top, frozen=frozen)
         else:
-            child[i] -= 1
-            child = fill(problem, child, limit, rng, top, frozen=frozenset({i}))
+            for i in lowerable:
+                child[i] -= 1
+        child = fill(problem, child, limit, rng, top, frozen=frozen)
     return child

@@ -46,7 +46,7 @@ from mixprec.errors import FingerprintMismatchError, MixprecError
 from mixprec.fileio import sha256_text
 from mixprec.kl import bootstrap_se, paired_difference
 from mixprec.measure_store import owner_is_dead, process_owner
-from mixprec.moves import fill, lower_until_fits, mutate, repair, total_cost
+from mixprec.moves import blocks, fill, lower_until_fits, mutate, repair, total_cost
 from mixprec.recipe import Recipe
 from mixprec.solve import Problem, Solution
 
@@ -148,6 +148,7 @@ class LocalMoveSampler(optuna.samplers.BaseSampler):
         self._space = {problem.names[i]: IntDistribution(0, len(o) - 1)
                        for i, o in enumerate(problem.options) if len(o) > 1}
         self._fallback = optuna.samplers.RandomSampler(seed)
+        self._blocks = blocks(problem) if problem.layers and problem.kinds else []
 
     def infer_relative_search_space(self, study: optuna.Study, trial: FrozenTrial) -> dict[str, BaseDistribution]:
         return dict(self._space)
@@ -176,7 +177,7 @@ class LocalMoveSampler(optuna.samplers.BaseSampler):
         parent, limit = self._parent(study, done, rng)
         children: dict[tuple[int, ...], float] = {}
         for _ in range(self.candidates):
-            child = mutate(self.problem, parent, limit, rng, rng.randint(1, self.max_moves), self.top)
+            child = mutate(self.problem, parent, limit, rng, rng.randint(1, self.max_moves), self.top, self._blocks)
             key = tuple(child)
             if key not in seen and key not in children:
                 children[key] = self.problem.loss(self.problem.assignment(child))

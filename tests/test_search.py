@@ -25,7 +25,7 @@ from mixprec.engine import KLEngine
 from mixprec.errors import FingerprintMismatchError
 from mixprec.exl3_yaml import Exl3Overrides, exl3_to_groups, source_bits
 from mixprec.loading import Checkpoint, load_model
-from mixprec.moves import fill, mutate, repair, total_cost
+from mixprec.moves import blocks, fill, mutate, repair, total_cost
 from mixprec.quant import QuantConfig
 from mixprec.recipe import Recipe
 from mixprec.search import SearchConfig, run_search
@@ -190,7 +190,7 @@ def test_moves_never_leave_the_budget() -> None:
         fixed = repair(problem, start, limit)
         assert total_cost(problem, fixed) <= limit
         assert fill(problem, fixed, limit) == fixed, "repair leaves no improving raise that fits"
-        child = mutate(problem, fixed, limit, rng, moves=3)
+        child = mutate(problem, fixed, limit, rng, moves=3, units=blocks(problem))
         assert total_cost(problem, child) <= limit
 
 
