@@ -49,6 +49,7 @@ from mixprec.fileio import atomic_dir, atomic_write_json, sha256_text
 from mixprec.loading import Checkpoint
 from mixprec.modelmap import ModelMap, WeightRef
 from mixprec.pack import pack_codes
+from mixprec.progress import progress
 from mixprec.qformat import (
     FORMAT_VERSION,
     META_RECIPE,
@@ -186,8 +187,6 @@ def _shard_metadata(recipe_yaml: str, entries: list[PlanEntry]) -> dict[str, str
 def _write_shards(folder: Path, plan: CompilePlan, recipe_yaml: str,
                   produce: Callable[[PlanEntry], dict[str, torch.Tensor]]) -> dict[str, str]:
     """Write every shard; returns the weight map (tensor name -> shard file)."""
-    from mixprec.progress import progress
-
     weight_map: dict[str, str] = {}
     total_bytes = 0
     names = shard_names(len(plan.shards))
