@@ -21,7 +21,7 @@ from mixprec.fileio import atomic_write_json
 from mixprec.measure import MeasureConfig
 from mixprec.recipe import Budget
 from mixprec.search import SearchConfig, quiet_optuna
-from mixprec.search_pipeline import StageConfig, run_stage
+from mixprec.search_pipeline import EngineCache, StageConfig, run_stage
 
 BASELINES = ("greedy", "hq", "uniform")
 
@@ -41,7 +41,7 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def _one(args: argparse.Namespace, granularity: str, budget: float) -> dict[str, object]:
+def _one(args: argparse.Namespace, granularity: str, budget: float, engines: EngineCache) -> dict[str, object]:
     work = default_work_dir(args.model, args.work)
     name = (args.model and Path(args.model).name) or "stdlib-moe"
     study = f"{name}-{granularity}-{budget:g}bpw-s{args.seed}"
@@ -50,7 +50,7 @@ def _one(args: argparse.Namespace, granularity: str, budget: float) -> dict[str,
                          search=SearchConfig(trials=args.trials, seed=args.seed, study_name=study,
                                              studies_dir=args.studies_dir))
     started = time.perf_counter()
-    result = run_stage(config)
+    result = run_stage(config, engines=engines)
     seconds = time.perf_counter() - started
     if granularity == args.save_granularity:
         result.recipe.save(args.recipes / f"{name}-{budget:g}bpw.yaml")
@@ -77,7 +77,8 @@ def main() -> None:
     args = _parser().parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     quiet_optuna()
-    results = [_one(args, g, b) for g in args.granularity for b in args.budgets]
+    engines = EngineCache()  # one reference capture per granularity and split, shared by every budget
+    results = [_one(args, g, b, engines) for g in args.granularity for b in args.budgets]
     atomic_write_json(args.json, results)
     _print(results)
     print(f"wrote {args.json}")

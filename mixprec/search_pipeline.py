@@ -50,7 +50,8 @@ from mixprec.solve import (
 )
 from mixprec.variants import Variant
 
-__all__ = ["StageConfig", "Inputs", "StageResult", "measurement_losses", "prepare", "baselines", "run_stage"]
+__all__ = ["StageConfig", "Inputs", "StageResult", "EngineCache", "measurement_losses", "prepare", "baselines",
+           "run_stage"]
 
 log = logging.getLogger(__name__)
 
@@ -246,12 +247,31 @@ def _provenance(inputs: Inputs, config: StageConfig, windows: TokenWindows) -> d
     }
 
 
-def _search_on_calibration(inputs: Inputs, config: StageConfig, model: torch.nn.Module,
+class EngineCache:
+    """Engines (fp32 model + reference on fixed windows) kept across searches of one model and granularity,
+    so a sweep over budgets captures each reference once. Pass one to `run_stage` to share it."""
+
+    def __init__(self) -> None:
+        self._engines: dict[tuple[str, str, str], KLEngine] = {}
+        self._models: dict[str, torch.nn.Module] = {}
+
+    def get(self, inputs: Inputs, windows: TokenWindows, device: str) -> KLEngine:
+        key = (inputs.checkpoint.fingerprint, inputs.model_map.granularity.value, windows.spec.sha256)
+        if key not in self._engines:
+            fingerprint = inputs.checkpoint.fingerprint
+            if fingerprint not in self._models:
+                self._models[fingerprint] = load_model(inputs.checkpoint)
+            self._engines[key] = KLEngine(self._models[fingerprint], inputs.model_map, windows, inputs.variants,
+                                          device)
+        return self._engines[key]
+
+
+def _search_on_calibration(inputs: Inputs, config: StageConfig, engines: EngineCache,
                            compared: dict[str, Solution]) -> tuple[SearchResult, dict[str, Any], TokenWindows,
                                                                    dict[str, dict[str, float]]]:
     """Run the study on the measurement's windows; returns it, provenance, windows and calibration comparison."""
     calibration = _calibration_windows(inputs)
-    engine = KLEngine(model, inputs.model_map, calibration, inputs.variants, config.device)
+    engine = engines.get(inputs, calibration, config.device)
     provenance = _provenance(inputs, config, calibration)
 
     def recipe_for(solution: Solution) -> Recipe:
@@ -269,18 +289,17 @@ def _search_on_calibration(inputs: Inputs, config: StageConfig, model: torch.nn.
     return result, provenance, calibration, _compare(engine, compared, "mixprec")
 
 
-def run_stage(config: StageConfig, inputs: Inputs | None = None) -> StageResult:
+def run_stage(config: StageConfig, inputs: Inputs | None = None, engines: EngineCache | None = None) -> StageResult:
     """Search, check on held-out data, and return the recipe plus the comparison table (see module doc)."""
     inputs = inputs or prepare(config)
+    engines = engines or EngineCache()
     compared = {k: v for k, v in baselines(inputs).items() if k != "dp"}
-    model = load_model(inputs.checkpoint)
-    result, provenance, calibration, calib = _search_on_calibration(inputs, config, model, compared)
+    result, provenance, calibration, calib = _search_on_calibration(inputs, config, engines, compared)
     compared = {"mixprec": compared.pop("mixprec"), **compared}
     held_out = load_windows(inputs.checkpoint.path, "evaluation",
                             WindowConfig(config.eval_seq_len, config.eval_windows), list(config.eval_files) or None)
     require_disjoint(calibration.spec, held_out.spec)
-    engine = KLEngine(model, inputs.model_map, held_out, inputs.variants, config.device)
-    evaluation = _compare(engine, compared, "mixprec")
+    evaluation = _compare(engines.get(inputs, held_out, config.device), compared, "mixprec")
     rows = _rows(inputs, compared, calib, evaluation)
     best = result.best
     kl = {"predicted": best.loss, "calibration": calib["mixprec"]["kl"], "calibration_se": calib["mixprec"]["se"],
