@@ -129,8 +129,10 @@ class LocalMoveSampler(optuna.samplers.BaseSampler):
 
     `sample_relative` is called once per trial: it picks a parent among the completed feasible
     trials (the best one half of the time, otherwise one of the few best; in multi-objective mode
-    any Pareto trial, at its own or another size), applies 1..`max_moves` moves and retries until the
-    child differs from everything evaluated. The random stream is seeded by (seed, trial number)
+    any Pareto trial, at its own or another size), makes `candidates` children of it with
+    1..`max_moves` moves each (single groups or whole blocks), and proposes the unseen child with the
+    lowest estimated loss (with probability `exploit`; otherwise a random unseen child, so the
+    estimate's blind spots are visited too). The random stream is seeded by (seed, trial number)
     and parents come from the study, so no state lives in the sampler. Before any trial has
     completed it defers to a seeded `RandomSampler` (and the objective repairs the budget).
     """
