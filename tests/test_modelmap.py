@@ -139,3 +139,11 @@ def test_truncated_safetensors(tmp_path: Path, tiny_model_dirs: dict[str, Path])
     (broken / "model.safetensors").write_bytes(data[: len(data) // 2])
     with pytest.raises(ModelLoadError, match="model.safetensors"):
         Checkpoint.open(broken)
+
+
+@pytest.mark.parametrize("model_type", FAMILIES)
+def test_every_tiny_family_runs_a_forward_pass(model_type: str, tiny_model_dirs: dict[str, Path]) -> None:
+    model = load_model(tiny_model_dirs[model_type])
+    with torch.no_grad():
+        logits = model(torch.arange(3, 19).view(2, 8)).logits
+    assert logits.shape == (2, 8, 160) and torch.isfinite(logits).all()

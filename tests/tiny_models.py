@@ -23,7 +23,9 @@ TINY_CONFIGS: dict[str, dict[str, object]] = {
                       num_experts_per_tok=2, norm_topk_prob=True, qkv_bias=True, mlp_only_layers=[0]),
     "qwen3_moe": dict(moe_intermediate_size=32, num_experts=4, num_experts_per_tok=2, head_dim=16),
     "mixtral": dict(num_local_experts=4, num_experts_per_tok=2),
-    "deepseek_v3": dict(moe_intermediate_size=32, n_routed_experts=4, num_experts_per_tok=2, n_shared_experts=1,
+    # MLA expands one latent to every head, so DeepSeek needs as many KV heads as query heads
+    "deepseek_v3": dict(num_key_value_heads=4, moe_intermediate_size=32, n_routed_experts=4, num_experts_per_tok=2,
+                        n_shared_experts=1,
                         first_k_dense_replace=1, q_lora_rank=32, kv_lora_rank=16, qk_rope_head_dim=8,
                         qk_nope_head_dim=8, v_head_dim=8, n_group=1, topk_group=1),
     "olmoe": dict(num_experts=4, num_experts_per_tok=2),
@@ -36,7 +38,7 @@ TINY_CONFIGS: dict[str, dict[str, object]] = {
 
 def build_tiny_model(model_type: str, seed: int = 0) -> torch.nn.Module:
     """A random-init tiny model of `model_type` in fp32 eval mode, with eager experts."""
-    config = AutoConfig.for_model(model_type, **_COMMON, **TINY_CONFIGS[model_type])
+    config = AutoConfig.for_model(model_type, **{**_COMMON, **TINY_CONFIGS[model_type]})
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, experts_implementation="eager")
     return model.eval()
