@@ -130,38 +130,63 @@ def _family(recipe: str) -> str:
 
 def _errorbar(ax: Any, frame: pd.DataFrame, label: str, marker: str, **style: Any) -> None:
     ax.errorbar(frame["bpw"], frame["evaluation_kl"], yerr=frame["evaluation_se"], marker=marker, capsize=3,
-                label=label, markersize=6, **style)
+                label=label, **{"markersize": 6, **style})
+
+
+def _recipes(ax: Any, comparison: pd.DataFrame) -> None:
+    """Held-out points: mixprec per budget (joined, hollow so an identical baseline shows through), baselines."""
+    frame = comparison.assign(family=comparison["recipe"].map(_family))
+    ours = frame[frame["family"] == "mixprec"].sort_values("bpw")
+    _errorbar(ax, ours, "mixprec (held-out, ± SE)", "o", linestyle="-", linewidth=1.8, color="C0", zorder=5,
+              markerfacecolor="none", markersize=10, markeredgewidth=2)
+    for budget, row in zip(ours["budget"], ours.itertuples(), strict=True):
+        ax.annotate(budget, (row.bpw, row.evaluation_kl), textcoords="offset points", xytext=(8, 6), fontsize=8,
+                    color="C0")
+    for i, family in enumerate(["greedy", "hq", "uniform"]):
+        part = frame[frame["family"] == family].drop_duplicates(["solver", "bpw"]).sort_values("bpw")
+        if not part.empty:
+            name = {"hq": "--hq rule", "greedy": "exllamav3 greedy"}.get(family, family)
+            _errorbar(ax, part, f"{name} (held-out)", _MARKERS[family], linestyle="none", color=f"C{i + 1}")
+        if family == "uniform":
+            for row in part.itertuples():
+                ax.annotate(str(row.solver), (row.bpw, row.evaluation_kl), textcoords="offset points",
+                            xytext=(6, -10), fontsize=8, color="C3")
+
+
+def _zoom(ax: Any, front: pd.DataFrame | None, comparison: pd.DataFrame) -> None:
+    """Limit a panel to the compared recipes' sizes (± a margin), with y fitted to what is visible there."""
+    low, high = comparison["bpw"].min() - 0.15, comparison["bpw"].max() + 0.15
+    values = [*(comparison["evaluation_kl"] - comparison["evaluation_se"]),
+              *(comparison["evaluation_kl"] + comparison["evaluation_se"])]
+    if front is not None:
+        values += front.loc[front["bpw"].between(low, high), "predicted"].tolist()
+    values = [v for v in values if v > 0]
+    ax.set_xlim(low, high)
+    if values:
+        ax.set_ylim(min(values) / 1.3, max(values) * 1.3)
 
 
 def pareto_figure(front: pd.DataFrame | None, comparison: pd.DataFrame, title: str) -> Figure:
-    """bpw vs held-out KL of every recipe compared (mixprec per budget joined), over the additive DP front."""
-    figure = _figure(8.0, 5.2)
-    ax = figure.subplots()
-    if front is not None and not front.empty:
-        ax.plot(front["bpw"], front["predicted"], color="0.6", linestyle="--", linewidth=1.2,
-                label="additive estimate, exact DP front (calibration table)")
-    if not comparison.empty:
-        frame = comparison.assign(family=comparison["recipe"].map(_family))
-        ours = frame[frame["family"] == "mixprec"].sort_values("bpw")
-        _errorbar(ax, ours, "mixprec (held-out, ± SE)", "o", linestyle="-", linewidth=1.8, color="C0", zorder=5)
-        for budget, row in zip(ours["budget"], ours.itertuples(), strict=True):
-            ax.annotate(budget, (row.bpw, row.evaluation_kl), textcoords="offset points", xytext=(6, 6),
-                        fontsize=8, color="C0")
-        for i, family in enumerate(["greedy", "hq", "uniform"]):
-            part = frame[frame["family"] == family].drop_duplicates(["solver", "bpw"]).sort_values("bpw")
-            if not part.empty:
-                name = {"hq": "--hq rule", "greedy": "exllamav3 greedy"}.get(family, family)
-                _errorbar(ax, part, f"{name} (held-out)", _MARKERS[family], linestyle="none", color=f"C{i + 1}")
-            if family == "uniform":
-                for row in part.itertuples():
-                    ax.annotate(str(row.solver), (row.bpw, row.evaluation_kl), textcoords="offset points",
-                                xytext=(6, -10), fontsize=8, color="C3")
-    _log_kl(ax)
-    ax.set_xlabel("bits per weight (scales included)")
-    ax.set_ylabel(f"{KL_LABEL}, held-out split (log)" if not comparison.empty else f"predicted {KL_LABEL} (log)")
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8)
-    ax.set_title(title)
+    """bpw vs held-out KL of every recipe compared, over the additive DP front; with recipes, a second panel
+    zooms in on their sizes, where the differences between recipes are."""
+    panels = 1 if comparison.empty else 2
+    figure = _figure(8.0 if panels == 1 else 13.0, 5.2)
+    axes = figure.subplots(1, panels, squeeze=False)[0]
+    for i, ax in enumerate(axes):
+        if front is not None and not front.empty:
+            ax.plot(front["bpw"], front["predicted"], color="0.6", linestyle="--", linewidth=1.2,
+                    label="additive estimate, exact DP front (calibration table)")
+        if not comparison.empty:
+            _recipes(ax, comparison)
+        _log_kl(ax)
+        ax.set_xlabel("bits per weight (scales included)")
+        ax.set_ylabel(f"{KL_LABEL}, held-out split (log)" if panels == 2 else f"predicted {KL_LABEL} (log)")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.set_title("every size" if i == 0 else "around the budgets")
+    if panels == 2:
+        _zoom(axes[1], front, comparison)
+    axes[-1].legend(fontsize=8)
+    figure.suptitle(title)
     return figure
 
 
@@ -170,7 +195,8 @@ def bit_map_figure(bits: pd.DataFrame, titles: dict[str, str], title: str) -> Fi
     from matplotlib.colors import BoundaryNorm, ListedColormap
 
     recipes = [c for c in bits.columns if c in titles]
-    levels = sorted({int(v) for c in recipes for v in bits[c].dropna()} | {16})
+    kept = {16} if any(bits[c].isna().any() for c in recipes) else set()  # null = original precision
+    levels = sorted({int(v) for c in recipes for v in bits[c].dropna()} | kept)
     colours = ListedColormap([_viridis(i / max(1, len(levels) - 1)) for i in range(len(levels))])
     norm = BoundaryNorm(np.arange(len(levels) + 1) - 0.5, len(levels))
     _, rows, cols = layer_grid(bits.index.tolist(), [0.0] * len(bits))
@@ -210,6 +236,8 @@ def additivity_figure(trials: pd.DataFrame, comparison: pd.DataFrame, title: str
         for mask, label, colour in ((seeded, "seeded study trials (calibration)", "C1"),
                                     (~seeded, "searched study trials (calibration)", "C0")):
             part = trials[mask]
+            if part.empty:
+                continue
             ax.errorbar(part["predicted"], part["kl"], yerr=part["kl_se"], marker="o", linestyle="none",
                         capsize=2, markersize=4, alpha=0.75, color=colour, label=label)
         points.append(trials[["predicted", "kl"]].to_numpy(dtype=float))
@@ -225,7 +253,7 @@ def additivity_figure(trials: pd.DataFrame, comparison: pd.DataFrame, title: str
             low, high = every.min() / 1.5, every.max() * 1.5
             ax.plot([low, high], [low, high], color="0.4", linestyle="--", linewidth=1, label="measured = predicted")
             ratio = np.median(every[:, 1] / every[:, 0])
-            ax.text(0.02, 0.97, f"median measured / predicted = {ratio:.2f} (n = {len(every)})",
+            ax.text(0.02, 0.97, f"median measured / predicted = {ratio:.2f} over all {len(every)} points",
                     transform=ax.transAxes, va="top", fontsize=9)
     _log_kl(ax, "x")
     _log_kl(ax)
@@ -261,7 +289,8 @@ def uncertainty_figure(table: pd.DataFrame, noise_floor: float | None, title: st
     left.set_xlabel("group (model order)")
     left.set_ylabel(f"|ΔKL| per entry ± SE (log), {KL_LABEL}")
     left.set_title("table entries with standard errors")
-    left.legend(fontsize=7, ncols=2)
+    handles, labels = left.get_legend_handles_labels()  # outside: the points fill the whole panel
+    figure.legend(handles, labels, loc="outside lower center", ncols=len(labels), fontsize=8)
     _log_kl(right, "x")
     right.set_xlabel("|ΔKL| (log)")
     right.set_ylabel("relative standard error (SE / value)")

@@ -100,7 +100,8 @@ def draw_figures(data: WorkFolder, folder: Path, dpi: int = 110) -> list[FigureF
              "Bit map", "Bit width of every group in each recipe, by layer (rows) and group within the layer.")
     if m is not None:
         keep("sensitivity", fig.sensitivity_heatmap(m.table, f"{model}: sensitivity ({m.folder.name})"),
-             "Sensitivity heatmap", "End-to-end KL when only this group is quantized at this width (log colour).")
+             "Sensitivity heatmap", "End-to-end KL when only this group is quantized at this width (log colour); "
+             "a blank cell is a group that layer does not have (e.g. a dense MLP layer has no experts).")
     if not trials.empty or not comparison.empty:
         offset = base_kl(m) if m is not None else 0.0  # raise mode predicts ΔKL from the base model
         trials = trials.assign(predicted=trials["predicted"] + offset) if not trials.empty else trials
