@@ -119,56 +119,57 @@ def serve(config: DashboardConfig) -> None:
     optuna_dashboard.run_server(config.storage, host=config.host, port=config.port, artifact_store=store)
 
 
-def attach_files(storage: str, study_name: str, files: Sequence[Path], artifact_dir: Path) -> list[str]:
-    """Upload `files` as study artifacts (skipping ones already attached); returns the names uploaded."""
+def attach_files(storage: str, study_name: str, files: Sequence[Path], artifact_dir: Path) -> dict[str, str]:
+    """Upload `files` as study artifacts, reusing an identical one already attached.
+
+    Returns each file's path -> its artifact id. Older versions of a file (other content) stay
+    attached: Optuna has no artifact delete that its own `get_all_artifact_meta` tolerates.
+    """
     import optuna
     from optuna.artifacts import FileSystemArtifactStore, get_all_artifact_meta, upload_artifact
 
-    backend = _storage(storage)
-    study = optuna.load_study(study_name=study_name, storage=backend)
+    study = optuna.load_study(study_name=study_name, storage=_storage(storage))
     artifact_dir.mkdir(parents=True, exist_ok=True)
     store = FileSystemArtifactStore(str(artifact_dir))
-    present = {meta.filename for meta in get_all_artifact_meta(study)}
-    uploaded = []
+    present = {meta.filename: meta.artifact_id for meta in get_all_artifact_meta(study)}
+    ids = {}
     with tempfile.TemporaryDirectory() as tmp:
         for path in map(Path, files):
             name = f"{path.stem}-{sha256_file(path)[:10]}{path.suffix}"
-            if name in present:
-                continue
-            copy = Path(tmp) / name
-            shutil.copyfile(path, copy)
-            upload_artifact(artifact_store=store, file_path=str(copy), study_or_trial=study)
-            uploaded.append(name)
-    return uploaded
+            if name not in present:
+                copy = Path(tmp) / name
+                shutil.copyfile(path, copy)
+                present[name] = upload_artifact(artifact_store=store, file_path=str(copy), study_or_trial=study)
+            ids[str(path)] = present[name]
+    return ids
 
 
-def _note(study: Any, report_md: str) -> None:
-    """Rewrite the study's dashboard note with the report summary and its figures as artifact links."""
+def _note(study: Any, report_md: str, figures: dict[str, str]) -> None:
+    """Rewrite the study's dashboard note: the report summary with its figures linked to their artifacts."""
     try:
         from optuna_dashboard import save_note
     except ImportError:
         log.info("optuna-dashboard is not installed: the study note is not written (pip install "
                  "'mixprec[dashboard]')")
         return
-    from optuna.artifacts import get_all_artifact_meta
-
-    links = {m.filename.rsplit("-", 1)[0]: f"/artifacts/{study._study_id}/{m.artifact_id}"
-             for m in get_all_artifact_meta(study) if m.filename.endswith(".png")}
-    for name, url in links.items():  # figures are uploaded as <name>-<hash>.png, newest last
-        report_md = report_md.replace(f"](figures/{name}.png)", f"]({url})")
+    for path, artifact_id in figures.items():
+        report_md = report_md.replace(f"](figures/{Path(path).name})", f"](/artifacts/{study._study_id}/{artifact_id})")
     save_note(study, report_md)
 
 
 def attach_report(report_dir: Path, storage: str, study_name: str, recipe: Path | None = None,
-                  artifact_dir: Path | None = None) -> list[str]:
-    """Attach a report's figures, summary.md and the recipe to a study, and show the summary as its note."""
+                  artifact_dir: Path | None = None) -> dict[str, str]:
+    """Attach a report's figures, summary.md and the recipe to a study, and show the summary as its note.
+
+    Returns each attached file's path -> artifact id (see `attach_files`)."""
     import optuna
 
     artifact_dir = artifact_dir or default_artifact_dir(storage)
     if artifact_dir is None:
         raise MixprecError(f"study storage {storage} is not a local file; give an artifact folder to attach to")
-    files = sorted((report_dir / "figures").glob("*.png")) + [report_dir / "summary.md"]
-    uploaded = attach_files(storage, study_name, files + ([recipe] if recipe else []), artifact_dir)
+    figures = sorted((report_dir / "figures").glob("*.png"))
+    ids = attach_files(storage, study_name, [*figures, report_dir / "summary.md", *([recipe] if recipe else [])],
+                       artifact_dir)
     _note(optuna.load_study(study_name=study_name, storage=_storage(storage)),
-          (report_dir / "summary.md").read_text(encoding="utf-8"))
-    return uploaded
+          (report_dir / "summary.md").read_text(encoding="utf-8"), {str(f): ids[str(f)] for f in figures})
+    return ids

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -45,10 +46,16 @@ def get(url: str) -> bytes:
 
 
 @pytest.fixture(scope="module")
-def work(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    work = shared_work_folder(tmp_path_factory)
-    build_report(work, out_dir=tmp_path_factory.mktemp("report"), dpi=60)  # attaches figures to the studies
-    return work
+def report(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The report of the shared work folder (attached to its studies); returns the report folder."""
+    out = tmp_path_factory.mktemp("report")
+    build_report(shared_work_folder(tmp_path_factory), out_dir=out, dpi=60)
+    return out
+
+
+@pytest.fixture(scope="module")
+def work(report: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return shared_work_folder(tmp_path_factory)
 
 
 @pytest.fixture(scope="module")
@@ -90,16 +97,17 @@ def test_dashboard_serves_the_study_and_its_trials(work: Path, server: str) -> N
     study = optuna.load_study(study_name=STUDY, storage=f"sqlite:///{work}/studies/{STUDY}.db")
     assert len(detail["trials"]) == len(study.trials) >= 6
     served = {t["number"]: t for t in detail["trials"]}
-    for trial in study.trials:
+    for trial in study.get_trials(states=(optuna.trial.TrialState.COMPLETE,)):  # enqueued seeds may wait
         attrs = {a["key"]: a["value"] for a in served[trial.number]["user_attrs"]}
         assert json.loads(attrs["assignment"]) == trial.user_attrs["assignment"]
         assert served[trial.number]["values"] == pytest.approx(trial.values)
     assert "Pareto front" in detail["note"]["body"], "the report summary should be the study's note"
 
 
-def test_recipe_and_figure_artifacts_open(work: Path, server: str) -> None:
+def test_recipe_and_figure_artifacts_open(work: Path, report: Path, server: str) -> None:
     detail = json.loads(get(f"{server}/api/studies/1"))
     trial = detail["trials"][0]
+    assert trial["state"] == "Complete"
     recipes = [a for a in trial["artifacts"] if a["filename"].endswith("recipe.yaml")]
     assert len(recipes) == 1, "the search attaches one recipe YAML per trial"
     text = get(f"{server}/artifacts/1/{trial['trial_id']}/{recipes[0]['artifact_id']}").decode()
@@ -109,6 +117,9 @@ def test_recipe_and_figure_artifacts_open(work: Path, server: str) -> None:
                if a["filename"].endswith(".png")}
     assert {"pareto", "bitmap", "sensitivity", "additivity", "uncertainty"} <= set(figures)
     assert get(f"{server}/artifacts/1/{figures['pareto']}").startswith(b"\x89PNG\r\n\x1a\n")
+    links = re.findall(r"!\[Pareto front\]\((/artifacts/1/[0-9a-f-]+)\)", detail["note"]["body"])
+    assert len(links) == 1, "the note shows the Pareto figure from its artifact"
+    assert get(f"{server}{links[0]}") == (report / "figures" / "pareto.png").read_bytes(), "note links a stale figure"
     assert b"<html" in get(f"{server}/dashboard/studies/1").lower(), "the web page itself is served"
 
 
