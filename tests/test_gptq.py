@@ -53,14 +53,16 @@ def _output_error(weight: torch.Tensor, deq: torch.Tensor, x: torch.Tensor) -> f
 
 @pytest.mark.parametrize("bits", [2, 3, 4])
 @pytest.mark.parametrize("act_order", [True, False])
-def test_gptq_output_error_below_rtn_on_calibration_inputs(bits: int, act_order: bool) -> None:
+@pytest.mark.parametrize("clip_search", [False, True])
+def test_gptq_output_error_below_rtn_on_calibration_inputs(bits: int, act_order: bool, clip_search: bool) -> None:
+    """Same grid (clipping search or not) for both: the gap is GPTQ's error compensation alone."""
     weight, x = _layer_problem()
     hessian = x.T @ x / x.shape[0]
-    rtn = get_quantizer(QuantConfig(method="rtn", bits=bits)).quantize(weight).dequantize()
-    gptq = GPTQQuantizer(QuantConfig(method="gptq", bits=bits), GPTQSettings(act_order=act_order))
-    deq = gptq.quantize(weight, hessian).dequantize()
+    rtn = get_quantizer(QuantConfig(method="rtn", bits=bits, clip_search=clip_search)).quantize(weight).dequantize()
+    settings = GPTQSettings(act_order=act_order, clip_search=clip_search)
+    deq = GPTQQuantizer(QuantConfig(method="gptq", bits=bits), settings).quantize(weight, hessian).dequantize()
     rtn_err, gptq_err = _output_error(weight, rtn, x), _output_error(weight, deq, x)
-    assert gptq_err < 0.9 * rtn_err, f"{bits} bits act_order={act_order}: GPTQ {gptq_err:.3e} vs RTN {rtn_err:.3e}"
+    assert gptq_err < 0.9 * rtn_err, f"{bits} bits {settings}: GPTQ {gptq_err:.3e} vs RTN {rtn_err:.3e}"
 
 
 @pytest.mark.parametrize("symmetric", [True, False])
@@ -79,11 +81,12 @@ def test_codes_in_range_and_consistent_with_scales(bits: int, symmetric: bool) -
     assert float(((q.dequantize() - weight) ** 2).mean()) < float((weight**2).mean()) * (0.5 if bits > 2 else 1.0)
 
 
-def test_uncorrelated_inputs_reduce_to_rtn() -> None:
+@pytest.mark.parametrize("clip_search", [False, True])
+def test_uncorrelated_inputs_reduce_to_rtn(clip_search: bool) -> None:
     """With H = I there is nothing to compensate: act-order GPTQ must give RTN's codes exactly."""
     weight, _ = _layer_problem()
-    rtn = get_quantizer(QuantConfig(method="rtn", bits=3)).quantize(weight)
-    gptq = GPTQQuantizer(QuantConfig(method="gptq", bits=3), GPTQSettings(act_order=True))
+    rtn = get_quantizer(QuantConfig(method="rtn", bits=3, clip_search=clip_search)).quantize(weight)
+    gptq = GPTQQuantizer(QuantConfig(method="gptq", bits=3), GPTQSettings(act_order=True, clip_search=clip_search))
     q = gptq.quantize(weight, torch.eye(weight.shape[1]))
     assert torch.equal(q.codes, rtn.codes) and torch.equal(q.scales, rtn.scales)
 
@@ -228,7 +231,7 @@ def test_cli_quantize_gptq_with_text_files(tokenized_model: Path, tmp_path: Path
     assert code == 0 and "gptq-b4-g64-sym" in capsys.readouterr().out
     manifest = json.loads((tmp_path / "work/variants/gptq-b4-g64-sym/manifest.json").read_text())
     identity = manifest["calibration"]["identity"]
-    assert identity["solver"] == {"act_order": False, "block_size": 128, "damp": 0.05}
+    assert identity["solver"] == {"act_order": False, "block_size": 128, "clip_search": False, "damp": 0.05}
     assert identity["data"]["source"] == str(text) and identity["data"]["num_tokens"] == 4 * 32
 
 
