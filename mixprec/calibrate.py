@@ -12,7 +12,9 @@ An expert that receives few tokens has a rank-deficient, noisy Hessian. Below
 `fallback_tokens_per_input × in_features` routed tokens its Hessian is blended with the all-token one
 (for gate/up: the layer's MoE input over every token; for down: the same expert's intermediate
 activation computed on every token), with weight α = tokens / threshold on its own. An expert with
-zero tokens therefore gets the all-token Hessian. Token counts and α are reported per expert.
+zero tokens therefore gets the all-token Hessian. Token counts and α are reported per expert. (On the
+bundled model the blend made no measurable difference to held-out KL: the experts that starve on
+calibration text also starve on held-out text. It guards against a singular, overfitted Hessian.)
 
 Layers are processed one at a time: the inputs of layer 0 are captured once, each layer runs on them
 with hooks attached, its Hessians are handed to the caller and released, and its outputs become the
