@@ -115,6 +115,21 @@ def test_blend_weights_own_hessian_by_token_count() -> None:
     assert torch.equal(blend_hessian(HessianSum(3), fallback, threshold=4)[0], torch.eye(3))
 
 
+@pytest.mark.parametrize("model_type", sorted(TINY_CONFIGS))
+def test_every_quantizable_matrix_of_every_family_gets_a_hessian(model_type: str) -> None:
+    model = build_tiny_model(model_type)
+    mm = build_model_map({n: tuple(p.shape) for n, p in model.named_parameters()}, model_type,
+                         model.config.num_hidden_layers)
+    tokens = torch.randint(3, 160, (4, 16), generator=torch.Generator().manual_seed(0))
+    hessians = {k: h for layer in collect_hessians(model, mm, tokens, CALIB) for k, h in layer.hessians.items()}
+    for group in mm.groups:
+        if group.kind.value == "embedding":
+            continue
+        for ref in group.weights:
+            h = hessians[hessian_key(ref.param, ref.expert)]
+            assert h.shape == (ref.shape[1], ref.shape[1]) and torch.isfinite(h).all(), f"{model_type}: {ref.unit}"
+
+
 def _router_capture(model: torch.nn.Module, layer: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """Independent record of one MoE layer's input and top-k choices, from the router module itself."""
     inputs, indices = [], []
