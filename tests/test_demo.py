@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from mixprec.cli import main
-from mixprec.demo import DemoConfig
+from mixprec.demo import DemoConfig, run_demo
 from mixprec.errors import MixprecError
 from tests.measure_helpers import model_with_splits
 
@@ -21,15 +21,17 @@ def demo_run(tiny_model_dirs: dict[str, Path], tmp_path_factory: pytest.TempPath
     root = tmp_path_factory.mktemp("demo")
     model = model_with_splits(tiny_model_dirs["qwen2_moe"], root / "model")
     work = root / "work"
-    argv = ["demo", str(model), "--work", str(work), "--budgets", "3.0", "4.5", "--trials", "3",
-            "--measure-windows", "6", "--eval-windows", "8", "--device", "cpu", "--no-report"]
-    assert main(argv) == 0
+    # a smaller width set keeps the test fast; the CLI path is exercised by the re-run test below
+    config = DemoConfig(work=work, model=str(model), bits=(2, 3, 4, 8), budgets=(3.0, 4.5), trials=3,
+                        measure_windows=6, eval_windows=8, seq_len=64, device="cpu", report=False)
+    run_demo(config)
     return work
 
 
-def test_demo_runs_every_stage_and_writes_its_outputs(demo_run: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_demo_runs_every_stage_and_writes_its_outputs(demo_run: Path) -> None:
     summary = json.loads((demo_run / "demo_summary.json").read_text())
     assert [b["budget"] for b in summary["budgets"]] == [3.0, 4.5]
+    assert set(summary["timings_s"]) >= {"quantize+measure", "budget 3", "budget 4.5", "total"}
     for row in summary["budgets"]:
         assert row["achieved_bpw"] <= row["budget"] + 1e-9
         assert Path(row["recipe"]).exists() and (Path(row["compiled"]) / "config.json").exists()
@@ -39,17 +41,19 @@ def test_demo_runs_every_stage_and_writes_its_outputs(demo_run: Path, capsys: py
         assert row["compiled_kl"] == pytest.approx(searched, rel=1e-3, abs=1e-9)
     assert (demo_run / "measure" / "drop-fine" / "table.csv").exists()
     assert sorted(p.name for p in (demo_run / "variants").iterdir()) == [
-        f"rtn-b{b}-g64-sym" for b in (2, 3, 4, 5, 6, 8)]
+        f"rtn-b{b}-g64-sym" for b in (2, 3, 4, 8)]
 
 
-def test_rerunning_the_demo_reuses_finished_work(demo_run: Path, tiny_model_dirs: dict[str, Path]) -> None:
+def test_rerunning_the_demo_reuses_finished_work(demo_run: Path, capsys: pytest.CaptureFixture[str]) -> None:
     table = demo_run / "measure" / "drop-fine" / "table.csv"
     stamp = table.stat().st_mtime_ns
     variants = {p.name: (p / "quantized.safetensors").stat().st_mtime_ns for p in (demo_run / "variants").iterdir()}
     model = demo_run.parent / "model"
-    argv = ["demo", str(model), "--work", str(demo_run), "--budgets", "3.0", "--trials", "3",
-            "--measure-windows", "6", "--eval-windows", "8", "--device", "cpu", "--no-report"]
+    argv = ["demo", str(model), "--work", str(demo_run), "--budgets", "3.0", "--trials", "3", "--bits", "2", "3",
+            "4", "8", "--measure-windows", "6", "--eval-windows", "8", "--seq-len", "64", "--device", "cpu",
+            "--no-report"]
     assert main(argv) == 0
+    assert "budget" in capsys.readouterr().out
     assert {p.name: (p / "quantized.safetensors").stat().st_mtime_ns
             for p in (demo_run / "variants").iterdir()} == variants
     assert table.stat().st_mtime_ns >= stamp  # rewritten from stored results, not re-measured

@@ -33,6 +33,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--granularity", choices=["layer", "fine", "expert"], default=defaults.granularity,
                         help="group granularity measured and searched (default fine)")
     parser.add_argument("--trials", type=int, default=defaults.trials, help="real-KL trials per budget")
+    parser.add_argument("--bits", type=int, nargs="+", default=list(defaults.bits), metavar="B",
+                        help="uniform variants to build and measure (default 2 3 4 5 6 8)")
+    parser.add_argument("--seq-len", type=int, default=defaults.seq_len, help="tokens per window (default 256)")
     parser.add_argument("--measure-windows", type=int, default=defaults.measure_windows,
                         help="calibration windows for measurement and search")
     parser.add_argument("--eval-windows", type=int, default=defaults.eval_windows, help="held-out windows")
@@ -42,7 +45,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    config = DemoConfig(work=args.work, model=args.model, budgets=tuple(args.budgets),
+    config = DemoConfig(work=args.work, model=args.model, bits=tuple(args.bits), budgets=tuple(args.budgets),
+                        seq_len=args.seq_len,
                         granularity=args.granularity, trials=args.trials, measure_windows=args.measure_windows,
                         eval_windows=args.eval_windows, device=args.device, report=not args.no_report)
     if not args.verbose:
