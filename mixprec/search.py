@@ -21,14 +21,13 @@ Conventions (FIELD.md §7, STYLE.md §3.8):
 * the single-budget mode minimises KL; the multi-objective mode minimises (KL, bpw) under the
   budget as a cap and returns the Pareto front.
 
-All Optuna calls of the search live in this module.
+All Optuna calls of the search live in this module and its sampler, `mixprec.search_sampler`.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import random
 import tempfile
 import warnings
 from collections.abc import Callable, Mapping, Sequence
@@ -38,16 +37,16 @@ from typing import Any
 
 import optuna
 import torch
-from optuna.distributions import BaseDistribution, IntDistribution
-from optuna.trial import FrozenTrial, TrialState
+from optuna.trial import TrialState
 
 from mixprec.budget import Option
 from mixprec.errors import FingerprintMismatchError, MixprecError
 from mixprec.fileio import sha256_text
 from mixprec.kl import bootstrap_se, paired_difference
 from mixprec.measure_store import owner_is_dead, process_owner
-from mixprec.moves import blocks, fill, lower_until_fits, mutate, repair, total_cost
+from mixprec.moves import repair, total_cost
 from mixprec.recipe import Recipe
+from mixprec.search_sampler import LocalMoveSampler, feasible
 from mixprec.solve import Problem, Solution
 
 __all__ = ["SAMPLERS", "SearchConfig", "SearchResult", "LocalMoveSampler", "run_search", "quiet_optuna"]
@@ -118,92 +117,6 @@ def _storage(config: SearchConfig) -> Any:
     if url.startswith("sqlite:///"):
         Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
     return url
-
-
-def _feasible(trial: FrozenTrial) -> bool:
-    return all(v <= 0 for v in trial.constraints.values()) and "levels" in trial.user_attrs
-
-
-class LocalMoveSampler(optuna.samplers.BaseSampler):
-    """Children of the best measured recipes through budget-preserving moves (see `mixprec.moves`).
-
-    `sample_relative` is called once per trial: it picks a parent among the completed feasible
-    trials (the best one half of the time, otherwise one of the few best; in multi-objective mode
-    any Pareto trial, at its own or another size), makes `candidates` children of it with
-    1..`max_moves` moves each (single groups or whole blocks), and proposes the unseen child with the
-    lowest estimated loss (with probability `exploit`; otherwise a random unseen child, so the
-    estimate's blind spots are visited too). The random stream is seeded by (seed, trial number)
-    and parents come from the study, so no state lives in the sampler. Before any trial has
-    completed it defers to a seeded `RandomSampler` (and the objective repairs the budget).
-    """
-
-    def __init__(self, problem: Problem, limit_bits: int, seed: int = 0, max_moves: int = 3, top: int = 3,
-                 multi_objective: bool = False, candidates: int = 24, exploit: float = 0.7) -> None:
-        self.problem = problem
-        self.candidates = candidates
-        self.exploit = exploit
-        self.limit_bits = limit_bits
-        self.seed = seed
-        self.max_moves = max_moves
-        self.top = top
-        self.multi_objective = multi_objective
-        self._space = {problem.names[i]: IntDistribution(0, len(o) - 1)
-                       for i, o in enumerate(problem.options) if len(o) > 1}
-        self._fallback = optuna.samplers.RandomSampler(seed)
-        self._blocks = blocks(problem) if problem.layers and problem.kinds else []
-
-    def infer_relative_search_space(self, study: optuna.Study, trial: FrozenTrial) -> dict[str, BaseDistribution]:
-        return dict(self._space)
-
-    def sample_relative(self, study: optuna.Study, trial: FrozenTrial,
-                        search_space: dict[str, BaseDistribution]) -> dict[str, Any]:
-        trials = study.get_trials(deepcopy=False)
-        done = sorted((t for t in trials if t.state == TrialState.COMPLETE and _feasible(t)), key=lambda t: t.number)
-        if not done or not search_space:
-            return {}
-        rng = random.Random(f"{self.seed}:{trial.number}")
-        seen = {tuple(t.user_attrs["levels"]) for t in trials if "levels" in t.user_attrs}
-        for _ in range(5):  # another parent when every child of this one was evaluated already
-            child = self._child(study, done, seen, rng)
-            if child is not None:
-                break
-        else:
-            return {}  # everything nearby is evaluated: a random proposal, repaired to the budget
-        return {name: child[self.problem.names.index(name)] for name in search_space}
-
-    def _child(self, study: optuna.Study, done: list[FrozenTrial], seen: set[tuple[int, ...]],
-               rng: random.Random) -> list[int] | None:
-        """Mutate one parent `candidates` times; keep the unseen child the estimate likes best (mostly) or a
-        random unseen one (sometimes), so real evaluations go to plausible recipes but the proxy's blind
-        spots are still visited."""
-        parent, limit = self._parent(study, done, rng)
-        children: dict[tuple[int, ...], float] = {}
-        for _ in range(self.candidates):
-            child = mutate(self.problem, parent, limit, rng, rng.randint(1, self.max_moves), self.top, self._blocks)
-            key = tuple(child)
-            if key not in seen and key not in children:
-                children[key] = self.problem.loss(self.problem.assignment(child))
-        if not children:
-            return None
-        ranked = sorted(children, key=lambda k: (children[k], k))
-        return list(ranked[0] if rng.random() < self.exploit else rng.choice(ranked))
-
-    def _parent(self, study: optuna.Study, done: list[FrozenTrial], rng: random.Random) -> tuple[list[int], int]:
-        if not self.multi_objective:
-            ranked = sorted(done, key=lambda t: (t.value, t.number))
-            pick = ranked[0] if rng.random() < 0.5 else rng.choice(ranked[: max(2, self.top + 1)])
-            return list(pick.user_attrs["levels"]), self.limit_bits
-        front = sorted(study.best_trials, key=lambda t: t.number) or done
-        levels = list(rng.choice(front).user_attrs["levels"])
-        if rng.random() < 0.5:
-            return levels, min(total_cost(self.problem, levels), self.limit_bits)
-        lowest = total_cost(self.problem, [0] * len(levels))
-        limit = rng.randint(lowest, self.limit_bits)
-        return fill(self.problem, lower_until_fits(self.problem, levels, limit), limit), limit
-
-    def sample_independent(self, study: optuna.Study, trial: FrozenTrial, param_name: str,
-                           param_distribution: BaseDistribution) -> Any:
-        return self._fallback.sample_independent(study, trial, param_name, param_distribution)
 
 
 class _Objective:
@@ -328,7 +241,7 @@ def _history(study: optuna.Study) -> list[dict[str, Any]]:
     rows = []
     for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
         rows.append({"number": t.number, "seed": t.user_attrs.get("seed", "search"), "kl": t.values[0],
-                     **t.user_attrs["metrics"], "feasible": _feasible(t)})
+                     **t.user_attrs["metrics"], "feasible": feasible(t)})
     return rows
 
 
@@ -336,7 +249,7 @@ def _choose(study: optuna.Study, problem: Problem, limit_bits: int) -> Solution:
     """Lowest calibration KL among feasible trials within the budget, never one a uniform trial of no more
     bits beats (FIELD.md §3 row 1)."""
     done = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-            if _feasible(t) and t.user_attrs["metrics"]["storage_bits"] <= limit_bits]
+            if feasible(t) and t.user_attrs["metrics"]["storage_bits"] <= limit_bits]
     if not done:
         raise MixprecError("the study has no completed recipe within the budget; run more --trials")
     best = min(done, key=lambda t: (t.values[0], t.number))

@@ -40,6 +40,7 @@ from mixprec.search import SearchConfig, SearchResult, run_search
 from mixprec.solve import (
     Problem,
     Solution,
+    compressed_solutions,
     greedy,
     hq_at_budget,
     isotonic_decreasing,
@@ -279,8 +280,9 @@ def _search_on_calibration(inputs: Inputs, config: StageConfig, engines: EngineC
                        {**provenance, "solver": solution.solver})
 
     front = pareto_front(inputs.problem).near(inputs.limit_bits, config.search.front_seeds)
+    hedged = compressed_solutions(inputs.problem, inputs.limit_bits)
     tied = tied_solutions(inputs.problem, inputs.limit_bits)
-    seeds = front + [compared[k] for k in ("greedy", "hq", "uniform-fit") if k in compared] + tied
+    seeds = front + [compared[k] for k in ("greedy", "hq", "uniform-fit") if k in compared] + hedged + tied
     context = {"model": inputs.checkpoint.fingerprint, "measurement": provenance["measurement"]["table_sha256"],
                "budget": asdict(config.budget), "constraints": provenance["constraints"]}
     result = run_search(inputs.problem, inputs.limit_bits, lambda a: engine.evaluate(a).kl, engine.num_sequences,

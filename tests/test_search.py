@@ -238,3 +238,12 @@ def test_cli_search_end_to_end(tiny_model_dirs: dict[str, Path], tmp_path: Path,
     overrides = Exl3Overrides.load(exl3)
     bits_of_dir = {s.model_dir: source_bits(s.model_dir) for s in overrides.sources}
     assert exl3_to_groups(overrides, checkpoint.model_map("fine"), bits_of_dir, base_bits=-1) == recipe.groups
+
+
+def test_concordance() -> None:
+    from mixprec.search_sampler import _concordance
+
+    assert _concordance([1, 2, 3], [10, 20, 30]) == 1.0
+    assert _concordance([1, 2, 3], [30, 20, 10]) == -1.0
+    assert _concordance([1, 2, 3, 4], [1, 3, 2, 4]) == pytest.approx(4 / 6)
+    assert _concordance([1], [1]) == 0.0

@@ -27,6 +27,8 @@ from mixprec.quant import QuantConfig
 from mixprec.recipe import Budget
 from mixprec.solve import (
     Problem,
+    compressed,
+    compressed_solutions,
     greedy,
     hq_at_budget,
     hq_rule,
@@ -288,3 +290,23 @@ def test_tied_solutions_keep_blocks_at_one_width() -> None:
     for k in set(problem.kinds):
         widths = {kind.assignment[n] for n, kk in zip(split.names, split.kinds, strict=True) if kk is k}
         assert len(widths) == 1, f"dp-kind gives {k} several widths {widths}"
+
+
+def test_compressed_problem_reproduces_greedys_objective() -> None:
+    problem = synthetic_model_problem()
+    plain = compressed(problem, 1.0)
+    for row, original in zip(plain.losses, problem.losses, strict=True):
+        assert row == pytest.approx(tuple(min(v - original[0], 0.0) for v in original)), "p=1 is a constant shift"
+    hedged = compressed(problem, 0.69)
+    row = problem.losses[0]
+    assert hedged.losses[0][1] == pytest.approx(-((row[0] - row[1]) ** 0.69))
+    limit = int(3.5 * problem.total_params)
+    solutions = compressed_solutions(problem, limit)
+    assert [s.solver for s in solutions] == ["dp-p0.5", "dp-p0.69", "dp-p0.85"]
+    for power, solution in zip((0.5, 0.69, 0.85), solutions, strict=True):
+        assert solution.cost <= limit
+        assert solution.loss == pytest.approx(problem.loss(solution.assignment)), "reported loss is uncompressed"
+        squeezed = compressed(problem, power)
+        best = pareto_front(squeezed).best_under(limit).loss
+        assert squeezed.loss(solution.assignment) == pytest.approx(best), "exact under its own compression"
+    assert squeezed.loss(greedy(problem, limit).assignment) >= best - 1e-12
