@@ -36,6 +36,7 @@ from IPython.display import Image, display
 
 from mixprec.report import build_report, collect
 
+pd.set_option("display.precision", 4)
 WORK = Path(os.environ.get("MIXPREC_WORK", "../work/demo"))
 data = collect(WORK)
 print(f"model {data.model_name}: {len(data.groups())} groups, budgets {data.budgets()}")"""),
