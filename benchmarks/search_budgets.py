@@ -53,7 +53,7 @@ def _one(args: argparse.Namespace, granularity: str, budget: float, engines: Eng
     result = run_stage(config, engines=engines)
     seconds = time.perf_counter() - started
     if granularity == args.save_granularity:
-        result.recipe.save(args.recipes / f"{name}-{budget:g}bpw.yaml")
+        result.recipe.save(args.recipes / f"{name}-{budget}bpw.yaml")
     return {"granularity": granularity, "budget": budget, "seconds": round(seconds, 1), "rows": result.comparison}
 
 

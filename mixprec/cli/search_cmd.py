@@ -100,7 +100,7 @@ def _budget(args: argparse.Namespace) -> Budget:
 
 
 def _label(budget: Budget) -> str:
-    return f"{budget.bpw:g}bpw" if budget.bpw is not None else f"{budget.gib:g}gib"
+    return f"{budget.bpw}bpw" if budget.bpw is not None else f"{budget.gib}gib"
 
 
 def config_from_args(args: argparse.Namespace) -> StageConfig:
