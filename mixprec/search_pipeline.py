@@ -1,14 +1,14 @@
 """The search stage end to end: measurement -> exact proxy solutions -> Optuna study -> held-out check -> recipe.
 
-`prepare` validates everything that can be checked without loading the model (measurement present
-and of the right granularity, variants from the same model, constraints resolvable, budget
-achievable), so bad input fails in a second. `run_stage` then
+`prepare` (in `mixprec.search_inputs`) validates everything that can be checked without loading the
+model, so bad input fails in a second. `run_stage` then
 
 1. solves the additive estimate exactly (Pareto DP) and builds the baselines at the same budget:
    exllamav3's greedy, the `--hq` rule, the largest uniform recipe that fits and the smallest
    uniform recipe at or above the budget (the publisher's "nearest uniform quant" comparison);
 2. runs the study on the measurement's own calibration windows (`mixprec.search`), seeded with the
-   DP points nearest the budget and the baselines that fit;
+   DP points nearest the budget, the baselines that fit and the other seeds of
+   `mixprec.search_inputs.seeds`;
 3. re-measures the chosen recipe and every baseline on the held-out **evaluation** split with a
    second engine (`require_disjoint` refuses the calibration tokens), paired on the same tokens, so
    each difference comes with the standard error of the difference;
@@ -18,38 +18,22 @@ achievable), so bad input fails in a second. `run_stage` then
 from __future__ import annotations
 
 import logging
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from mixprec.arch import GroupKind
-from mixprec.budget import Constraints, CostTable, Option, budget_limit_bits, check_feasible
 from mixprec.data import TokenWindows, WindowConfig, load_windows, require_disjoint
 from mixprec.engine import KLEngine
-from mixprec.errors import FingerprintMismatchError, MixprecError
+from mixprec.errors import FingerprintMismatchError
 from mixprec.fileio import sha256_file
 from mixprec.kl import bootstrap_se, paired_difference
-from mixprec.loading import Checkpoint, load_model
-from mixprec.measure import MeasureConfig, load_measurement, run_measure
-from mixprec.measure_output import Measurement
-from mixprec.modelmap import Granularity, ModelMap
-from mixprec.recipe import Budget, ModelRef, QuantSettings, Recipe
-from mixprec.search import SearchConfig, SearchResult, run_search
-from mixprec.solve import (
-    Problem,
-    Solution,
-    compressed_solutions,
-    greedy,
-    hq_at_budget,
-    isotonic_decreasing,
-    pareto_front,
-    tied_solutions,
-    uniform,
-    uniform_at_or_above,
-)
-from mixprec.variants import Variant
+from mixprec.loading import load_model
+from mixprec.recipe import ModelRef, QuantSettings, Recipe
+from mixprec.search import SearchResult, run_search
+from mixprec.search_inputs import Inputs, StageConfig, baselines, measurement_losses, prepare, seeds
+from mixprec.solve import Solution
 
 __all__ = ["StageConfig", "Inputs", "StageResult", "EngineCache", "measurement_losses", "prepare", "baselines",
            "run_stage"]
@@ -57,143 +41,11 @@ __all__ = ["StageConfig", "Inputs", "StageResult", "EngineCache", "measurement_l
 log = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
-class StageConfig:
-    """Everything `mixprec search` needs; the measurement settings must match an existing (or new) table."""
-
-    work: Path
-    budget: Budget
-    model: str | None = None
-    granularity: str = "fine"
-    measure: MeasureConfig | None = None
-    constraints: Constraints = field(default_factory=Constraints)
-    search: SearchConfig = field(default_factory=SearchConfig)
-    eval_windows: int = 32
-    eval_seq_len: int = 256
-    eval_files: tuple[Path, ...] = ()
-    device: str = "auto"
-    measure_if_missing: bool = True
-
-    def __post_init__(self) -> None:
-        Granularity(self.granularity)
-        WindowConfig(self.eval_seq_len, self.eval_windows)
-
-    def measure_config(self) -> MeasureConfig:
-        """The measurement this search reads (default: drop mode at the search granularity)."""
-        if self.measure is not None:
-            if self.measure.granularity != self.granularity:
-                raise MixprecError(f"the measurement is at granularity {self.measure.granularity!r} but the search "
-                                   f"is at {self.granularity!r}; measure at the granularity you search")
-            return self.measure
-        return MeasureConfig(work=self.work, model=self.model, granularity=self.granularity, device=self.device)
-
-
-@dataclass
-class Inputs:
-    """Validated inputs of one search: model, map, measurement, variants, costs, options, budget, problem."""
-
-    checkpoint: Checkpoint
-    model_map: ModelMap
-    measurement: Measurement
-    variants: dict[int, Variant]
-    table: CostTable
-    options: dict[str, tuple[Option, ...]]
-    limit_bits: int
-    problem: Problem
-
-
 @dataclass
 class StageResult:
     recipe: Recipe
     comparison: list[dict[str, Any]]
     search: SearchResult
-
-
-def measurement_losses(measurement: Measurement) -> dict[str, dict[int, float]]:
-    """Per group and width, the additive loss: drop-mode KL, or raise-mode ΔKL (0 at the base width).
-
-    Each group's row is made non-increasing in bits by a 1/SE²-weighted isotonic fit: KL that
-    rises with more bits is noise at the floor (FIELD.md §9.4).
-    """
-    frame = measurement.table.sort_values(["group", "bits"])
-    losses: dict[str, dict[int, float]] = {}
-    for group, rows in frame.groupby("group", sort=False):
-        bits = [int(b) for b in rows["bits"]]
-        values = [float(v) for v in rows["dkl"]]
-        weights = [1.0 / max(float(se), 1e-12) ** 2 if se == se else 1.0 for se in rows["dkl_se"]]
-        if str(rows["mode"].iloc[0]) == "raise":
-            base = int(rows["base_bits"].iloc[0])
-            bits, values, weights = [base, *bits], [0.0, *values], [max(weights) * 10, *weights]
-        losses[str(group)] = dict(zip(bits, isotonic_decreasing(values, weights), strict=True))
-    return losses
-
-
-def _ensure_measurement(config: StageConfig) -> Measurement:
-    measure = config.measure_config()
-    try:
-        return load_measurement(measure.folder)
-    except MixprecError:
-        if not config.measure_if_missing:
-            raise
-    log.info("no finished measurement in %s: measuring it now (as `mixprec measure --granularity %s`)",
-             measure.folder, measure.granularity)
-    folder = run_measure(measure)
-    if folder is None:
-        raise MixprecError(f"other workers still hold jobs of {measure.folder}; re-run when they finish")
-    return load_measurement(folder)
-
-
-def _variants(measurement: Measurement, checkpoint: Checkpoint) -> dict[int, Variant]:
-    if measurement.summary["model"]["fingerprint"] != checkpoint.fingerprint:
-        raise FingerprintMismatchError(f"{measurement.folder} was measured on another model; use this model's "
-                                       "own --work folder or re-run `mixprec measure`")
-    variants = {}
-    for bits, info in measurement.summary["variants"].items():
-        variant = Variant.open(info["path"], checkpoint.fingerprint)
-        if variant.manifest["file_sha256"] != info["sha256"]:
-            raise FingerprintMismatchError(f"{info['path']} changed since {measurement.folder} was measured; "
-                                           "re-run `mixprec measure`")
-        variants[int(bits)] = variant
-    return variants
-
-
-def _check_budget(table: CostTable, config: StageConfig) -> tuple[dict[str, tuple[Option, ...]], int]:
-    options = config.constraints.options(table)
-    limit = budget_limit_bits(config.budget, table)
-    check_feasible(table, options, limit, config.budget)
-    return options, limit
-
-
-def prepare(config: StageConfig) -> Inputs:
-    """Validate and assemble the inputs (measuring first if the table is missing and allowed).
-
-    Constraints and the budget are checked against costs computed from the quantizer settings
-    before anything is measured, then again against the variants' manifests.
-    """
-    checkpoint = Checkpoint.open(config.model)
-    model_map = checkpoint.model_map(config.granularity)
-    measure = config.measure_config()
-    planned = {b: measure.quant_config(b) for b in measure.bits}
-    _check_budget(CostTable.from_configs(model_map, planned, [GroupKind(k) for k in measure.kinds]), config)
-    measurement = _ensure_measurement(config)
-    variants = _variants(measurement, checkpoint)
-    table = CostTable.from_variants(model_map, variants)
-    options, limit = _check_budget(table, config)
-    problem = Problem.build(table, options, measurement_losses(measurement))
-    return Inputs(checkpoint, model_map, measurement, variants, table, options, limit, problem)
-
-
-def baselines(inputs: Inputs) -> dict[str, Solution]:
-    """DP at the budget, greedy, `--hq` fitted to the budget, best uniform that fits, uniform at or above it."""
-    problem, limit = inputs.problem, inputs.limit_bits
-    result = {"dp": pareto_front(problem).best_under(limit), "greedy": greedy(problem, limit),
-              "hq": hq_at_budget(problem, limit)}
-    fitting = [uniform(problem, b) for b in inputs.table.levels]
-    fitting = [s for s in fitting if s.cost <= limit]
-    if fitting:
-        result["uniform-fit"] = fitting[-1]
-    result["uniform"] = uniform_at_or_above(problem, inputs.table.levels, limit)
-    return result
 
 
 def _calibration_windows(inputs: Inputs) -> TokenWindows:
@@ -279,14 +131,11 @@ def _search_on_calibration(inputs: Inputs, config: StageConfig, engines: EngineC
         return _recipe(inputs, config, solution, {"predicted": solution.loss, **solution.extra},
                        {**provenance, "solver": solution.solver})
 
-    front = pareto_front(inputs.problem).near(inputs.limit_bits, config.search.front_seeds)
-    hedged = compressed_solutions(inputs.problem, inputs.limit_bits)
-    tied = tied_solutions(inputs.problem, inputs.limit_bits)
-    seeds = front + [compared[k] for k in ("greedy", "hq", "uniform-fit") if k in compared] + hedged + tied
+    starts = seeds(inputs, compared, config.search.front_seeds)
     context = {"model": inputs.checkpoint.fingerprint, "measurement": provenance["measurement"]["table_sha256"],
                "budget": asdict(config.budget), "constraints": provenance["constraints"]}
     result = run_search(inputs.problem, inputs.limit_bits, lambda a: engine.evaluate(a).kl, engine.num_sequences,
-                        seeds, config.search, recipe_for, context)
+                        starts, config.search, recipe_for, context)
     compared["mixprec"] = result.best
     return result, provenance, calibration, _compare(engine, compared, "mixprec")
 

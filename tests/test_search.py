@@ -247,3 +247,23 @@ def test_concordance() -> None:
     assert _concordance([1, 2, 3], [30, 20, 10]) == -1.0
     assert _concordance([1, 2, 3, 4], [1, 3, 2, 4]) == pytest.approx(4 / 6)
     assert _concordance([1], [1]) == 0.0
+
+
+@pytest.mark.slow
+def test_other_tables_seed_the_study(tiny_model_dirs: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                     capsys: pytest.CaptureFixture[str]) -> None:
+    """A raise-mode table beside the drop-mode one contributes its DP/greedy solutions as seeds."""
+    monkeypatch.chdir(tmp_path)
+    model = tmp_path / "tiny"
+    shutil.copytree(tiny_model_dirs["qwen2_moe"], model)
+    _bundle_splits(model)
+    data = [str(model), "--work", str(tmp_path / "work"), "--bits", "2", "3", "4", "--windows", "4",
+            "--seq-len", "32"]
+    code, _, err = mixprec("measure", *data, "--granularity", "fine", "--mode", "raise", capsys=capsys)
+    assert code == 0, err
+    code, _, err = mixprec("search", *data, "--eval-windows", "4", "--studies-dir", str(tmp_path / "studies"),
+                           "--budget", "3", "--trials", "1", "--study", "t", capsys=capsys)
+    assert code == 0, err
+    study = optuna.load_study(study_name="t", storage=f"sqlite:///{tmp_path / 'studies' / 't.db'}")
+    labels = {t.user_attrs.get("seed") for t in study.trials}
+    assert any(str(label).startswith("raise-b2-fine:") for label in labels), labels
