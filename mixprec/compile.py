@@ -92,8 +92,8 @@ def _quantize_hint(checkpoint: Checkpoint, config: QuantConfig, work_dir: Path) 
         flags.append(f"--group-size {config.group_size}")
     if not config.symmetric:
         flags.append("--asym")
-    if not config.clip_search:
-        flags.append("--no-clip-search")
+    if config.clip_search:
+        flags.append("--clip-search")
     return f"mixprec quantize {checkpoint.path} " + " ".join(flags)
 
 

@@ -150,8 +150,7 @@ def summary_rows(results: list[dict[str, Any]]) -> list[dict[str, object]]:
     rows: list[dict[str, object]] = []
     for r in results:
         compared = r["comparison"]
-        uniform = next((v for k, v in compared.items() if k.startswith("uniform") and v["bpw"] >= r["budget"]),
-                       None)
+        uniform = compared.get("uniform")
         rows.append({
             "budget": f"{r['budget']:g}", "bpw": f"{r['achieved_bpw']:.3f}", "MiB": f"{r['compiled_mib']:.2f}",
             "mixprec KL (compiled)": f"{r['compiled_kl']:.3e} ± {r['compiled_kl_se']:.1e}",

@@ -67,7 +67,7 @@ class MeasureConfig:
     method: str = "rtn"
     group_size: int = 64
     symmetric: bool = True
-    clip_search: bool = True
+    clip_search: bool = False
     storage: str | None = None
     device: str = "auto"
     engine: EngineConfig = field(default_factory=EngineConfig)

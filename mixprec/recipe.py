@@ -12,7 +12,7 @@ Example::
     kind: mixprec.recipe
     model: {name: stdlib-moe, model_type: qwen2_moe, fingerprint: 3f2a...}
     granularity: layer
-    quantizer: {method: rtn, group_size: 64, symmetric: true, clip_search: true, clip_grid: 32}
+    quantizer: {method: rtn, group_size: 64, symmetric: true, clip_search: false, clip_grid: 32}
     budget: {bpw: 3.0}
     achieved: {bpw: 2.996}
     groups:
@@ -95,7 +95,7 @@ class QuantSettings:
     method: str = "rtn"
     group_size: int = 64
     symmetric: bool = True
-    clip_search: bool = True
+    clip_search: bool = False
     clip_grid: int = 32
 
     def __post_init__(self) -> None:

@@ -9,7 +9,7 @@ an additive estimate (`Problem`) and computes the baselines and seed recipes the
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from mixprec.arch import GroupKind
@@ -20,6 +20,7 @@ from mixprec.loading import Checkpoint
 from mixprec.measure import MeasureConfig, load_measurement, run_measure
 from mixprec.measure_output import Measurement
 from mixprec.modelmap import Granularity, ModelMap
+from mixprec.quant import SUPPORTED_GROUP_SIZES, QuantConfig, storage_bits
 from mixprec.recipe import Budget
 from mixprec.search import SearchConfig
 from mixprec.solve import (
@@ -32,11 +33,11 @@ from mixprec.solve import (
     pareto_front,
     tied_solutions,
     uniform,
-    uniform_at_or_above,
 )
 from mixprec.variants import Variant
 
-__all__ = ["StageConfig", "Inputs", "measurement_losses", "prepare", "baselines", "seeds"]
+__all__ = ["StageConfig", "Inputs", "UniformQuant", "measurement_losses", "prepare", "baselines", "uniform_grid",
+           "nearest_uniform", "seeds"]
 
 log = logging.getLogger(__name__)
 
@@ -57,10 +58,13 @@ class StageConfig:
     eval_files: tuple[Path, ...] = ()
     device: str = "auto"
     measure_if_missing: bool = True
+    uniform_group_sizes: tuple[int, ...] = SUPPORTED_GROUP_SIZES
 
     def __post_init__(self) -> None:
         Granularity(self.granularity)
         WindowConfig(self.eval_seq_len, self.eval_windows)
+        for size in self.uniform_group_sizes:
+            QuantConfig(group_size=size)  # validates the value
 
     def measure_config(self) -> MeasureConfig:
         """The measurement this search reads (default: drop mode at the search granularity)."""
@@ -183,7 +187,8 @@ def _other_estimates(main: Measurement, checkpoint: Checkpoint, table: CostTable
 
 
 def baselines(inputs: Inputs) -> dict[str, Solution]:
-    """DP at the budget, greedy, `--hq` fitted to the budget, best uniform that fits, uniform at or above it."""
+    """DP at the budget, greedy, `--hq` fitted to the budget, and the best uniform recipe of the searched
+    group size that fits (a seed). The "nearest uniform at or above" baseline comes from `uniform_grid`."""
     problem, limit = inputs.problem, inputs.limit_bits
     result = {"dp": pareto_front(problem).best_under(limit), "greedy": greedy(problem, limit),
               "hq": hq_at_budget(problem, limit)}
@@ -191,8 +196,48 @@ def baselines(inputs: Inputs) -> dict[str, Solution]:
     fitting = [s for s in fitting if s.cost <= limit]
     if fitting:
         result["uniform-fit"] = fitting[-1]
-    result["uniform"] = uniform_at_or_above(problem, inputs.table.levels, limit)
     return result
+
+
+@dataclass(frozen=True)
+class UniformQuant:
+    """A plain uniform quant a publisher could ship instead: every searched group at one setting.
+
+    The grid covers every measured width at every group size in `StageConfig.uniform_group_sizes`, so
+    "the nearest uniform quant at or above the budget" is the one a publisher would really compare
+    with (2-bit g32 is exactly 2.5 bpw), not only the widths of the searched group size. Constraints
+    do not apply to it: it is the alternative to a recipe, not a recipe.
+    """
+
+    config: QuantConfig
+    cost: int
+
+    @property
+    def label(self) -> str:
+        return f"uniform-{self.config.bits}b-g{self.config.group_size}"
+
+
+def uniform_grid(inputs: Inputs, group_sizes: tuple[int, ...]) -> list[UniformQuant]:
+    """Every uniform quant of the measured widths at each group size, cheapest first (exact storage bits).
+
+    Only RTN variants can be made here without calibration data, so other quantizers keep to the
+    measured group size.
+    """
+    base = next(iter(inputs.variants.values())).config
+    sizes = sorted(set(group_sizes) | {base.group_size}) if base.method == "rtn" else [base.group_size]
+    groups = [inputs.model_map.group(name) for name in inputs.table.names]
+    grid = []
+    for bits in sorted(inputs.variants):
+        for size in sizes:
+            config = replace(base, bits=bits, group_size=size)
+            grid.append(UniformQuant(config, sum(storage_bits(config, r.shape) for g in groups for r in g.weights)))
+    return sorted(grid, key=lambda u: (u.cost, u.config.bits))
+
+
+def nearest_uniform(grid: list[UniformQuant], limit_bits: int) -> UniformQuant:
+    """The cheapest uniform quant whose size reaches the budget (the largest one if none does)."""
+    reaching = [u for u in grid if u.cost >= limit_bits]
+    return reaching[0] if reaching else grid[-1]
 
 
 def _seeds_from_others(inputs: Inputs) -> list[Solution]:

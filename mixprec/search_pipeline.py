@@ -4,8 +4,10 @@
 model, so bad input fails in a second. `run_stage` then
 
 1. solves the additive estimate exactly (Pareto DP) and builds the baselines at the same budget:
-   exllamav3's greedy, the `--hq` rule, the largest uniform recipe that fits and the smallest
-   uniform recipe at or above the budget (the publisher's "nearest uniform quant" comparison);
+   exllamav3's greedy, the `--hq` rule, the largest uniform recipe that fits, and the smallest
+   uniform quant at or above the budget over every measured width *and* group size (the
+   publisher's "nearest uniform quant" comparison, `mixprec.search_inputs.uniform_grid`; a variant
+   at another group size is quantized on demand and evaluated with its own engine);
 2. runs the study on the measurement's own calibration windows (`mixprec.search`), seeded with the
    DP points nearest the budget, the baselines that fit and the other seeds of
    `mixprec.search_inputs.seeds`;
@@ -18,12 +20,16 @@ model, so bad input fails in a second. `run_stage` then
 from __future__ import annotations
 
 import logging
+import math
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from mixprec.arch import GroupKind
+from mixprec.budget import CostTable
 from mixprec.data import TokenWindows, WindowConfig, load_windows, require_disjoint
 from mixprec.engine import KLEngine
 from mixprec.errors import FingerprintMismatchError
@@ -32,8 +38,19 @@ from mixprec.kl import bootstrap_se, paired_difference
 from mixprec.loading import load_model
 from mixprec.recipe import ModelRef, QuantSettings, Recipe
 from mixprec.search import SearchResult, run_search
-from mixprec.search_inputs import Inputs, StageConfig, baselines, measurement_losses, prepare, seeds
+from mixprec.search_inputs import (
+    Inputs,
+    StageConfig,
+    UniformQuant,
+    baselines,
+    measurement_losses,
+    nearest_uniform,
+    prepare,
+    seeds,
+    uniform_grid,
+)
 from mixprec.solve import Solution
+from mixprec.variants import Variant, ensure_variants
 
 __all__ = ["StageConfig", "Inputs", "StageResult", "EngineCache", "measurement_losses", "prepare", "baselines",
            "run_stage"]
@@ -60,10 +77,11 @@ def _calibration_windows(inputs: Inputs) -> TokenWindows:
     return windows
 
 
-def _compare(engine: KLEngine, solutions: dict[str, Solution], chosen: str) -> dict[str, dict[str, float]]:
-    """KL ± SE of every solution and its paired difference from `chosen`, on the engine's windows."""
-    kls = {name: engine.evaluate(s.assignment).kl for name, s in solutions.items()}
-    n = engine.num_sequences
+def _compare(engine_for: Callable[[str], KLEngine], solutions: dict[str, Solution],
+             chosen: str) -> dict[str, dict[str, float]]:
+    """KL ± SE of every solution and its paired difference from `chosen`, all on the same windows."""
+    kls = {name: engine_for(name).evaluate(s.assignment).kl for name, s in solutions.items()}
+    n = engine_for(chosen).num_sequences
     out = {}
     for name, kl in kls.items():
         diff, diff_se = paired_difference(kl, kls[chosen], n)
@@ -76,12 +94,15 @@ def _sequence_se(kl: torch.Tensor, num_sequences: int) -> float:
 
 
 def _recipe(inputs: Inputs, config: StageConfig, solution: Solution, kl: dict[str, float],
-            provenance: dict[str, Any]) -> Recipe:
-    first = next(iter(inputs.variants.values()))
+            provenance: dict[str, Any], variants: dict[int, Variant] | None = None) -> Recipe:
+    """The recipe of `solution` over `variants` (default: the measured ones, whose group size it records)."""
+    variants = variants or inputs.variants
+    table = inputs.table if variants is inputs.variants else CostTable.from_variants(inputs.model_map, variants)
+    quantizer = QuantSettings.from_config(next(iter(variants.values())).config)
     return Recipe(
         model=ModelRef(inputs.checkpoint.path.name, inputs.checkpoint.model_type, inputs.checkpoint.fingerprint),
-        granularity=inputs.model_map.granularity, quantizer=QuantSettings.from_config(first.config),
-        groups=dict(solution.assignment), budget=config.budget, achieved=inputs.table.achieved(solution.assignment),
+        granularity=inputs.model_map.granularity, quantizer=quantizer,
+        groups=dict(solution.assignment), budget=config.budget, achieved=table.achieved(solution.assignment),
         provenance=provenance, kl=kl)
 
 
@@ -105,23 +126,55 @@ class EngineCache:
     so a sweep over budgets captures each reference once. Pass one to `run_stage` to share it."""
 
     def __init__(self) -> None:
-        self._engines: dict[tuple[str, str, str], KLEngine] = {}
+        self._engines: dict[tuple[str, str, str, tuple[str, ...]], KLEngine] = {}
         self._models: dict[str, torch.nn.Module] = {}
 
-    def get(self, inputs: Inputs, windows: TokenWindows, device: str) -> KLEngine:
-        key = (inputs.checkpoint.fingerprint, inputs.model_map.granularity.value, windows.spec.sha256)
+    def get(self, inputs: Inputs, windows: TokenWindows, device: str,
+            variants: dict[int, Variant] | None = None) -> KLEngine:
+        """The engine on `windows` over `variants` (default: the measured ones)."""
+        variants = inputs.variants if variants is None else variants
+        ids = tuple(str(v.manifest["variant_id"]) for _, v in sorted(variants.items()))
+        key = (inputs.checkpoint.fingerprint, inputs.model_map.granularity.value, windows.spec.sha256, ids)
         if key not in self._engines:
             fingerprint = inputs.checkpoint.fingerprint
             if fingerprint not in self._models:
                 self._models[fingerprint] = load_model(inputs.checkpoint)
-            self._engines[key] = KLEngine(self._models[fingerprint], inputs.model_map, windows, inputs.variants,
-                                          device)
+            self._engines[key] = KLEngine(self._models[fingerprint], inputs.model_map, windows, variants, device)
         return self._engines[key]
 
 
-def _search_on_calibration(inputs: Inputs, config: StageConfig, engines: EngineCache,
-                           compared: dict[str, Solution]) -> tuple[SearchResult, dict[str, Any], TokenWindows,
-                                                                   dict[str, dict[str, float]]]:
+@dataclass
+class _Uniform:
+    """The nearest uniform quant at or above the budget, as a solution plus the variant it runs on
+    (None: it is one of the measured variants)."""
+
+    quant: UniformQuant
+    solution: Solution
+    variants: dict[int, Variant] | None
+
+
+def _nearest_uniform(inputs: Inputs, config: StageConfig) -> _Uniform:
+    quant = nearest_uniform(uniform_grid(inputs, config.uniform_group_sizes), inputs.limit_bits)
+    bits = quant.config.bits
+    solution = Solution({name: bits for name in inputs.table.names}, quant.cost, math.nan, quant.label)
+    measured = inputs.variants[bits]
+    if measured.config == quant.config:
+        return _Uniform(quant, solution, None)
+    kinds = tuple(GroupKind(k) for k in measured.manifest["kinds"])
+    variant = ensure_variants(inputs.checkpoint, inputs.model_map, [quant.config], config.work, kinds)[0]
+    return _Uniform(quant, solution, {bits: variant})
+
+
+def _engine_for(inputs: Inputs, config: StageConfig, engines: EngineCache, windows: TokenWindows,
+                nearest: _Uniform) -> Callable[[str], KLEngine]:
+    """Which engine evaluates a compared recipe: the uniform baseline's own variant, or the measured ones."""
+    return lambda name: engines.get(inputs, windows, config.device,
+                                    nearest.variants if name == "uniform" else None)
+
+
+def _search_on_calibration(inputs: Inputs, config: StageConfig, engines: EngineCache, compared: dict[str, Solution],
+                           nearest: _Uniform) -> tuple[SearchResult, dict[str, Any], TokenWindows,
+                                                       dict[str, dict[str, float]]]:
     """Run the study on the measurement's windows; returns it, provenance, windows and calibration comparison."""
     calibration = _calibration_windows(inputs)
     engine = engines.get(inputs, calibration, config.device)
@@ -137,7 +190,9 @@ def _search_on_calibration(inputs: Inputs, config: StageConfig, engines: EngineC
     result = run_search(inputs.problem, inputs.limit_bits, lambda a: engine.evaluate(a).kl, engine.num_sequences,
                         starts, config.search, recipe_for, context)
     compared["mixprec"] = result.best
-    return result, provenance, calibration, _compare(engine, compared, "mixprec")
+    compared["uniform"] = nearest.solution
+    engine_for = _engine_for(inputs, config, engines, calibration, nearest)
+    return result, provenance, calibration, _compare(engine_for, compared, "mixprec")
 
 
 def run_stage(config: StageConfig, inputs: Inputs | None = None, engines: EngineCache | None = None) -> StageResult:
@@ -145,20 +200,30 @@ def run_stage(config: StageConfig, inputs: Inputs | None = None, engines: Engine
     inputs = inputs or prepare(config)
     engines = engines or EngineCache()
     compared = {k: v for k, v in baselines(inputs).items() if k != "dp"}
-    result, provenance, calibration, calib = _search_on_calibration(inputs, config, engines, compared)
+    nearest = _nearest_uniform(inputs, config)
+    result, provenance, calibration, calib = _search_on_calibration(inputs, config, engines, compared, nearest)
     compared = {"mixprec": compared.pop("mixprec"), **compared}
     held_out = load_windows(inputs.checkpoint.path, "evaluation",
                             WindowConfig(config.eval_seq_len, config.eval_windows), list(config.eval_files) or None)
     require_disjoint(calibration.spec, held_out.spec)
-    evaluation = _compare(engines.get(inputs, held_out, config.device), compared, "mixprec")
+    evaluation = _compare(_engine_for(inputs, config, engines, held_out, nearest), compared, "mixprec")
     rows = _rows(inputs, compared, calib, evaluation)
-    best = result.best
-    kl = {"predicted": best.loss, "calibration": calib["mixprec"]["kl"], "calibration_se": calib["mixprec"]["se"],
-          "evaluation": evaluation["mixprec"]["kl"], "evaluation_se": evaluation["mixprec"]["se"]}
-    provenance = {**provenance, "solver": f"search (best trial {best.extra.get('trial')}, from {best.solver})",
-                  "study": {"name": result.study_name, "storage": result.storage_url},
+    provenance = {**provenance, "study": {"name": result.study_name, "storage": result.storage_url},
                   "evaluation": held_out.spec.to_dict(), "comparison": rows}
-    return StageResult(_recipe(inputs, config, best, kl, provenance), rows, result)
+    best, shipped = result.best, "mixprec"
+    provenance["solver"] = f"search (best trial {best.extra.get('trial')}, from {best.solver})"
+    if nearest.solution.cost <= inputs.limit_bits and calib["uniform"]["kl"] < calib["mixprec"]["kl"]:
+        # FIELD.md §3 row 1: never ship a recipe that a uniform quant within the budget beats.
+        log.warning("the uniform quant %s beats the searched recipe on calibration data; shipping it",
+                    nearest.quant.label)
+        best, shipped = nearest.solution, "uniform"
+        provenance["solver"] = f"{nearest.quant.label} (it beat the study's best trial on calibration data)"
+    kl = {"calibration": calib[shipped]["kl"], "calibration_se": calib[shipped]["se"],
+          "evaluation": evaluation[shipped]["kl"], "evaluation_se": evaluation[shipped]["se"]}
+    if not math.isnan(best.loss):
+        kl["predicted"] = best.loss
+    variants = nearest.variants if shipped == "uniform" else None
+    return StageResult(_recipe(inputs, config, best, kl, provenance, variants), rows, result)
 
 
 def _rows(inputs: Inputs, compared: dict[str, Solution], calib: dict[str, dict[str, float]],
@@ -167,7 +232,8 @@ def _rows(inputs: Inputs, compared: dict[str, Solution], calib: dict[str, dict[s
     for name, solution in compared.items():
         e, c = evaluation[name], calib[name]
         rows.append({"recipe": name, "solver": solution.solver, "bpw": round(solution.cost / inputs.table.params, 4),
-                     "predicted": solution.loss, "calibration_kl": c["kl"], "calibration_se": c["se"],
+                     "predicted": None if math.isnan(solution.loss) else solution.loss,
+                     "calibration_kl": c["kl"], "calibration_se": c["se"],
                      "calibration_diff": c["diff"], "calibration_diff_se": c["diff_se"],
                      "evaluation_kl": e["kl"], "evaluation_se": e["se"],
                      "diff_vs_mixprec": e["diff"], "diff_se": e["diff_se"],

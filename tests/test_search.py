@@ -8,6 +8,7 @@ Run: HF_HUB_OFFLINE=1 .venv/bin/python -m pytest tests/test_search.py -q
 
 from __future__ import annotations
 
+import math
 import random
 import shutil
 from dataclasses import dataclass
@@ -18,17 +19,20 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from mixprec.budget import Constraints, CostTable
+from mixprec.budget import Constraints, CostTable, budget_limit_bits
 from mixprec.cli import main
 from mixprec.data import WindowConfig, windows_from_tokens
 from mixprec.engine import KLEngine
 from mixprec.errors import FingerprintMismatchError
 from mixprec.exl3_yaml import Exl3Overrides, exl3_to_groups, source_bits
 from mixprec.loading import Checkpoint, load_model
+from mixprec.measure import MeasureConfig
 from mixprec.moves import blocks, fill, mutate, repair, total_cost
-from mixprec.quant import QuantConfig
-from mixprec.recipe import Recipe
+from mixprec.quant import QuantConfig, storage_bits
+from mixprec.recipe import Budget, Recipe
 from mixprec.search import SearchConfig, run_search
+from mixprec.search_inputs import StageConfig, baselines, nearest_uniform, prepare, seeds, uniform_grid
+from mixprec.search_pipeline import run_stage
 from mixprec.solve import Problem, Solution, greedy, hq_at_budget, pareto_front, uniform
 from mixprec.variants import ensure_variants
 from tests.test_solve import random_problem
@@ -264,6 +268,71 @@ def test_other_tables_seed_the_study(tiny_model_dirs: dict[str, Path], tmp_path:
     code, _, err = mixprec("search", *data, "--eval-windows", "4", "--studies-dir", str(tmp_path / "studies"),
                            "--budget", "3", "--trials", "1", "--study", "t", capsys=capsys)
     assert code == 0, err
-    study = optuna.load_study(study_name="t", storage=f"sqlite:///{tmp_path / 'studies' / 't.db'}")
-    labels = {t.user_attrs.get("seed") for t in study.trials}
-    assert any(str(label).startswith("raise-b2-fine:") for label in labels), labels
+    config = StageConfig(work=tmp_path / "work", budget=Budget(bpw=3.0), model=str(model), granularity="fine",
+                         measure=MeasureConfig(work=tmp_path / "work", model=str(model), bits=(2, 3, 4),
+                                               granularity="fine", num_windows=4, seq_len=32))
+    inputs = prepare(config)
+    assert list(inputs.others) == ["raise-b2-fine"]
+    labels = [s.solver for s in seeds(inputs, baselines(inputs), 2)]
+    assert any(label.startswith("raise-b2-fine:") for label in labels), labels
+    assert all(s.cost <= inputs.limit_bits for s in seeds(inputs, baselines(inputs), 2))
+
+
+@pytest.mark.slow
+def test_uniform_baseline_is_the_nearest_quant_over_widths_and_group_sizes(
+        tiny_model_dirs: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The uniform baseline is the cheapest uniform quant at or above the budget over every width and group
+    size, with exact costs (so e.g. 2-bit g32 is chosen over 3-bit g64 when it reaches the budget)."""
+    monkeypatch.chdir(tmp_path)
+    model = tmp_path / "tiny"
+    shutil.copytree(tiny_model_dirs["qwen2_moe"], model)
+    _bundle_splits(model)
+    measure = MeasureConfig(work=tmp_path / "work", model=str(model), bits=(2, 3, 4), granularity="layer",
+                            num_windows=4, seq_len=32)
+    config = StageConfig(work=tmp_path / "work", budget=Budget(bpw=2.5), model=str(model), granularity="layer",
+                         measure=measure)
+    inputs = prepare(config)
+    grid = uniform_grid(inputs, (32, 64, 128))
+    groups = [inputs.model_map.group(n) for n in inputs.table.names]
+    assert {(u.config.bits, u.config.group_size) for u in grid} == {(b, g) for b in (2, 3, 4) for g in (32, 64, 128)}
+    for u in grid:
+        assert u.cost == sum(storage_bits(u.config, r.shape) for g in groups for r in g.weights)
+        assert u.config.clip_search is False and u.config.method == "rtn"
+    assert [u.cost for u in grid] == sorted(u.cost for u in grid)
+    for limit in (grid[0].cost - 1, grid[0].cost, grid[3].cost - 1, grid[-1].cost, grid[-1].cost + 1):
+        chosen = nearest_uniform(grid, limit)
+        reaching = [u.cost for u in grid if u.cost >= limit]
+        assert chosen.cost == (min(reaching) if reaching else grid[-1].cost)
+    two_bit_g32 = next(u for u in grid if (u.config.bits, u.config.group_size) == (2, 32))
+    assert nearest_uniform(grid, two_bit_g32.cost).config == two_bit_g32.config
+    assert nearest_uniform(uniform_grid(inputs, (64,)), two_bit_g32.cost).config.bits == 3
+
+
+@pytest.mark.slow
+def test_a_uniform_quant_within_the_budget_that_beats_the_search_is_shipped(
+        tiny_model_dirs: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Searching only 2-bit g64 at exactly the size of uniform 2-bit g32: the study can only return uniform
+    g64, the finer-grouped uniform quant fits the budget and is better, so the stage ships it (FIELD.md §3)."""
+    monkeypatch.chdir(tmp_path)
+    model = tmp_path / "tiny"
+    shutil.copytree(tiny_model_dirs["qwen2_moe"], model)
+    _bundle_splits(model)
+    measure = MeasureConfig(work=tmp_path / "work", model=str(model), bits=(2,), granularity="layer",
+                            num_windows=4, seq_len=32)
+    probe = StageConfig(work=tmp_path / "work", budget=Budget(bpw=4.0), model=str(model), granularity="layer",
+                        measure=measure)
+    inputs = prepare(probe)
+    g32 = next(u for u in uniform_grid(inputs, (32,)) if u.config.group_size == 32)
+    budget = Budget(bpw=math.ceil(g32.cost / inputs.table.params * 1e6) / 1e6)
+    config = StageConfig(work=tmp_path / "work", budget=budget, model=str(model), granularity="layer",
+                         measure=measure, eval_windows=4, eval_seq_len=32,
+                         search=SearchConfig(trials=2, studies_dir=tmp_path / "studies", study_name="guard"))
+    result = run_stage(config)
+    rows = {r["recipe"]: r for r in result.comparison}
+    assert rows["uniform"]["solver"] == "uniform-2b-g32" and rows["uniform"]["predicted"] is None
+    assert rows["uniform"]["calibration_kl"] < rows["mixprec"]["calibration_kl"]
+    recipe = result.recipe
+    assert recipe.quantizer.group_size == 32 and set(recipe.groups.values()) == {2}
+    assert recipe.achieved["storage_bits"] == g32.cost <= budget_limit_bits(budget, inputs.table)
+    assert recipe.kl["calibration"] == rows["uniform"]["calibration_kl"]
+    assert "uniform-2b-g32" in recipe.provenance["solver"]

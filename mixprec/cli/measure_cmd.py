@@ -30,7 +30,7 @@ from mixprec.cli.common import add_model_argument, add_work_argument, default_wo
 from mixprec.engine import EngineConfig
 from mixprec.measure import MeasureConfig, load_measurement, run_measure
 from mixprec.measure_output import format_table
-from mixprec.quant import SUPPORTED_BITS, SUPPORTED_GROUP_SIZES, quantizer_names
+from mixprec.quant import SUPPORTED_BITS, SUPPORTED_GROUP_SIZES, QuantConfig, quantizer_names
 
 __all__ = ["register", "config_from_args"]
 
@@ -61,7 +61,8 @@ def _add_advanced(parser: argparse.ArgumentParser) -> None:
                        help="quantizer group size (default 64)")
     group.add_argument("--asym", action="store_true", help="asymmetric quantization")
     group.add_argument("--method", default="rtn", choices=quantizer_names(), help="quantizer (default rtn)")
-    group.add_argument("--no-clip-search", action="store_true", help="plain min/max scales")
+    group.add_argument("--clip-search", action=argparse.BooleanOptionalAction, default=QuantConfig.clip_search,
+                       help="per-group MSE clipping search instead of sign-aware absmax scales (default off)")
     group.add_argument("--no-quantize", action="store_true",
                        help="fail instead of quantizing missing variants")
     group.add_argument("--storage", default=None, metavar="URL",
@@ -92,7 +93,7 @@ def config_from_args(args: argparse.Namespace) -> MeasureConfig:
         work=default_work_dir(args.model, args.work), model=args.model, mode=args.mode, bits=tuple(args.bits),
         base_bits=args.base_bits, granularity=args.granularity, kinds=tuple(args.kinds), num_windows=args.windows,
         seq_len=args.seq_len, data_files=tuple(args.data or ()), method=args.method, group_size=args.group_size,
-        symmetric=not args.asym, clip_search=not args.no_clip_search, storage=args.storage, device=args.device,
+        symmetric=not args.asym, clip_search=args.clip_search, storage=args.storage, device=args.device,
         engine=engine, batch_jobs=args.batch_jobs, max_jobs=args.max_jobs, reset_stale=args.reset_stale,
         quantize_missing=not args.no_quantize,
     )

@@ -48,8 +48,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="weights per scale along the input dimension (default 64)")
     parser.add_argument("--asym", action="store_true", help="asymmetric (integer zero point per group)")
     parser.add_argument("--method", default="rtn", choices=quantizer_names(), help="quantizer (default rtn)")
-    parser.add_argument("--no-clip-search", action="store_true",
-                        help="plain min/max scales instead of the per-group MSE clipping search")
+    parser.add_argument("--clip-search", action=argparse.BooleanOptionalAction, default=QuantConfig.clip_search,
+                        help="per-group MSE clipping search instead of sign-aware absmax scales (default off: "
+                             "it lowers weight error but raised whole-model KL on the bundled model)")
     parser.add_argument("--kinds", nargs="+", default=[k.value for k in DEFAULT_QUANTIZED_KINDS],
                         choices=[k.value for k in GroupKind], metavar="KIND",
                         help="group kinds to quantize (default: attention dense_mlp shared_experts "
@@ -77,7 +78,7 @@ def _add_calibration_arguments(parser: argparse.ArgumentParser) -> None:
 def configs_from_args(args: argparse.Namespace) -> list[QuantConfig]:
     """Validated settings, one per requested bit width (duplicates removed, order kept)."""
     return [QuantConfig(method=args.method, bits=bits, group_size=args.group_size, symmetric=not args.asym,
-                        clip_search=not args.no_clip_search)
+                        clip_search=args.clip_search)
             for bits in dict.fromkeys(args.bits)]
 
 

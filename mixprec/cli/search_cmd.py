@@ -31,7 +31,7 @@ from mixprec.errors import MixprecError
 from mixprec.exl3_yaml import recipe_to_exl3
 from mixprec.loading import resolve_model_path
 from mixprec.measure import MeasureConfig
-from mixprec.quant import quantizer_names
+from mixprec.quant import SUPPORTED_GROUP_SIZES, QuantConfig, quantizer_names
 from mixprec.recipe import Budget
 from mixprec.search import SAMPLERS, SearchConfig, quiet_optuna
 from mixprec.search_pipeline import StageConfig, prepare, run_stage
@@ -69,6 +69,11 @@ def _add_advanced(parser: argparse.ArgumentParser) -> None:
                        help="widths of the measurement (default 2 3 4 5 6 8)")
     group.add_argument("--group-size", type=int, default=64, help="quantizer group size (default 64)")
     group.add_argument("--method", default="rtn", choices=quantizer_names(), help="quantizer (default rtn)")
+    group.add_argument("--clip-search", action=argparse.BooleanOptionalAction, default=QuantConfig.clip_search,
+                       help="RTN per-group MSE clipping search (default off)")
+    group.add_argument("--uniform-group-sizes", type=int, nargs="+", default=list(SUPPORTED_GROUP_SIZES),
+                       metavar="G", help="group sizes of the uniform quants the nearest-uniform baseline is picked "
+                                         f"from (default {' '.join(map(str, SUPPORTED_GROUP_SIZES))})")
     group.add_argument("--windows", type=int, default=32, help="calibration windows of the measurement (default 32)")
     group.add_argument("--eval-windows", type=int, default=32, help="held-out evaluation windows (default 32)")
     group.add_argument("--seq-len", type=int, default=256, help="tokens per window (default 256)")
@@ -112,7 +117,7 @@ def config_from_args(args: argparse.Namespace) -> StageConfig:
     measure = MeasureConfig(work=work, model=args.model, mode=args.mode, bits=tuple(args.bits),
                             base_bits=args.base_bits, granularity=args.granularity, num_windows=args.windows,
                             seq_len=args.seq_len, group_size=args.group_size, method=args.method,
-                            device=args.device)
+                            clip_search=args.clip_search, device=args.device)
     constraints = Constraints(pins=parse_settings(args.pin, "--pin", allow_null=True),
                               floors=parse_settings(args.floor, "--floor"),  # type: ignore[arg-type]
                               ceilings=parse_settings(args.ceiling, "--ceiling"))  # type: ignore[arg-type]
@@ -121,7 +126,8 @@ def config_from_args(args: argparse.Namespace) -> StageConfig:
     return StageConfig(work=work, budget=budget, model=args.model, granularity=args.granularity, measure=measure,
                        constraints=constraints, search=search, eval_windows=args.eval_windows,
                        eval_seq_len=args.seq_len, eval_files=tuple(args.eval_data or ()), device=args.device,
-                       measure_if_missing=not args.no_measure)
+                       measure_if_missing=not args.no_measure,
+                       uniform_group_sizes=tuple(dict.fromkeys(args.uniform_group_sizes)))
 
 
 def _fmt(value: float, se: float) -> str:
@@ -130,7 +136,8 @@ def _fmt(value: float, se: float) -> str:
 
 def _print(rows: list[dict[str, object]], budget: Budget) -> None:
     print(f"held-out KL(ref||q) at budget {_label(budget)} (mean ± se over sequences; diff is paired vs mixprec):")
-    table = [{"recipe": r["recipe"], "bpw": f"{r['bpw']:.4f}", "predicted": f"{r['predicted']:.3e}",
+    table = [{"recipe": r["recipe"], "solver": r["solver"], "bpw": f"{r['bpw']:.4f}",
+              "predicted": "-" if r["predicted"] is None else f"{r['predicted']:.3e}",
               "calibration": _fmt(r["calibration_kl"], r["calibration_se"]),  # type: ignore[arg-type]
               "cal. diff": f"{r['calibration_diff']:+.2e} ± {r['calibration_diff_se']:.1e}",
               "evaluation": _fmt(r["evaluation_kl"], r["evaluation_se"]),  # type: ignore[arg-type]

@@ -45,7 +45,7 @@ class QuantConfig:
     bits: int = 4
     group_size: int = 64
     symmetric: bool = True
-    clip_search: bool = True
+    clip_search: bool = False
     clip_grid: int = 32
 
     def __post_init__(self) -> None:

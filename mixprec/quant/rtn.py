@@ -1,12 +1,14 @@
-"""Round-to-nearest group quantization with a per-group clipping search.
+"""Round-to-nearest group quantization: sign-aware absmax scales, with an optional clipping search.
 
 Plain absmax scaling wastes levels: at 2 bits symmetric absmax is effectively ternary because the
-most negative level is never used (FIELD.md §9.4). Instead, for every group we try `clip_grid`
-scales between a strongly clipped one and the no-clipping one and keep the one with the smallest
-squared error, measured after the scale is rounded to fp16 (the error that will really be stored).
-Symmetric groups put their extra level (-2^(b-1)) on the side of the larger-magnitude extreme by
-letting the scale be negative. Rows are independent, so a fused expert tensor [E, out, in] is
-quantized in one batched call that equals quantizing each expert alone.
+most negative level is never used (FIELD.md §9.4). Symmetric groups therefore put their extra level
+(-2^(b-1)) on the side of the larger-magnitude extreme by letting the scale be negative. With
+`clip_search` on, every group also tries `clip_grid` scales between a strongly clipped one and the
+no-clipping one and keeps the one with the smallest squared error, measured after the scale is
+rounded to fp16. It is off by default: on the bundled model it lowers weight error but raises
+whole-model KL (it clips the outliers the output depends on) and makes the additive estimate of
+mixed recipes less faithful (README, Quantizers). Rows are independent, so a fused expert tensor
+[E, out, in] is quantized in one batched call that equals quantizing each expert alone.
 """
 
 from __future__ import annotations

@@ -243,6 +243,7 @@ def additivity_figure(trials: pd.DataFrame, comparison: pd.DataFrame, title: str
         points.append(trials[["predicted", "kl"]].to_numpy(dtype=float))
     if not comparison.empty:
         held = comparison.drop_duplicates(["solver", "bpw"])
+        held = held[held["predicted"].notna()]  # a uniform quant at another group size has no estimate
         ax.errorbar(held["predicted"], held["evaluation_kl"], yerr=held["evaluation_se"], marker="x",
                     linestyle="none", capsize=2, markersize=7, color="C3", label="compared recipes (held-out)")
         points.append(held[["predicted", "evaluation_kl"]].to_numpy(dtype=float))
