@@ -34,6 +34,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--granularity", nargs="+", default=["layer", "fine"], choices=["layer", "fine", "expert"])
     p.add_argument("--trials", type=int, default=40)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--group-size", type=int, default=64, help="group size of the searched variants (default 64)")
+    p.add_argument("--eval-windows", type=int, default=32, help="held-out windows of 256 tokens (default 32)")
     p.add_argument("--studies-dir", type=Path, default=Path("studies"))
     p.add_argument("--recipes", type=Path, default=Path("recipes"), help="where recipes of --save-granularity go")
     p.add_argument("--save-granularity", default="fine")
@@ -44,16 +46,18 @@ def _parser() -> argparse.ArgumentParser:
 def _one(args: argparse.Namespace, granularity: str, budget: float, engines: EngineCache) -> dict[str, object]:
     work = default_work_dir(args.model, args.work)
     name = (args.model and Path(args.model).name) or "stdlib-moe"
-    study = f"{name}-{granularity}-{budget:g}bpw-s{args.seed}"
+    size = "" if args.group_size == 64 else f"-g{args.group_size}"
+    study = f"{name}-{granularity}{size}-{budget:g}bpw-s{args.seed}"
+    measure = MeasureConfig(work=work, model=args.model, granularity=granularity, group_size=args.group_size)
     config = StageConfig(work=work, budget=Budget(bpw=budget), model=args.model, granularity=granularity,
-                         measure=MeasureConfig(work=work, model=args.model, granularity=granularity),
+                         measure=measure, eval_windows=args.eval_windows,
                          search=SearchConfig(trials=args.trials, seed=args.seed, study_name=study,
                                              studies_dir=args.studies_dir))
     started = time.perf_counter()
     result = run_stage(config, engines=engines)
     seconds = time.perf_counter() - started
     if granularity == args.save_granularity:
-        result.recipe.save(args.recipes / f"{name}-{budget}bpw.yaml")
+        result.recipe.save(args.recipes / f"{name}{size}-{budget}bpw.yaml")
     return {"granularity": granularity, "budget": budget, "seconds": round(seconds, 1), "rows": result.comparison}
 
 

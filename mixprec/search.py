@@ -45,6 +45,7 @@ from mixprec.fileio import sha256_text
 from mixprec.kl import bootstrap_se, paired_difference
 from mixprec.measure_store import owner_is_dead, process_owner
 from mixprec.moves import repair, total_cost
+from mixprec.progress import progress
 from mixprec.recipe import Recipe
 from mixprec.search_sampler import LocalMoveSampler, feasible
 from mixprec.solve import Problem, Solution
@@ -284,8 +285,8 @@ def run_search(problem: Problem, limit_bits: int, evaluate: Evaluator, num_seque
     _enqueue_seeds(study, problem, seeds)
     objective = _Objective(problem, limit_bits, evaluate, num_sequences, config, seeds[0], recipe_for)
     remaining = config.trials - len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
-    if remaining > 0:
-        study.optimize(objective, n_trials=remaining)
+    for _ in progress(range(max(remaining, 0)), desc=f"study {config.study_name}", unit="trial"):
+        study.optimize(objective, n_trials=1)  # one at a time, so the bar moves per finished trial
     pareto = ([{"number": t.number, "kl": t.values[0], "bpw": t.values[1]} for t in study.best_trials]
               if config.multi_objective else [])
     return SearchResult(_choose(study, problem, limit_bits), _history(study), config.study_name,

@@ -110,10 +110,24 @@ def measurement_losses(measurement: Measurement) -> dict[str, dict[int, float]]:
     return losses
 
 
+def _check_settings(measurement: Measurement, measure: MeasureConfig) -> Measurement:
+    """Refuse a table measured with other quantizer settings than asked for (its folder name does not say)."""
+    recorded = measurement.summary["settings"]
+    wanted = {**measure.settings(), "num_windows": measure.num_windows, "seq_len": measure.seq_len}
+    differ = {k: (recorded.get(k), v) for k, v in wanted.items() if recorded.get(k) != v}
+    if differ:
+        described = ", ".join(f"{k}={old!r} there, {new!r} asked" for k, (old, new) in sorted(differ.items()))
+        raise FingerprintMismatchError(f"{measurement.folder} was measured with other settings ({described}); pass "
+                                       "the same settings, or use another --work folder for a new measurement")
+    return measurement
+
+
 def _ensure_measurement(config: StageConfig) -> Measurement:
     measure = config.measure_config()
     try:
-        return load_measurement(measure.folder)
+        return _check_settings(load_measurement(measure.folder), measure)
+    except FingerprintMismatchError:
+        raise
     except MixprecError:
         if not config.measure_if_missing:
             raise

@@ -38,7 +38,6 @@ __all__ = [
     "pareto_front",
     "greedy",
     "uniform",
-    "uniform_at_or_above",
     "hq_rule",
     "hq_at_budget",
     "HQ_EXTRA_BITS",
@@ -238,13 +237,6 @@ def uniform(problem: Problem, bits: int) -> Solution:
     """Every group at `bits` (pinned or bounded groups at their nearest allowed width)."""
     picks = [_nearest_index(opts, bits) for opts in problem.options]
     return problem.solution(problem.assignment(picks), f"uniform-{bits}")
-
-
-def uniform_at_or_above(problem: Problem, levels: Sequence[int], limit_bits: int) -> Solution:
-    """The cheapest uniform recipe whose size reaches the budget (the largest one if none does)."""
-    candidates = [uniform(problem, b) for b in sorted(levels)]
-    reaching = [s for s in candidates if s.cost >= limit_bits]
-    return reaching[0] if reaching else candidates[-1]
 
 
 def _hq_order(problem: Problem) -> list[int]:

@@ -40,8 +40,12 @@ def test_demo_runs_every_stage_and_writes_its_outputs(demo_run: Path) -> None:
         searched = row["comparison"]["mixprec"]["evaluation_kl"]
         assert row["compiled_kl"] == pytest.approx(searched, rel=1e-3, abs=1e-9)
     assert (demo_run / "measure" / "drop-fine" / "table.csv").exists()
-    assert sorted(p.name for p in (demo_run / "variants").iterdir()) == [
-        f"rtn-b{b}-g64-sym" for b in (2, 3, 4, 8)]
+    # the searched widths at g64, plus the nearest uniform quant of each budget (any group size, e.g. 3-bit g128)
+    searched = {f"rtn-b{b}-g64-sym" for b in (2, 3, 4, 8)}
+    uniform = [row["comparison"]["uniform"]["solver"].split("-") for row in summary["budgets"]]
+    assert all(label[0] == "uniform" and label[1].endswith("b") for label in uniform), uniform
+    nearest = {f"rtn-b{label[1][:-1]}-{label[2]}-sym" for label in uniform}
+    assert {p.name for p in (demo_run / "variants").iterdir()} == searched | nearest
 
 
 def test_rerunning_the_demo_reuses_finished_work(demo_run: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 import random
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import optuna
@@ -205,6 +205,15 @@ def _bundle_splits(folder: Path) -> None:
         save_file({"tokens": tokens}, folder / f"{split}.safetensors")
 
 
+def _tiny_model(tiny_model_dirs: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A private copy of the tiny Qwen2-MoE with bundled data splits; the test runs inside tmp_path."""
+    monkeypatch.chdir(tmp_path)
+    model = tmp_path / "tiny"
+    shutil.copytree(tiny_model_dirs["qwen2_moe"], model)
+    _bundle_splits(model)
+    return model
+
+
 def mixprec(*args: str, capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
     """Run the real CLI entry point in-process; returns (exit code, stdout, stderr)."""
     code = main(list(args))
@@ -215,10 +224,7 @@ def mixprec(*args: str, capsys: pytest.CaptureFixture[str]) -> tuple[int, str, s
 @pytest.mark.slow
 def test_cli_search_end_to_end(tiny_model_dirs: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                capsys: pytest.CaptureFixture[str]) -> None:
-    monkeypatch.chdir(tmp_path)
-    model = tmp_path / "tiny"
-    shutil.copytree(tiny_model_dirs["qwen2_moe"], model)
-    _bundle_splits(model)
+    model = _tiny_model(tiny_model_dirs, tmp_path, monkeypatch)
     common = [str(model), "--work", str(tmp_path / "work"), "--bits", "2", "3", "4", "--windows", "4",
               "--seq-len", "32", "--eval-windows", "4", "--studies-dir", str(tmp_path / "studies")]
     code, _, err = mixprec("search", *common, "--budget", "1.5", capsys=capsys)
@@ -257,10 +263,7 @@ def test_concordance() -> None:
 def test_other_tables_seed_the_study(tiny_model_dirs: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                      capsys: pytest.CaptureFixture[str]) -> None:
     """A raise-mode table beside the drop-mode one contributes its DP/greedy solutions as seeds."""
-    monkeypatch.chdir(tmp_path)
-    model = tmp_path / "tiny"
-    shutil.copytree(tiny_model_dirs["qwen2_moe"], model)
-    _bundle_splits(model)
+    model = _tiny_model(tiny_model_dirs, tmp_path, monkeypatch)
     data = [str(model), "--work", str(tmp_path / "work"), "--bits", "2", "3", "4", "--windows", "4",
             "--seq-len", "32"]
     code, _, err = mixprec("measure", *data, "--granularity", "fine", "--mode", "raise", capsys=capsys)
@@ -283,10 +286,7 @@ def test_uniform_baseline_is_the_nearest_quant_over_widths_and_group_sizes(
         tiny_model_dirs: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The uniform baseline is the cheapest uniform quant at or above the budget over every width and group
     size, with exact costs (so e.g. 2-bit g32 is chosen over 3-bit g64 when it reaches the budget)."""
-    monkeypatch.chdir(tmp_path)
-    model = tmp_path / "tiny"
-    shutil.copytree(tiny_model_dirs["qwen2_moe"], model)
-    _bundle_splits(model)
+    model = _tiny_model(tiny_model_dirs, tmp_path, monkeypatch)
     measure = MeasureConfig(work=tmp_path / "work", model=str(model), bits=(2, 3, 4), granularity="layer",
                             num_windows=4, seq_len=32)
     config = StageConfig(work=tmp_path / "work", budget=Budget(bpw=2.5), model=str(model), granularity="layer",
@@ -306,6 +306,10 @@ def test_uniform_baseline_is_the_nearest_quant_over_widths_and_group_sizes(
     two_bit_g32 = next(u for u in grid if (u.config.bits, u.config.group_size) == (2, 32))
     assert nearest_uniform(grid, two_bit_g32.cost).config == two_bit_g32.config
     assert nearest_uniform(uniform_grid(inputs, (64,)), two_bit_g32.cost).config.bits == 3
+    other = StageConfig(work=tmp_path / "work", budget=Budget(bpw=2.5), model=str(model), granularity="layer",
+                        measure=replace(measure, group_size=128))
+    with pytest.raises(FingerprintMismatchError, match="group_size=64 there, 128 asked"):
+        prepare(other)
 
 
 @pytest.mark.slow
@@ -313,10 +317,7 @@ def test_a_uniform_quant_within_the_budget_that_beats_the_search_is_shipped(
         tiny_model_dirs: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Searching only 2-bit g64 at exactly the size of uniform 2-bit g32: the study can only return uniform
     g64, the finer-grouped uniform quant fits the budget and is better, so the stage ships it (FIELD.md §3)."""
-    monkeypatch.chdir(tmp_path)
-    model = tmp_path / "tiny"
-    shutil.copytree(tiny_model_dirs["qwen2_moe"], model)
-    _bundle_splits(model)
+    model = _tiny_model(tiny_model_dirs, tmp_path, monkeypatch)
     measure = MeasureConfig(work=tmp_path / "work", model=str(model), bits=(2,), granularity="layer",
                             num_windows=4, seq_len=32)
     probe = StageConfig(work=tmp_path / "work", budget=Budget(bpw=4.0), model=str(model), granularity="layer",

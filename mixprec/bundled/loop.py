@@ -19,6 +19,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from mixprec.progress import progress
+
 __all__ = [
     "LoopConfig",
     "CurvePoint",
@@ -170,12 +172,12 @@ def _batches(tokens: torch.Tensor, cfg: LoopConfig, gen: torch.Generator) -> Ite
 
 def _progress(cfg: LoopConfig, result: LoopResult) -> float:
     """Fraction of the run done: the furthest along of wall budget, CPU budget and step limit."""
-    progress = result.train_seconds / cfg.budget_seconds
+    fraction = result.train_seconds / cfg.budget_seconds
     if cfg.cpu_budget_seconds is not None:
-        progress = max(progress, result.cpu_seconds_per_thread / cfg.cpu_budget_seconds)
+        fraction = max(fraction, result.cpu_seconds_per_thread / cfg.cpu_budget_seconds)
     if cfg.max_steps is not None:
-        progress = max(progress, result.steps / cfg.max_steps)
-    return progress
+        fraction = max(fraction, result.steps / cfg.max_steps)
+    return fraction
 
 
 def _lr_at(cfg: LoopConfig, result: LoopResult) -> float:
@@ -201,7 +203,8 @@ def run_training(
     gen = torch.Generator().manual_seed(cfg.seed)
     opt, result, recent = _optimizer(model, cfg), LoopResult(), []
     model.train()
-    for window in _batches(train_tokens, cfg, gen):
+    # The budget is time or steps, whichever runs out first, so the bar counts steps (total when capped).
+    for window in progress(_batches(train_tokens, cfg, gen), desc="training", unit="step", total=cfg.max_steps):
         lr = _lr_at(cfg, result)
         started, cpu_started = time.perf_counter(), time.process_time()
         for group in opt.param_groups:
