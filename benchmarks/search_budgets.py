@@ -21,7 +21,7 @@ from mixprec.fileio import atomic_write_json
 from mixprec.measure import MeasureConfig
 from mixprec.recipe import Budget
 from mixprec.search import SearchConfig, quiet_optuna
-from mixprec.search_pipeline import EngineCache, StageConfig, run_stage
+from mixprec.search_pipeline import EngineCache, StageConfig, run_stage, run_stages
 
 BASELINES = ("greedy", "hq", "uniform")
 
@@ -34,7 +34,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--granularity", nargs="+", default=["layer", "fine"], choices=["layer", "fine", "expert"])
     p.add_argument("--trials", type=int, default=40)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--group-size", type=int, default=64, help="group size of the searched variants (default 64)")
+    p.add_argument("--group-size", type=int, nargs="+", default=[64],
+                   help="group size(s) of the searched variants (default 64); several run `run_stages`, which "
+                        "ships the one with the lowest calibration KL")
     p.add_argument("--eval-windows", type=int, default=32, help="held-out windows of 256 tokens (default 32)")
     p.add_argument("--studies-dir", type=Path, default=Path("studies"))
     p.add_argument("--recipes", type=Path, default=Path("recipes"), help="where recipes of --save-granularity go")
@@ -46,19 +48,25 @@ def _parser() -> argparse.ArgumentParser:
 def _one(args: argparse.Namespace, granularity: str, budget: float, engines: EngineCache) -> dict[str, object]:
     work = default_work_dir(args.model, args.work)
     name = (args.model and Path(args.model).name) or "stdlib-moe"
-    size = "" if args.group_size == 64 else f"-g{args.group_size}"
-    study = f"{name}-{granularity}{size}-{budget:g}bpw-s{args.seed}"
-    measure = MeasureConfig(work=work, model=args.model, granularity=granularity, group_size=args.group_size)
-    config = StageConfig(work=work, budget=Budget(bpw=budget), model=args.model, granularity=granularity,
-                         measure=measure, eval_windows=args.eval_windows,
-                         search=SearchConfig(trials=args.trials, seed=args.seed, study_name=study,
-                                             studies_dir=args.studies_dir))
+    sizes = list(dict.fromkeys(args.group_size))
+
+    def config(size: int) -> StageConfig:
+        suffix = "" if size == 64 else f"-g{size}"
+        measure = MeasureConfig(work=work, model=args.model, granularity=granularity, group_size=size)
+        search = SearchConfig(trials=args.trials, seed=args.seed, studies_dir=args.studies_dir,
+                              study_name=f"{name}-{granularity}{suffix}-{budget:g}bpw-s{args.seed}")
+        return StageConfig(work=work, budget=Budget(bpw=budget), model=args.model, granularity=granularity,
+                           measure=measure, eval_windows=args.eval_windows, search=search)
+
     started = time.perf_counter()
-    result = run_stage(config, engines=engines)
+    configs = [config(size) for size in sizes]
+    result = run_stage(configs[0], engines=engines) if len(configs) == 1 else run_stages(configs, engines=engines)
     seconds = time.perf_counter() - started
     if granularity == args.save_granularity:
-        result.recipe.save(args.recipes / f"{name}{size}-{budget}bpw.yaml")
-    return {"granularity": granularity, "budget": budget, "seconds": round(seconds, 1), "rows": result.comparison}
+        label = "" if sizes == [64] else "-g" + "+".join(map(str, sizes))
+        result.recipe.save(args.recipes / f"{name}{label}-{budget}bpw.yaml")
+    return {"granularity": granularity, "budget": budget, "group_size": result.recipe.quantizer.group_size,
+            "seconds": round(seconds, 1), "rows": result.comparison}
 
 
 def _print(results: list[dict[str, object]]) -> None:
@@ -69,7 +77,7 @@ def _print(results: list[dict[str, object]]) -> None:
         rows = {row["recipe"]: row for row in r["rows"]}  # type: ignore[attr-defined]
         m = rows["mixprec"]
         line = f"{r['granularity']:6} {r['budget']:6.2f}  {m['evaluation_kl']:.3e}±{m['evaluation_se']:.0e} " \
-               f"({m['bpw']:.3f})"
+               f"({m['bpw']:.3f}, g{r['group_size']})"
         for b in BASELINES:
             x = rows[b]
             line += (f"  {x['evaluation_kl']:.3e}±{x['evaluation_se']:.0e} ({x['bpw']:.3f}) "

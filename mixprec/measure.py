@@ -95,8 +95,16 @@ class MeasureConfig:
 
     @property
     def folder(self) -> Path:
+        """`WORK/measure/<mode>-<granularity>[-<quantizer>]`: the quantizer part names only the settings that
+        differ from the defaults (e.g. `drop-fine-g128`, `drop-fine-gptq-clip`), so tables of other
+        quantizer settings sit beside the default one instead of colliding with it."""
         name = f"drop-{self.granularity}" if self.mode == "drop" else f"raise-b{self.base_bits}-{self.granularity}"
-        return Path(self.work) / "measure" / name
+        default = QuantConfig()
+        parts = [self.method if self.method != default.method else "",
+                 f"g{self.group_size}" if self.group_size != default.group_size else "",
+                 "asym" if self.symmetric != default.symmetric else "",
+                 "clip" if self.clip_search != default.clip_search else ""]
+        return Path(self.work) / "measure" / "-".join([name, *(p for p in parts if p)])
 
     @property
     def measured_bits(self) -> tuple[int, ...]:

@@ -186,11 +186,13 @@ def _other_estimates(main: Measurement, checkpoint: Checkpoint, table: CostTable
     table beside the drop-mode one): their solutions become extra seeds. Tables of other inputs are skipped."""
     granularity = main.summary["settings"]["granularity"]
     found: dict[str, Problem] = {}
-    for folder in sorted(main.folder.parent.glob(f"*-{granularity}")):
+    for folder in sorted(main.folder.parent.iterdir()):
         if folder.resolve() == main.folder.resolve() or not (folder / "table.csv").exists():
             continue
         try:
             other = load_measurement(folder)
+            if other.summary["settings"]["granularity"] != granularity:
+                continue
             if other.summary["variants"] != main.summary["variants"]:
                 raise MixprecError("it was made from other variants")
             _variants(other, checkpoint)

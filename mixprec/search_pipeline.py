@@ -14,14 +14,19 @@ model, so bad input fails in a second. `run_stage` then
 3. re-measures the chosen recipe and every baseline on the held-out **evaluation** split with a
    second engine (`require_disjoint` refuses the calibration tokens), paired on the same tokens, so
    each difference comes with the standard error of the difference;
-4. returns the recipe with predicted / calibration / evaluation KL and its provenance.
+4. returns the recipe with predicted / calibration / evaluation KL and its provenance; when the
+   nearest uniform quant fits the budget and beats the study's pick on calibration data, that is
+   shipped instead (FIELD.md §3 row 1).
+
+`run_stages` does steps 1-2 once per quantizer group size and finishes (3-4) with the recipe of
+the lowest calibration KL, the others joining its held-out comparison.
 """
 
 from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -32,7 +37,7 @@ from mixprec.arch import GroupKind
 from mixprec.budget import CostTable
 from mixprec.data import TokenWindows, WindowConfig, load_windows, require_disjoint
 from mixprec.engine import KLEngine
-from mixprec.errors import FingerprintMismatchError
+from mixprec.errors import FingerprintMismatchError, MixprecError
 from mixprec.fileio import sha256_file
 from mixprec.kl import bootstrap_se, paired_difference
 from mixprec.loading import load_model
@@ -53,7 +58,7 @@ from mixprec.solve import Solution
 from mixprec.variants import Variant, ensure_variants
 
 __all__ = ["StageConfig", "Inputs", "StageResult", "EngineCache", "measurement_losses", "prepare", "baselines",
-           "run_stage"]
+           "run_stage", "run_stages"]
 
 log = logging.getLogger(__name__)
 
@@ -144,38 +149,46 @@ class EngineCache:
 
 
 @dataclass
-class _Uniform:
-    """The nearest uniform quant at or above the budget, as a solution plus the variant it runs on
-    (None: it is one of the measured variants)."""
+class _Candidate:
+    """A compared recipe and the variants it runs on (None: the measured ones of the stage)."""
 
-    quant: UniformQuant
     solution: Solution
-    variants: dict[int, Variant] | None
+    variants: dict[int, Variant] | None = None
 
 
-def _nearest_uniform(inputs: Inputs, config: StageConfig) -> _Uniform:
+def _nearest_uniform(inputs: Inputs, config: StageConfig) -> tuple[UniformQuant, _Candidate]:
     quant = nearest_uniform(uniform_grid(inputs, config.uniform_group_sizes), inputs.limit_bits)
     bits = quant.config.bits
     solution = Solution({name: bits for name in inputs.table.names}, quant.cost, math.nan, quant.label)
     measured = inputs.variants[bits]
     if measured.config == quant.config:
-        return _Uniform(quant, solution, None)
+        return quant, _Candidate(solution)
     kinds = tuple(GroupKind(k) for k in measured.manifest["kinds"])
     variant = ensure_variants(inputs.checkpoint, inputs.model_map, [quant.config], config.work, kinds)[0]
-    return _Uniform(quant, solution, {bits: variant})
+    return quant, _Candidate(solution, {bits: variant})
 
 
-def _engine_for(inputs: Inputs, config: StageConfig, engines: EngineCache, windows: TokenWindows,
-                nearest: _Uniform) -> Callable[[str], KLEngine]:
-    """Which engine evaluates a compared recipe: the uniform baseline's own variant, or the measured ones."""
-    return lambda name: engines.get(inputs, windows, config.device,
-                                    nearest.variants if name == "uniform" else None)
+@dataclass
+class _Searched:
+    """One stage after its study: everything the held-out check and the recipe need."""
+
+    config: StageConfig
+    inputs: Inputs
+    result: SearchResult
+    provenance: dict[str, Any]
+    calibration: TokenWindows
+    uniform: UniformQuant
+    candidates: dict[str, _Candidate]
+
+    @property
+    def group_size(self) -> int:
+        return next(iter(self.inputs.variants.values())).config.group_size
 
 
-def _search_on_calibration(inputs: Inputs, config: StageConfig, engines: EngineCache, compared: dict[str, Solution],
-                           nearest: _Uniform) -> tuple[SearchResult, dict[str, Any], TokenWindows,
-                                                       dict[str, dict[str, float]]]:
-    """Run the study on the measurement's windows; returns it, provenance, windows and calibration comparison."""
+def _study(config: StageConfig, inputs: Inputs, engines: EngineCache) -> _Searched:
+    """Baselines, the nearest uniform quant, and the study on the measurement's calibration windows."""
+    compared = {k: v for k, v in baselines(inputs).items() if k != "dp"}
+    quant, uniform = _nearest_uniform(inputs, config)
     calibration = _calibration_windows(inputs)
     engine = engines.get(inputs, calibration, config.device)
     provenance = _provenance(inputs, config, calibration)
@@ -189,41 +202,68 @@ def _search_on_calibration(inputs: Inputs, config: StageConfig, engines: EngineC
                "budget": asdict(config.budget), "constraints": provenance["constraints"]}
     result = run_search(inputs.problem, inputs.limit_bits, lambda a: engine.evaluate(a).kl, engine.num_sequences,
                         starts, config.search, recipe_for, context)
-    compared["mixprec"] = result.best
-    compared["uniform"] = nearest.solution
-    engine_for = _engine_for(inputs, config, engines, calibration, nearest)
-    return result, provenance, calibration, _compare(engine_for, compared, "mixprec")
+    candidates = {"mixprec": _Candidate(result.best), **{k: _Candidate(v) for k, v in compared.items()},
+                  "uniform": uniform}
+    return _Searched(config, inputs, result, provenance, calibration, quant, candidates)
 
 
-def run_stage(config: StageConfig, inputs: Inputs | None = None, engines: EngineCache | None = None) -> StageResult:
-    """Search, check on held-out data, and return the recipe plus the comparison table (see module doc)."""
-    inputs = inputs or prepare(config)
-    engines = engines or EngineCache()
-    compared = {k: v for k, v in baselines(inputs).items() if k != "dp"}
-    nearest = _nearest_uniform(inputs, config)
-    result, provenance, calibration, calib = _search_on_calibration(inputs, config, engines, compared, nearest)
-    compared = {"mixprec": compared.pop("mixprec"), **compared}
+def _finish(searched: _Searched, engines: EngineCache, extra: dict[str, _Candidate] | None = None) -> StageResult:
+    """Re-measure every candidate on calibration and held-out windows (paired), guard, and build the recipe."""
+    config, inputs, result = searched.config, searched.inputs, searched.result
+    candidates = {**searched.candidates, **(extra or {})}
+    solutions = {name: c.solution for name, c in candidates.items()}
+
+    def engine_for(windows: TokenWindows) -> Callable[[str], KLEngine]:
+        return lambda name: engines.get(inputs, windows, config.device, candidates[name].variants)
+
+    calib = _compare(engine_for(searched.calibration), solutions, "mixprec")
     held_out = load_windows(inputs.checkpoint.path, "evaluation",
                             WindowConfig(config.eval_seq_len, config.eval_windows), list(config.eval_files) or None)
-    require_disjoint(calibration.spec, held_out.spec)
-    evaluation = _compare(_engine_for(inputs, config, engines, held_out, nearest), compared, "mixprec")
-    rows = _rows(inputs, compared, calib, evaluation)
-    provenance = {**provenance, "study": {"name": result.study_name, "storage": result.storage_url},
+    require_disjoint(searched.calibration.spec, held_out.spec)
+    evaluation = _compare(engine_for(held_out), solutions, "mixprec")
+    rows = _rows(inputs, solutions, calib, evaluation)
+    provenance = {**searched.provenance, "study": {"name": result.study_name, "storage": result.storage_url},
                   "evaluation": held_out.spec.to_dict(), "comparison": rows}
     best, shipped = result.best, "mixprec"
     provenance["solver"] = f"search (best trial {best.extra.get('trial')}, from {best.solver})"
-    if nearest.solution.cost <= inputs.limit_bits and calib["uniform"]["kl"] < calib["mixprec"]["kl"]:
+    uniform = candidates["uniform"]
+    if uniform.solution.cost <= inputs.limit_bits and calib["uniform"]["kl"] < calib["mixprec"]["kl"]:
         # FIELD.md §3 row 1: never ship a recipe that a uniform quant within the budget beats.
         log.warning("the uniform quant %s beats the searched recipe on calibration data; shipping it",
-                    nearest.quant.label)
-        best, shipped = nearest.solution, "uniform"
-        provenance["solver"] = f"{nearest.quant.label} (it beat the study's best trial on calibration data)"
+                    searched.uniform.label)
+        best, shipped = uniform.solution, "uniform"
+        provenance["solver"] = f"{searched.uniform.label} (it beat the study's best trial on calibration data)"
     kl = {"calibration": calib[shipped]["kl"], "calibration_se": calib[shipped]["se"],
           "evaluation": evaluation[shipped]["kl"], "evaluation_se": evaluation[shipped]["se"]}
     if not math.isnan(best.loss):
         kl["predicted"] = best.loss
-    variants = nearest.variants if shipped == "uniform" else None
-    return StageResult(_recipe(inputs, config, best, kl, provenance, variants), rows, result)
+    recipe = _recipe(inputs, config, best, kl, provenance, candidates[shipped].variants)
+    return StageResult(recipe, rows, result)
+
+
+def run_stage(config: StageConfig, inputs: Inputs | None = None, engines: EngineCache | None = None) -> StageResult:
+    """Search, check on held-out data, and return the recipe plus the comparison table (see module doc)."""
+    engines = engines or EngineCache()
+    return _finish(_study(config, inputs or prepare(config), engines), engines)
+
+
+def run_stages(configs: Sequence[StageConfig], inputs: Sequence[Inputs] | None = None,
+               engines: EngineCache | None = None) -> StageResult:
+    """One study per quantizer group size (one `StageConfig` each, same budget and calibration windows);
+    the recipe with the lowest calibration KL wins, and the others' recipes join its held-out comparison
+    as `mixprec-g<size>`. A recipe holds one group size, so this is the recipe-level group-size choice."""
+    if not configs:
+        raise MixprecError("run_stages needs at least one stage configuration")
+    engines = engines or EngineCache()
+    prepared = list(inputs) if inputs is not None else [prepare(c) for c in configs]
+    searched = [_study(c, i, engines) for c, i in zip(configs, prepared, strict=True)]
+    sizes = [s.group_size for s in searched]
+    if len(set(sizes)) != len(sizes):
+        raise MixprecError(f"the stages must differ in group size, got {sizes}")
+    chosen = min(searched, key=lambda s: (s.result.best.extra["calibration"], s.group_size))
+    extra = {f"mixprec-g{s.group_size}": _Candidate(s.result.best, s.inputs.variants)
+             for s in searched if s is not chosen}
+    return _finish(chosen, engines, extra)
 
 
 def _rows(inputs: Inputs, compared: dict[str, Solution], calib: dict[str, dict[str, float]],

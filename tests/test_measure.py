@@ -154,7 +154,7 @@ def test_mismatched_fingerprints_are_refused(model_dir: Path, work: Path, tmp_pa
     with pytest.raises(FingerprintMismatchError, match="data"):
         Worker(small_config(model_dir, work, bits=(2,), granularity="layer", num_windows=5))
     with pytest.raises(FingerprintMismatchError, match="settings"):
-        Worker(small_config(model_dir, work, bits=(2,), granularity="layer", clip_search=True))
+        Worker(small_config(model_dir, work, bits=(2,), granularity="layer", kinds=("attention",)))
     other = model_with_splits(tiny_model_dirs["mixtral"], tmp_path / "other")
     storage = str(small_config(model_dir, work, granularity="layer").folder / "journal.log")
     with pytest.raises(FingerprintMismatchError, match="model"):

@@ -307,9 +307,11 @@ def test_uniform_baseline_is_the_nearest_quant_over_widths_and_group_sizes(
     assert nearest_uniform(grid, two_bit_g32.cost).config == two_bit_g32.config
     assert nearest_uniform(uniform_grid(inputs, (64,)), two_bit_g32.cost).config.bits == 3
     other = StageConfig(work=tmp_path / "work", budget=Budget(bpw=2.5), model=str(model), granularity="layer",
-                        measure=replace(measure, group_size=128))
-    with pytest.raises(FingerprintMismatchError, match="group_size=64 there, 128 asked"):
+                        measure=replace(measure, num_windows=8))
+    with pytest.raises(FingerprintMismatchError, match="num_windows=4 there, 8 asked"):
         prepare(other)
+    assert replace(measure, group_size=128).folder.name == "drop-layer-g128", "other settings get their own table"
+    assert replace(measure, method="gptq", clip_search=True).folder.name == "drop-layer-gptq-clip"
 
 
 @pytest.mark.slow
@@ -337,3 +339,31 @@ def test_a_uniform_quant_within_the_budget_that_beats_the_search_is_shipped(
     assert recipe.achieved["storage_bits"] == g32.cost <= budget_limit_bits(budget, inputs.table)
     assert recipe.kl["calibration"] == rows["uniform"]["calibration_kl"]
     assert "uniform-2b-g32" in recipe.provenance["solver"]
+
+
+@pytest.mark.slow
+def test_cli_search_over_group_sizes_ships_the_better_one(tiny_model_dirs: dict[str, Path], tmp_path: Path,
+                                                         monkeypatch: pytest.MonkeyPatch,
+                                                         capsys: pytest.CaptureFixture[str]) -> None:
+    """`--group-size 64 32`: one measurement (in its own folder) and one study per group size; the recipe with
+    the lower calibration KL is shipped and the other joins the held-out table as mixprec-g<size>."""
+    model = _tiny_model(tiny_model_dirs, tmp_path, monkeypatch)
+    out, exl3 = tmp_path / "r.yaml", tmp_path / "exl3.yaml"
+    code, stdout, err = mixprec("search", str(model), "--work", str(tmp_path / "work"), "--bits", "2", "3", "4",
+                                "--windows", "4", "--seq-len", "32", "--eval-windows", "4", "--granularity",
+                                "layer", "--studies-dir", str(tmp_path / "studies"), "--budget", "3.2", "--trials",
+                                "3", "--group-size", "64", "32", "--out", str(out), "--export-exl3", str(exl3),
+                                capsys=capsys)
+    assert code == 0, err
+    assert {p.name for p in (tmp_path / "work" / "measure").iterdir()} == {"drop-layer", "drop-layer-g32"}
+    recipe = Recipe.load(out)
+    other = 32 if recipe.quantizer.group_size == 64 else 64
+    rows = {r["recipe"]: r for r in recipe.provenance["comparison"]}
+    assert f"\nmixprec-g{other} " in stdout, stdout
+    assert rows["mixprec"]["calibration_kl"] <= rows[f"mixprec-g{other}"]["calibration_kl"]
+    assert recipe.achieved["bpw"] <= 3.2 and rows[f"mixprec-g{other}"]["bpw"] <= 3.2
+    assert recipe.kl["calibration"] == rows["mixprec"]["calibration_kl"]
+    studies = {p.name for p in (tmp_path / "studies").glob("*.db")}
+    assert studies == {"tiny-layer-3.2bpw-s0-g64.db", "tiny-layer-3.2bpw-s0-g32.db"}, studies
+    sizes = {source_bits(s.model_dir): s.model_dir for s in Exl3Overrides.load(exl3).sources}
+    assert all(f"-g{recipe.quantizer.group_size}-" in d for d in sizes.values()), sizes

@@ -1,6 +1,6 @@
 """`mixprec search [MODEL] --budget 3.0`: the best recipe for a bit budget, checked on held-out text.
 
-Reads the sensitivity table in WORK/measure/<mode>-<granularity>/ (and runs `mixprec measure` first
+Reads the sensitivity table in WORK/measure/<mode>-<granularity>[-<quantizer>]/ (and runs `mixprec measure` first
 when it is missing, unless --no-measure), solves the additive estimate exactly, runs an Optuna
 study of composed recipes measured for real on the calibration windows (seeded with the DP solutions,
 exllamav3's greedy, the --hq rule and uniform), then re-measures the chosen recipe and the baselines
@@ -14,6 +14,7 @@ Basic:
 
 Advanced:
     --granularity layer|fine|expert     group size searched (default fine: q|kv|o, gate_up|down per layer)
+    --group-size 64 128                 one study per quantizer group size; ships the lower calibration KL
     --study NAME --storage URL          resume or share a study (default sqlite:///studies/NAME.db)
     --multi-objective                   search KL vs bpw under the budget as a cap (Pareto front)
     --sampler local|tpe|random          proposal strategy (default local: budget-preserving moves)
@@ -27,6 +28,7 @@ from pathlib import Path
 
 from mixprec.budget import Constraints, parse_settings
 from mixprec.cli.common import add_model_argument, add_work_argument, default_work_dir, print_table
+from mixprec.compile import open_variants
 from mixprec.errors import MixprecError
 from mixprec.exl3_yaml import recipe_to_exl3
 from mixprec.loading import resolve_model_path
@@ -34,9 +36,9 @@ from mixprec.measure import MeasureConfig
 from mixprec.quant import SUPPORTED_GROUP_SIZES, QuantConfig, quantizer_names
 from mixprec.recipe import Budget
 from mixprec.search import SAMPLERS, SearchConfig, quiet_optuna
-from mixprec.search_pipeline import StageConfig, prepare, run_stage
+from mixprec.search_pipeline import StageConfig, prepare, run_stage, run_stages
 
-__all__ = ["register", "config_from_args"]
+__all__ = ["register", "config_from_args", "configs_from_args"]
 
 
 def _add_basic(parser: argparse.ArgumentParser) -> None:
@@ -67,7 +69,10 @@ def _add_advanced(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--base-bits", type=int, default=2, help="raise-mode measurement base width (default 2)")
     group.add_argument("--bits", type=int, nargs="+", default=[2, 3, 4, 5, 6, 8], metavar="B",
                        help="widths of the measurement (default 2 3 4 5 6 8)")
-    group.add_argument("--group-size", type=int, default=64, help="quantizer group size (default 64)")
+    group.add_argument("--group-size", type=int, nargs="+", default=[64], choices=SUPPORTED_GROUP_SIZES,
+                       metavar="G", help="quantizer group size (default 64); several (e.g. 64 128) run one "
+                                         "measurement and study each and ship the recipe with the lowest "
+                                         "calibration KL")
     group.add_argument("--method", default="rtn", choices=quantizer_names(), help="quantizer (default rtn)")
     group.add_argument("--clip-search", action=argparse.BooleanOptionalAction, default=QuantConfig.clip_search,
                        help="RTN per-group MSE clipping search (default off)")
@@ -108,15 +113,20 @@ def _label(budget: Budget) -> str:
     return f"{budget.bpw}bpw" if budget.bpw is not None else f"{budget.gib}gib"
 
 
-def config_from_args(args: argparse.Namespace) -> StageConfig:
-    """Validated stage configuration (raises MixprecError on bad values, before any model is loaded)."""
+def config_from_args(args: argparse.Namespace, group_size: int | None = None) -> StageConfig:
+    """Validated stage configuration for one group size (default: the first given); raises MixprecError on
+    bad values, before any model is loaded."""
     budget = _budget(args)
+    sizes = list(dict.fromkeys(args.group_size))
+    size = sizes[0] if group_size is None else group_size
     work = default_work_dir(args.model, args.work)
     name = resolve_model_path(args.model).name
     study = args.study or f"{name}-{args.granularity}-{_label(budget)}-s{args.seed}"
+    if len(sizes) > 1 or (size != 64 and not args.study):
+        study = f"{study}-g{size}"  # one study per group size
     measure = MeasureConfig(work=work, model=args.model, mode=args.mode, bits=tuple(args.bits),
                             base_bits=args.base_bits, granularity=args.granularity, num_windows=args.windows,
-                            seq_len=args.seq_len, group_size=args.group_size, method=args.method,
+                            seq_len=args.seq_len, group_size=size, method=args.method,
                             clip_search=args.clip_search, device=args.device)
     constraints = Constraints(pins=parse_settings(args.pin, "--pin", allow_null=True),
                               floors=parse_settings(args.floor, "--floor"),  # type: ignore[arg-type]
@@ -128,6 +138,11 @@ def config_from_args(args: argparse.Namespace) -> StageConfig:
                        eval_seq_len=args.seq_len, eval_files=tuple(args.eval_data or ()), device=args.device,
                        measure_if_missing=not args.no_measure,
                        uniform_group_sizes=tuple(dict.fromkeys(args.uniform_group_sizes)))
+
+
+def configs_from_args(args: argparse.Namespace) -> list[StageConfig]:
+    """One stage configuration per requested group size, in the order given."""
+    return [config_from_args(args, size) for size in dict.fromkeys(args.group_size)]
 
 
 def _fmt(value: float, se: float) -> str:
@@ -157,18 +172,21 @@ def _exl3_sources(items: list[str]) -> dict[int, str]:
 
 
 def run(args: argparse.Namespace) -> int:
-    config = config_from_args(args)
+    configs = configs_from_args(args)
     if not args.verbose:
         quiet_optuna()
-    inputs = prepare(config)
+    inputs = [prepare(c) for c in configs]
     sources = _exl3_sources(args.exl3_source)  # validated before the long part
-    result = run_stage(config, inputs)
-    _print(result.comparison, config.budget)
-    out = args.out or Path("recipes") / f"{inputs.checkpoint.path.name}-{_label(config.budget)}.yaml"
+    result = run_stage(configs[0], inputs[0]) if len(configs) == 1 else run_stages(configs, inputs)
+    _print(result.comparison, configs[0].budget)
+    checkpoint = inputs[0].checkpoint
+    out = args.out or Path("recipes") / f"{checkpoint.path.name}-{_label(configs[0].budget)}.yaml"
     result.recipe.save(out)
-    print(f"wrote {out} (study {result.search.study_name} in {result.search.storage_url})")
+    print(f"wrote {out} (group size {result.recipe.quantizer.group_size}; study {result.search.study_name} in "
+          f"{result.search.storage_url})")
     if args.export_exl3 is not None:
-        dirs = sources or {b: str(v.path) for b, v in inputs.variants.items()}
-        recipe_to_exl3(result.recipe.groups, inputs.model_map, dirs).save(args.export_exl3)
+        variants = open_variants(result.recipe, checkpoint, configs[0].work)
+        dirs = sources or {b: str(v.path) for b, v in variants.items()}
+        recipe_to_exl3(result.recipe.groups, inputs[0].model_map, dirs).save(args.export_exl3)
         print(f"wrote {args.export_exl3}")
     return 0
