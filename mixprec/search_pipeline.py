@@ -111,14 +111,18 @@ def _recipe(inputs: Inputs, config: StageConfig, solution: Solution, kl: dict[st
         provenance=provenance, kl=kl)
 
 
+def _variant_provenance(variants: dict[int, Variant]) -> dict[str, dict[str, str]]:
+    return {str(b): {"variant_id": v.manifest["variant_id"], "sha256": v.manifest["file_sha256"]}
+            for b, v in sorted(variants.items())}
+
+
 def _provenance(inputs: Inputs, config: StageConfig, windows: TokenWindows) -> dict[str, Any]:
     m = inputs.measurement
     return {
         "stage": "mixprec search",
         "measurement": {"folder": str(m.folder), "table_sha256": sha256_file(m.folder / "table.csv"),
                         "mode": m.summary["settings"]["mode"], "granularity": m.summary["settings"]["granularity"]},
-        "variants": {str(b): {"variant_id": v.manifest["variant_id"], "sha256": v.manifest["file_sha256"]}
-                     for b, v in sorted(inputs.variants.items())},
+        "variants": _variant_provenance(inputs.variants),
         "calibration": windows.spec.to_dict(),
         "constraints": asdict(config.constraints),
         "search": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(config.search).items()},
@@ -233,6 +237,7 @@ def _finish(searched: _Searched, engines: EngineCache, extra: dict[str, _Candida
                     searched.uniform.label)
         best, shipped = uniform.solution, "uniform"
         provenance["solver"] = f"{searched.uniform.label} (it beat the study's best trial on calibration data)"
+        provenance["variants"] = _variant_provenance(uniform.variants or inputs.variants)
     kl = {"calibration": calib[shipped]["kl"], "calibration_se": calib[shipped]["se"],
           "evaluation": evaluation[shipped]["kl"], "evaluation_se": evaluation[shipped]["se"]}
     if not math.isnan(best.loss):

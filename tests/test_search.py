@@ -339,6 +339,7 @@ def test_a_uniform_quant_within_the_budget_that_beats_the_search_is_shipped(
     assert recipe.achieved["storage_bits"] == g32.cost <= budget_limit_bits(budget, inputs.table)
     assert recipe.kl["calibration"] == rows["uniform"]["calibration_kl"]
     assert "uniform-2b-g32" in recipe.provenance["solver"]
+    assert recipe.provenance["variants"]["2"]["variant_id"] == "rtn-b2-g32-sym"
 
 
 @pytest.mark.slow
