@@ -34,7 +34,7 @@ import yaml
 
 from mixprec.arch import DEFAULT_QUANTIZED_KINDS, family_for
 from mixprec.errors import MixprecError
-from mixprec.fileio import atomic_write_text, read_json
+from mixprec.fileio import atomic_write_text, parse_yaml, read_json, read_yaml
 from mixprec.modelmap import Group, ModelMap, WeightRef, nearest_names
 
 __all__ = [
@@ -167,18 +167,11 @@ class Exl3Overrides:
 
     @classmethod
     def from_yaml(cls, text: str, where: str = "override YAML") -> Exl3Overrides:
-        try:
-            data = yaml.safe_load(text)
-        except yaml.YAMLError as exc:
-            raise Exl3YamlError(f"{where}: not valid YAML ({exc})") from exc
-        return cls.from_dict(data, where)
+        return cls.from_dict(parse_yaml(text, where, Exl3YamlError), where)
 
     @classmethod
     def load(cls, path: str | Path) -> Exl3Overrides:
-        path = Path(path)
-        if not path.exists():
-            raise Exl3YamlError(f"override YAML {path} does not exist")
-        return cls.from_yaml(path.read_text(encoding="utf-8"), str(path))
+        return cls.from_dict(*read_yaml(path, "override YAML", Exl3YamlError))
 
 
 # -- module names and patterns -----------------------------------------------------------------------

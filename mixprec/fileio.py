@@ -24,6 +24,8 @@ __all__ = [
     "sha256_file",
     "sha256_text",
     "read_json",
+    "parse_yaml",
+    "read_yaml",
 ]
 
 
@@ -88,6 +90,25 @@ def read_json(path: str | os.PathLike[str]) -> Any:
         raise MixprecError(f"{path}: file not found") from exc
     except json.JSONDecodeError as exc:
         raise MixprecError(f"{path}: not valid JSON ({exc}); delete it and re-run the stage") from exc
+
+
+def parse_yaml(text: str, where: str, error: type[Exception]) -> Any:
+    """`yaml.safe_load` with a parse failure raised as `error` naming `where` (a file or "recipe")."""
+    import yaml
+
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise error(f"{where}: not valid YAML ({exc})") from exc
+
+
+def read_yaml(path: str | os.PathLike[str], what: str, error: type[Exception]) -> tuple[Any, str]:
+    """Parse a YAML file (see `parse_yaml`); a missing file is `error` naming `what` it should be.
+    Returns the data and the file name to quote in later errors."""
+    path = Path(path)
+    if not path.exists():
+        raise error(f"{what} {path} does not exist")
+    return parse_yaml(path.read_text(encoding="utf-8"), str(path), error), str(path)
 
 
 def sha256_file(path: str | os.PathLike[str], chunk_bytes: int = 1 << 22) -> str:

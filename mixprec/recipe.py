@@ -36,7 +36,7 @@ import yaml
 
 from mixprec.arch import DEFAULT_QUANTIZED_KINDS
 from mixprec.errors import FingerprintMismatchError, MixprecError
-from mixprec.fileio import atomic_write_text
+from mixprec.fileio import atomic_write_text, parse_yaml, read_yaml
 from mixprec.modelmap import Granularity, ModelMap
 from mixprec.quant import SUPPORTED_BITS, QuantConfig
 
@@ -181,18 +181,11 @@ class Recipe:
 
     @classmethod
     def from_yaml(cls, text: str, where: str = "recipe") -> Recipe:
-        try:
-            data = yaml.safe_load(text)
-        except yaml.YAMLError as exc:
-            raise RecipeError(f"{where}: not valid YAML ({exc})") from exc
-        return cls.from_dict(data, where)
+        return cls.from_dict(parse_yaml(text, where, RecipeError), where)
 
     @classmethod
     def load(cls, path: str | Path) -> Recipe:
-        path = Path(path)
-        if not path.exists():
-            raise RecipeError(f"recipe {path} does not exist")
-        return cls.from_yaml(path.read_text(encoding="utf-8"), str(path))
+        return cls.from_dict(*read_yaml(path, "recipe", RecipeError))
 
     # -- checks against a model ------------------------------------------------------------------
     def quant_config(self, bits: int) -> QuantConfig:
