@@ -30,11 +30,9 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from mixprec.arch import DEFAULT_QUANTIZED_KINDS, family_for
 from mixprec.errors import MixprecError
-from mixprec.fileio import atomic_write_text, parse_yaml, read_json, read_yaml
+from mixprec.fileio import atomic_write_text, dump_yaml, parse_yaml, read_json, read_yaml
 from mixprec.modelmap import Group, ModelMap, WeightRef, nearest_names
 
 __all__ = [
@@ -146,7 +144,7 @@ class Exl3Overrides:
                 "overrides": [{"key": o.key, "source": o.source} for o in self.overrides]}
 
     def to_yaml(self) -> str:
-        return yaml.safe_dump(self.to_dict(), sort_keys=False, default_flow_style=False, width=200)
+        return dump_yaml(self.to_dict(), width=200)
 
     def save(self, path: str | Path) -> None:
         atomic_write_text(path, self.to_yaml())

@@ -26,6 +26,7 @@ __all__ = [
     "read_json",
     "parse_yaml",
     "read_yaml",
+    "dump_yaml",
 ]
 
 
@@ -90,6 +91,13 @@ def read_json(path: str | os.PathLike[str]) -> Any:
         raise MixprecError(f"{path}: file not found") from exc
     except json.JSONDecodeError as exc:
         raise MixprecError(f"{path}: not valid JSON ({exc}); delete it and re-run the stage") from exc
+
+
+def dump_yaml(data: Any, width: int = 120) -> str:
+    """Block-style YAML in the dict's own key order (what recipes and override files are written as)."""
+    import yaml
+
+    return yaml.safe_dump(data, sort_keys=False, default_flow_style=False, width=width)
 
 
 def parse_yaml(text: str, where: str, error: type[Exception]) -> Any:

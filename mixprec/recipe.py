@@ -32,11 +32,9 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from mixprec.arch import DEFAULT_QUANTIZED_KINDS
 from mixprec.errors import FingerprintMismatchError, MixprecError
-from mixprec.fileio import atomic_write_text, parse_yaml, read_yaml
+from mixprec.fileio import atomic_write_text, dump_yaml, parse_yaml, read_yaml
 from mixprec.modelmap import Granularity, ModelMap
 from mixprec.quant import SUPPORTED_BITS, QuantConfig
 
@@ -147,7 +145,7 @@ class Recipe:
         }
 
     def to_yaml(self) -> str:
-        return yaml.safe_dump(self.to_dict(), sort_keys=False, default_flow_style=False, width=120)
+        return dump_yaml(self.to_dict())
 
     def save(self, path: str | Path) -> None:
         """Write the recipe atomically."""
