@@ -19,11 +19,11 @@ from pathlib import Path
 
 import torch
 
-from mixprec.calibrate import CalibConfig
-from mixprec.hessians import Calibration, calibration_windows
-from mixprec.loading import Checkpoint
+from mixprec.model.loading import Checkpoint
 from mixprec.quant import QuantConfig, Quantizer, get_quantizer
+from mixprec.quant.calibration import Calibration, calibration_windows
 from mixprec.quant.gptq import GPTQQuantizer, GPTQSettings
+from mixprec.quant.hessians import CalibConfig
 
 Job = tuple[torch.Tensor, torch.Tensor]
 

@@ -30,12 +30,12 @@ from pathlib import Path
 
 import torch
 
-from mixprec.data import WindowConfig, load_windows
-from mixprec.engine import EngineConfig, KLEngine
-from mixprec.kl import TokenComparison
-from mixprec.loading import Checkpoint, load_model
+from mixprec.core.kl import TokenComparison
+from mixprec.measure.engine.core import EngineConfig, KLEngine
+from mixprec.model.data import WindowConfig, load_windows
+from mixprec.model.loading import Checkpoint, load_model
 from mixprec.quant import QuantConfig
-from mixprec.variants import ensure_variants
+from mixprec.quant.variants import ensure_variants
 
 
 def parse_args() -> argparse.Namespace:

@@ -1,4 +1,4 @@
-"""Pack / unpack throughput of `mixprec.pack` per bit width, next to the dequantize step it feeds.
+"""Pack / unpack throughput of `mixprec.checkpoint.pack` per bit width, next to the dequantize step it feeds.
 
 Throughput is in MB/s of uint8 codes (one byte per weight before packing). For each width the pack,
 unpack and dequantize (codes -> fp32 with fp16 scales, group 64) steps are interleaved and repeated,
@@ -20,7 +20,7 @@ from collections.abc import Callable
 
 import torch
 
-from mixprec.pack import PACK_BITS, pack_codes, unpack_codes
+from mixprec.checkpoint.pack import PACK_BITS, pack_codes, unpack_codes
 from mixprec.quant import QuantizedWeight
 
 

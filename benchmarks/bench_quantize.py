@@ -18,9 +18,9 @@ from pathlib import Path
 
 import torch
 
-from mixprec.loading import Checkpoint
+from mixprec.model.loading import Checkpoint
 from mixprec.quant import QuantConfig, get_quantizer
-from mixprec.variants import quantize_variant
+from mixprec.quant.variants import quantize_variant
 
 
 def _median_seconds(fn: Callable[[], object], repeats: int) -> float:

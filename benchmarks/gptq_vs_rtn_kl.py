@@ -2,7 +2,7 @@
 
 Every quantizable group (attention, dense MLP, shared and routed experts) is set to the variant at b
 bits; the model is compared with an untouched fp32 reference on the evaluation split (32 x 256 tokens
-by default) with `mixprec.kl`. The paired difference (GPTQ − RTN on the same tokens, bootstrap over
+by default) with `mixprec.core.kl`. The paired difference (GPTQ − RTN on the same tokens, bootstrap over
 sequences) says whether a gap is larger than the noise. GPTQ is calibrated on the bundled corpus's
 train split by default, disjoint from the evaluation tokens (checked).
 
@@ -20,15 +20,15 @@ from pathlib import Path
 
 import torch
 
-from mixprec.calibrate import CalibConfig
 from mixprec.cli.common import default_work_dir
-from mixprec.data import WindowConfig, load_windows, require_disjoint
-from mixprec.hessians import Calibration, calibration_windows
-from mixprec.kl import TokenComparison, compare_logits, paired_difference, summarize
-from mixprec.loading import Checkpoint, load_model
+from mixprec.core.kl import TokenComparison, compare_logits, paired_difference, summarize
+from mixprec.model.data import WindowConfig, load_windows, require_disjoint
+from mixprec.model.loading import Checkpoint, load_model
 from mixprec.quant import QuantConfig
+from mixprec.quant.calibration import Calibration, calibration_windows
 from mixprec.quant.gptq import GPTQSettings
-from mixprec.variants import Variant, apply_group, ensure_variants
+from mixprec.quant.hessians import CalibConfig
+from mixprec.quant.variants import Variant, apply_group, ensure_variants
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -17,11 +17,11 @@ import time
 from pathlib import Path
 
 from mixprec.cli.common import default_work_dir
-from mixprec.fileio import atomic_write_json
-from mixprec.measure import MeasureConfig
-from mixprec.recipe import Budget
-from mixprec.search import SearchConfig, quiet_optuna
-from mixprec.search_pipeline import EngineCache, StageConfig, run_stage, run_stages
+from mixprec.core.fileio import atomic_write_json
+from mixprec.formats.recipe import Budget
+from mixprec.measure.config import MeasureConfig
+from mixprec.search.pipeline import EngineCache, StageConfig, run_stage, run_stages
+from mixprec.search.study import SearchConfig, quiet_optuna
 
 BASELINES = ("greedy", "hq", "uniform")
 

@@ -8,14 +8,15 @@ from __future__ import annotations
 
 from typing import Any
 
-__version__ = "0.1.0"
+from mixprec.core.version import __version__
+
 __all__ = ["__version__", "load"]
 
 
 def __getattr__(name: str) -> Any:
     """Lazy public names: `mixprec.load` imports torch and transformers only when first used."""
     if name == "load":
-        from mixprec.qload import load
+        from mixprec.checkpoint.load import load
 
         return load
     raise AttributeError(f"module 'mixprec' has no attribute {name!r}")

@@ -115,7 +115,7 @@ def build() -> object:
 def main(argv: list[str] | None = None) -> int:
     import nbformat
 
-    from mixprec.fileio import atomic_write_text
+    from mixprec.core.fileio import atomic_write_text
 
     target = Path(argv[0]) if argv else NOTEBOOK
     atomic_write_text(target, nbformat.writes(build()))

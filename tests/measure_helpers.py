@@ -11,8 +11,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from mixprec.engine import EngineConfig
-from mixprec.measure import MeasureConfig
+from mixprec.measure.config import MeasureConfig
+from mixprec.measure.engine.core import EngineConfig
 
 __all__ = ["model_with_splits", "small_config", "work_with_variants", "run_worker_after_barrier"]
 
@@ -44,7 +44,7 @@ def small_config(model: Path, work: Path, **overrides: object) -> MeasureConfig:
 
 def run_worker_after_barrier(config: MeasureConfig, barrier: object) -> None:
     """Spawned-process target: prepare, wait until every worker is ready, then measure."""
-    from mixprec.measure import Worker
+    from mixprec.measure.run import Worker
 
     torch.set_num_threads(1)
     worker = Worker(config)

@@ -19,11 +19,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from mixprec.engine import EngineConfig
-from mixprec.measure import MeasureConfig
-from mixprec.recipe import Budget
-from mixprec.search import SearchConfig, quiet_optuna
-from mixprec.search_pipeline import StageConfig, run_stage
+from mixprec.formats.recipe import Budget
+from mixprec.measure.config import MeasureConfig
+from mixprec.measure.engine.core import EngineConfig
+from mixprec.search.pipeline import StageConfig, run_stage
+from mixprec.search.study import SearchConfig, quiet_optuna
 from tests.measure_helpers import model_with_splits
 from tests.tiny_models import save_tiny_model
 

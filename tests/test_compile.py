@@ -17,16 +17,16 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from mixprec.arch import GroupKind
+from mixprec.checkpoint.compile import CompileConfig, compile_recipe
+from mixprec.checkpoint.pack import unpack_codes
+from mixprec.checkpoint.qformat import REPORT_FILE, CompileError
+from mixprec.checkpoint.shards import INDEX_FILE, checkpoint_shards
 from mixprec.cli import main
-from mixprec.compile import CompileConfig, compile_recipe
-from mixprec.errors import FingerprintMismatchError, ModelLoadError, VariantError
-from mixprec.loading import Checkpoint, load_model
-from mixprec.pack import unpack_codes
-from mixprec.qformat import REPORT_FILE, CompileError
-from mixprec.recipe import ModelRef, QuantSettings, Recipe
-from mixprec.shards import INDEX_FILE, checkpoint_shards
-from mixprec.variants import Variant, apply_group, ensure_variants
+from mixprec.core.errors import FingerprintMismatchError, ModelLoadError, VariantError
+from mixprec.formats.recipe import ModelRef, QuantSettings, Recipe
+from mixprec.model.arch import GroupKind
+from mixprec.model.loading import Checkpoint, load_model
+from mixprec.quant.variants import Variant, apply_group, ensure_variants
 
 #: Tiny limit so the tiny model is written as several shards.
 SMALL_SHARDS = CompileConfig(max_shard_bytes=20_000)
@@ -266,7 +266,7 @@ def test_cli_compile_prints_predicted_and_actual(compiled: tuple, tiny_model_dir
 
 def test_cli_compiles_an_exllamav3_override_yaml(compiled: tuple, tiny_model_dirs: dict, tmp_path: Path,
                                                  capsys: pytest.CaptureFixture[str]) -> None:
-    from mixprec.exl3_yaml import recipe_to_exl3
+    from mixprec.formats.exl3 import recipe_to_exl3
 
     recipe, work, _ = compiled
     checkpoint = Checkpoint.open(tiny_model_dirs["qwen2_moe"])

@@ -25,10 +25,10 @@ from pathlib import Path
 import optuna
 import pytest
 
-from mixprec.dashboard import DashboardConfig, find_storage, study_urls
-from mixprec.errors import MixprecError
-from mixprec.recipe import Recipe
+from mixprec.core.errors import MixprecError
+from mixprec.formats.recipe import Recipe
 from mixprec.report import build_report
+from mixprec.report.dashboard import DashboardConfig, find_storage, study_urls
 from tests.report_helpers import shared_work_folder
 
 STUDY = "tiny-3bpw"

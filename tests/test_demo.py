@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 
 from mixprec.cli import main
-from mixprec.demo import DemoConfig, run_demo
-from mixprec.errors import MixprecError
+from mixprec.cli.demo import DemoConfig, run_demo
+from mixprec.core.errors import MixprecError
 from tests.measure_helpers import model_with_splits
 
 

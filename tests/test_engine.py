@@ -11,13 +11,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from mixprec.data import TokenWindows, WindowConfig, windows_from_tokens
-from mixprec.engine import EngineConfig, KLEngine
-from mixprec.errors import MixprecError
-from mixprec.kl import compare_logits
-from mixprec.loading import Checkpoint, load_model
+from mixprec.core.errors import MixprecError
+from mixprec.core.kl import compare_logits
+from mixprec.measure.engine.core import EngineConfig, KLEngine
+from mixprec.model.data import TokenWindows, WindowConfig, windows_from_tokens
+from mixprec.model.loading import Checkpoint, load_model
 from mixprec.quant import QuantConfig
-from mixprec.variants import Variant, apply_group, ensure_variants
+from mixprec.quant.variants import Variant, apply_group, ensure_variants
 
 BITS = (2, 4, 8)
 

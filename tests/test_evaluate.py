@@ -14,12 +14,12 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from mixprec.checkpoint.evaluate import EvalConfig, compare_models, evaluate, format_table, save_result
 from mixprec.cli import main
-from mixprec.data import WindowConfig, load_windows
-from mixprec.errors import FingerprintMismatchError
-from mixprec.evaluate import EvalConfig, compare_models, evaluate, format_table, save_result
-from mixprec.kl import compare_logits, summarize
-from mixprec.recipe import Recipe
+from mixprec.core.errors import FingerprintMismatchError
+from mixprec.core.kl import compare_logits, summarize
+from mixprec.formats.recipe import Recipe
+from mixprec.model.data import WindowConfig, load_windows
 from tests.test_compile import compile_tiny, recipe_model
 from tests.tiny_models import save_tiny_model
 
@@ -43,7 +43,7 @@ def test_statistics_equal_the_recipe_model_on_the_same_windows(setup: tuple) -> 
     recipe, work, out, reference = setup
     result = evaluate(out, reference, CONFIG)
     windows = load_windows(reference, "evaluation", WindowConfig(CONFIG.seq_len, CONFIG.num_windows)).tokens
-    from mixprec.loading import load_model
+    from mixprec.model.loading import load_model
 
     with torch.no_grad():
         ref = load_model(reference)(windows).logits[:, :-1]
@@ -65,8 +65,8 @@ def test_reference_against_itself_is_zero(setup: tuple) -> None:
 
 def test_batch_size_does_not_change_the_result(setup: tuple) -> None:
     recipe, work, out, reference = setup
-    from mixprec.loading import load_model
-    from mixprec.qload import load
+    from mixprec.checkpoint.load import load
+    from mixprec.model.loading import load_model
 
     windows = load_windows(reference, "evaluation", WindowConfig(CONFIG.seq_len, CONFIG.num_windows)).tokens
     ref_model, q_model = load_model(reference), load(out)
@@ -117,10 +117,10 @@ def test_cli_eval(setup: tuple, tmp_path: Path, capsys: pytest.CaptureFixture[st
 
 def test_eval_of_the_checkpoint_equals_what_the_search_engine_measured(setup: tuple) -> None:
     """The KL the search's engine measures for the recipe is the KL of the compiled checkpoint."""
-    from mixprec.engine import KLEngine
-    from mixprec.loading import Checkpoint, load_model
-    from mixprec.qload import load
-    from mixprec.variants import Variant
+    from mixprec.checkpoint.load import load
+    from mixprec.measure.engine.core import KLEngine
+    from mixprec.model.loading import Checkpoint, load_model
+    from mixprec.quant.variants import Variant
 
     recipe, work, out, reference = setup
     windows = load_windows(reference, "evaluation", WindowConfig(CONFIG.seq_len, CONFIG.num_windows))

@@ -11,8 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from mixprec.arch import DEFAULT_QUANTIZED_KINDS
-from mixprec.exl3_yaml import (
+from mixprec.formats.exl3 import (
     Exl3Override,
     Exl3Overrides,
     Exl3Source,
@@ -24,8 +23,9 @@ from mixprec.exl3_yaml import (
     recipe_to_exl3,
     source_bits,
 )
-from mixprec.loading import Checkpoint
-from mixprec.modelmap import ModelMap
+from mixprec.model.arch import DEFAULT_QUANTIZED_KINDS
+from mixprec.model.loading import Checkpoint
+from mixprec.model.modelmap import ModelMap
 
 
 def test_globs_fullmatch_and_star_crosses_dots() -> None:

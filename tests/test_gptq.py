@@ -14,16 +14,16 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from mixprec.bundled.bpe import TokenizerConfig, train_tokenizer
-from mixprec.calibrate import CalibConfig, HessianSum, blend_hessian, collect_hessians, hessian_key
 from mixprec.cli import main as cli_main
-from mixprec.data import WindowConfig, windows_from_tokens
-from mixprec.errors import MixprecError, QuantConfigError
-from mixprec.hessians import Calibration, stdlib_train_windows
-from mixprec.loading import Checkpoint, load_model
-from mixprec.modelmap import build_model_map
+from mixprec.core.errors import MixprecError, QuantConfigError
+from mixprec.model.data import WindowConfig, windows_from_tokens
+from mixprec.model.loading import Checkpoint, load_model
+from mixprec.model.modelmap import build_model_map
 from mixprec.quant import QuantConfig, get_quantizer
+from mixprec.quant.calibration import Calibration, stdlib_train_windows
 from mixprec.quant.gptq import GPTQQuantizer, GPTQSettings
-from mixprec.variants import ensure_variants
+from mixprec.quant.hessians import CalibConfig, HessianSum, blend_hessian, collect_hessians, hessian_key
+from mixprec.quant.variants import ensure_variants
 from tests.tiny_models import _COMMON, TINY_CONFIGS, build_tiny_model
 
 CALIB = CalibConfig(num_windows=6, seq_len=32, batch_windows=4)

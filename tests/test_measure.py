@@ -11,9 +11,11 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from mixprec.errors import FingerprintMismatchError, MixprecError
-from mixprec.measure import MeasureConfig, Worker, load_measurement, run_measure
-from mixprec.measure_store import Job, JobStore, open_storage
+from mixprec.core.errors import FingerprintMismatchError, MixprecError
+from mixprec.measure.config import MeasureConfig
+from mixprec.measure.run import Worker, run_measure
+from mixprec.measure.store import Job, JobStore, open_storage
+from mixprec.measure.table import load_measurement
 from tests.measure_helpers import model_with_splits, small_config, work_with_variants
 
 
@@ -112,7 +114,7 @@ def _dead_pid_owner() -> dict[str, object]:
     import subprocess
     import sys
 
-    from mixprec.measure_store import process_owner
+    from mixprec.measure.store import process_owner
 
     process = subprocess.Popen([sys.executable, "-c", "pass"])
     process.wait()

@@ -18,7 +18,9 @@ from pathlib import Path
 
 import pytest
 
-from mixprec.measure import MeasureConfig, load_measurement, run_measure
+from mixprec.measure.config import MeasureConfig
+from mixprec.measure.run import run_measure
+from mixprec.measure.table import load_measurement
 
 
 def _bundled_present() -> bool:

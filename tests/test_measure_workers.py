@@ -16,7 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from mixprec.measure import Worker, load_measurement, run_measure
+from mixprec.measure.run import Worker, run_measure
+from mixprec.measure.table import load_measurement
 from tests.measure_helpers import model_with_splits, run_worker_after_barrier, small_config
 
 pytestmark = pytest.mark.slow
@@ -49,7 +50,7 @@ def _states(config) -> dict[str, int]:
     """Trial counts per state, read straight from the journal (cheap enough to poll)."""
     import optuna
 
-    from mixprec.measure_store import STUDY_NAME, open_storage
+    from mixprec.measure.store import STUDY_NAME, open_storage
 
     storage = open_storage(None, config.folder)
     counts: dict[str, int] = {}

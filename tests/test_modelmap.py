@@ -12,10 +12,10 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from mixprec.arch import GroupKind, supported_model_types
-from mixprec.errors import ModelLoadError, UnsupportedArchitectureError
-from mixprec.loading import Checkpoint, load_model
-from mixprec.modelmap import Granularity
+from mixprec.core.errors import ModelLoadError, UnsupportedArchitectureError
+from mixprec.model.arch import GroupKind, supported_model_types
+from mixprec.model.loading import Checkpoint, load_model
+from mixprec.model.modelmap import Granularity
 from tests.tiny_models import TINY_CONFIGS
 
 FAMILIES = sorted(TINY_CONFIGS)

@@ -10,13 +10,13 @@ import math
 import pytest
 import torch
 
-from mixprec.pack import PACK_BITS, PackError, pack_codes, packed_row_bytes, packed_shape, unpack_codes
+from mixprec.checkpoint.pack import PACK_BITS, PackError, pack_codes, packed_row_bytes, packed_shape, unpack_codes
 
 SHAPES = [(1, 1), (3, 7), (5, 13), (17, 129), (4, 64), (40,), (2, 3, 11)]
 
 
 def _reference_pack_row(codes: list[int], bits: int) -> list[int]:
-    """Bit-by-bit packing written from the layout described in mixprec.pack (independent of its code)."""
+    """Bit-by-bit packing written from the layout described in mixprec.checkpoint.pack (independent of its code)."""
     out = [0] * math.ceil(len(codes) * bits / 8)
     for j, code in enumerate(codes):
         for i in range(bits):

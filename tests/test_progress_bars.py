@@ -1,7 +1,7 @@
-"""Every long stage iterates under `mixprec.progress`, and the bar is silent when stderr is not a terminal.
+"""Every long stage iterates under `mixprec.core.progress`, and the bar is silent when stderr is not a terminal.
 
 The stage check reads each stage module's source (no model is run): it passes when the module imports
-`progress` from `mixprec.progress` and calls it. Stages known to lack a bar are strict xfails naming
+`progress` from `mixprec.core.progress` and calls it. Stages known to lack a bar are strict xfails naming
 the owner's module, so adding the bar turns the xfail into a failure that says to drop the mark.
 
 Run: .venv/bin/python -m pytest tests/test_progress_bars.py -q
@@ -15,18 +15,18 @@ from pathlib import Path
 
 import pytest
 
-from mixprec.progress import progress
+from mixprec.core.progress import progress
 
 ROOT = Path(__file__).resolve().parent.parent / "mixprec"
 
 #: stage -> the module whose loop takes the time.
 STAGES = {
-    "quantize": "variants.py",
-    "quantize --method gptq (Hessians)": "hessians.py",
-    "measure": "measure.py",
-    "compile": "compile.py",
-    "eval": "evaluate.py",
-    "search": "search.py",
+    "quantize": "quant/variants.py",
+    "quantize --method gptq (Hessians)": "quant/calibration.py",
+    "measure": "measure/run.py",
+    "compile": "checkpoint/compile.py",
+    "eval": "checkpoint/evaluate.py",
+    "search": "search/study.py",
     "bundled model training": "bundled/loop.py",
 }
 LACKING: dict[str, str] = {}
@@ -34,7 +34,7 @@ LACKING: dict[str, str] = {}
 
 def uses_progress(source: str) -> bool:
     tree = ast.parse(source)
-    imported = any(isinstance(node, ast.ImportFrom) and node.module == "mixprec.progress"
+    imported = any(isinstance(node, ast.ImportFrom) and node.module == "mixprec.core.progress"
                    and any(alias.name == "progress" for alias in node.names) for node in ast.walk(tree))
     called = any(isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "progress"
                  for node in ast.walk(tree))
@@ -50,7 +50,7 @@ def test_long_stage_has_a_progress_bar(stage: str) -> None:
 
 
 def test_check_detects_a_missing_bar() -> None:
-    assert uses_progress("from mixprec.progress import progress\nfor x in progress(range(3), 'd'):\n    pass\n")
+    assert uses_progress("from mixprec.core.progress import progress\nfor x in progress(range(3), 'd'):\n    pass\n")
     assert not uses_progress("for x in range(3):\n    pass\n")
     assert not uses_progress("from tqdm import tqdm\nfor x in tqdm(range(3)):\n    pass\n")
 

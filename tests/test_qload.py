@@ -13,11 +13,11 @@ import pytest
 import torch
 
 import mixprec
-from mixprec.arch import GroupKind
-from mixprec.errors import ModelLoadError
-from mixprec.qload import is_mixprec_checkpoint, load
-from mixprec.recipe import QuantSettings, Recipe
-from mixprec.shards import INDEX_FILE
+from mixprec.checkpoint.load import is_mixprec_checkpoint, load
+from mixprec.checkpoint.shards import INDEX_FILE
+from mixprec.core.errors import ModelLoadError
+from mixprec.formats.recipe import QuantSettings, Recipe
+from mixprec.model.arch import GroupKind
 from tests.test_compile import compile_tiny, recipe_model
 
 ASYM_ODD = {GroupKind.ATTENTION: 5, GroupKind.ROUTED_EXPERTS: 3, GroupKind.SHARED_EXPERTS: 5,

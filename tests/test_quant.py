@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from mixprec.errors import QuantConfigError
+from mixprec.core.errors import QuantConfigError
 from mixprec.quant import QuantConfig, QuantizedWeight, get_quantizer, storage_bits
 
 BITS = (2, 3, 4, 5, 6, 7, 8)

@@ -10,11 +10,11 @@ from pathlib import Path
 import pytest
 import yaml
 
-from mixprec.arch import DEFAULT_QUANTIZED_KINDS
-from mixprec.errors import FingerprintMismatchError
-from mixprec.loading import Checkpoint
-from mixprec.modelmap import Granularity, ModelMap
-from mixprec.recipe import Budget, ModelRef, QuantSettings, Recipe, RecipeError
+from mixprec.core.errors import FingerprintMismatchError
+from mixprec.formats.recipe import Budget, ModelRef, QuantSettings, Recipe, RecipeError
+from mixprec.model.arch import DEFAULT_QUANTIZED_KINDS
+from mixprec.model.loading import Checkpoint
+from mixprec.model.modelmap import Granularity, ModelMap
 
 
 @pytest.fixture(scope="module")

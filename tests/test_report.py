@@ -23,9 +23,9 @@ import pytest
 from PIL import Image
 
 from mixprec.cli import main
-from mixprec.errors import MixprecError
-from mixprec.measure_output import TABLE_COLUMNS, Measurement
-from mixprec.recipe import Recipe
+from mixprec.core.errors import MixprecError
+from mixprec.formats.recipe import Recipe
+from mixprec.measure.table import TABLE_COLUMNS, Measurement
 from mixprec.report import build_report, collect, tables
 from mixprec.report import figures as fig
 from mixprec.report.front import additive_front
@@ -193,7 +193,7 @@ def test_attach_puts_figures_in_the_study_once(work: Path, report: Path) -> None
 
 
 def test_import_has_no_plotting_side_effects() -> None:
-    code = ("import sys, mixprec.report, mixprec.dashboard, mixprec.cli; "
+    code = ("import sys, mixprec.report, mixprec.report.dashboard, mixprec.cli; "
             "assert 'matplotlib' not in sys.modules and 'optuna_dashboard' not in sys.modules, 'eager import'")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr

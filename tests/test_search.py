@@ -19,22 +19,22 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from mixprec.budget import Constraints, CostTable, budget_limit_bits
 from mixprec.cli import main
-from mixprec.data import WindowConfig, windows_from_tokens
-from mixprec.engine import KLEngine
-from mixprec.errors import FingerprintMismatchError
-from mixprec.exl3_yaml import Exl3Overrides, exl3_to_groups, source_bits
-from mixprec.loading import Checkpoint, load_model
-from mixprec.measure import MeasureConfig
-from mixprec.moves import blocks, fill, mutate, repair, total_cost
+from mixprec.core.errors import FingerprintMismatchError
+from mixprec.formats.exl3 import Exl3Overrides, exl3_to_groups, source_bits
+from mixprec.formats.recipe import Budget, Recipe
+from mixprec.measure.config import MeasureConfig
+from mixprec.measure.engine.core import KLEngine
+from mixprec.model.data import WindowConfig, windows_from_tokens
+from mixprec.model.loading import Checkpoint, load_model
 from mixprec.quant import QuantConfig, storage_bits
-from mixprec.recipe import Budget, Recipe
-from mixprec.search import SearchConfig, run_search
-from mixprec.search_inputs import StageConfig, baselines, nearest_uniform, prepare, seeds, uniform_grid
-from mixprec.search_pipeline import run_stage
-from mixprec.solve import Problem, Solution, greedy, hq_at_budget, pareto_front, uniform
-from mixprec.variants import ensure_variants
+from mixprec.quant.variants import ensure_variants
+from mixprec.search.costs import Constraints, CostTable, budget_limit_bits
+from mixprec.search.inputs import StageConfig, baselines, nearest_uniform, prepare, seeds, uniform_grid
+from mixprec.search.moves import blocks, fill, mutate, repair, total_cost
+from mixprec.search.pipeline import run_stage
+from mixprec.search.solve import Problem, Solution, greedy, hq_at_budget, pareto_front, uniform
+from mixprec.search.study import SearchConfig, run_search
 from tests.test_solve import random_problem
 
 BITS = (2, 3, 4, 8)
@@ -81,7 +81,7 @@ def search(setup: Setup, tmp: Path, **overrides: object) -> tuple[object, Search
 
 
 def recipe_of(setup: Setup, solution: Solution) -> Recipe:
-    from mixprec.recipe import Budget, ModelRef, QuantSettings
+    from mixprec.formats.recipe import Budget, ModelRef, QuantSettings
 
     return Recipe(ModelRef("tiny", "qwen2_moe", "f" * 64), setup.engine.model_map.granularity, QuantSettings(),
                   dict(solution.assignment), Budget(bpw=3.0), setup.table.achieved(solution.assignment),
@@ -251,7 +251,7 @@ def test_cli_search_end_to_end(tiny_model_dirs: dict[str, Path], tmp_path: Path,
 
 
 def test_concordance() -> None:
-    from mixprec.search_sampler import _concordance
+    from mixprec.search.sampler import _concordance
 
     assert _concordance([1, 2, 3], [10, 20, 30]) == 1.0
     assert _concordance([1, 2, 3], [30, 20, 10]) == -1.0

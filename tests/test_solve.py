@@ -11,8 +11,12 @@ from pathlib import Path
 
 import pytest
 
-from mixprec.arch import GroupKind
-from mixprec.budget import (
+from mixprec.formats.recipe import Budget
+from mixprec.model.arch import GroupKind
+from mixprec.model.loading import Checkpoint
+from mixprec.quant import QuantConfig
+from mixprec.quant.variants import ensure_variants
+from mixprec.search.costs import (
     NULL_BITS_PER_WEIGHT,
     BudgetError,
     Constraints,
@@ -22,10 +26,7 @@ from mixprec.budget import (
     check_feasible,
     parse_settings,
 )
-from mixprec.loading import Checkpoint
-from mixprec.quant import QuantConfig
-from mixprec.recipe import Budget
-from mixprec.solve import (
+from mixprec.search.solve import (
     Problem,
     compressed,
     compressed_solutions,
@@ -37,7 +38,6 @@ from mixprec.solve import (
     tied_solutions,
     uniform,
 )
-from mixprec.variants import ensure_variants
 
 
 def random_problem(rng: random.Random, groups: int, max_options: int, costly: bool = False) -> Problem:
@@ -251,8 +251,8 @@ def test_planned_costs_equal_manifest_costs(tiny_table: CostTable, tiny_model_di
 def test_measurement_losses_are_monotone_in_bits(tmp_path: Path) -> None:
     import pandas as pd
 
-    from mixprec.measure_output import Measurement
-    from mixprec.search_pipeline import measurement_losses
+    from mixprec.measure.table import Measurement
+    from mixprec.search.pipeline import measurement_losses
 
     drop = pd.DataFrame({"group": ["a"] * 4 + ["b"] * 4, "bits": [2, 3, 4, 8] * 2, "mode": "drop", "base_bits": 16,
                          "dkl": [1e-1, 1e-2, 2e-5, 3e-5, 5e-2, 6e-3, 1e-3, 1e-4],

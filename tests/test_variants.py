@@ -13,10 +13,10 @@ import pytest
 import torch
 
 from mixprec.cli import main
-from mixprec.errors import FingerprintMismatchError, ModelLoadError
-from mixprec.loading import Checkpoint, load_model
+from mixprec.core.errors import FingerprintMismatchError, ModelLoadError
+from mixprec.model.loading import Checkpoint, load_model
 from mixprec.quant import QuantConfig
-from mixprec.variants import Variant, apply_group, ensure_variants
+from mixprec.quant.variants import Variant, apply_group, ensure_variants
 from tests.tiny_models import TINY_CONFIGS
 
 

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from mixprec.progress import progress
+from mixprec.core.progress import progress
 
 __all__ = [
     "LoopConfig",

@@ -42,7 +42,7 @@ from mixprec.bundled.model import (
     count_parameters,
     to_hf_config,
 )
-from mixprec.fileio import atomic_dir, atomic_write_json
+from mixprec.core.fileio import atomic_dir, atomic_write_json
 
 __all__ = ["TrainConfig", "TrainSummary", "build_parser", "config_from_args", "main", "cli"]
 

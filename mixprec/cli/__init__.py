@@ -13,8 +13,8 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from mixprec import __version__
-from mixprec.errors import MixprecError
+from mixprec.core.errors import MixprecError
+from mixprec.core.version import __version__
 
 __all__ = ["main", "build_parser", "STAGES"]
 

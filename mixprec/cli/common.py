@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from mixprec.loading import resolve_model_path
+from mixprec.model.loading import resolve_model_path
 
 __all__ = ["add_model_argument", "add_work_argument", "default_work_dir", "print_table"]
 

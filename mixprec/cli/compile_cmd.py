@@ -21,14 +21,14 @@ from pathlib import Path
 
 import yaml
 
+from mixprec.checkpoint.compile import CompileConfig, compile_recipe
+from mixprec.checkpoint.qformat import CompileError
+from mixprec.checkpoint.shards import parse_size
 from mixprec.cli.common import add_work_argument, default_work_dir, print_table
-from mixprec.compile import CompileConfig, compile_recipe
-from mixprec.loading import Checkpoint
-from mixprec.modelmap import Granularity
-from mixprec.qformat import CompileError
-from mixprec.recipe import ModelRef, QuantSettings, Recipe
-from mixprec.shards import parse_size
-from mixprec.variants import Variant
+from mixprec.formats.recipe import ModelRef, QuantSettings, Recipe
+from mixprec.model.loading import Checkpoint
+from mixprec.model.modelmap import Granularity
+from mixprec.quant.variants import Variant
 
 __all__ = ["register", "read_recipe", "recipe_from_exl3", "size_rows"]
 
@@ -61,7 +61,7 @@ def _is_exl3(path: Path) -> bool:
 def recipe_from_exl3(path: Path, checkpoint: Checkpoint, base_bits: int | None,
                      granularity: str) -> tuple[Recipe, Path]:
     """A recipe equivalent to an override YAML over mixprec variants, and the work folder holding them."""
-    from mixprec.exl3_yaml import Exl3Overrides, exl3_to_groups, source_bits
+    from mixprec.formats.exl3 import Exl3Overrides, exl3_to_groups, source_bits
 
     if base_bits is None:
         raise CompileError(f"{path} is an exllamav3 override YAML: pass --base-bits B, the width of tensors "

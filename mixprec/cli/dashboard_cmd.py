@@ -20,7 +20,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from mixprec.dashboard import DashboardConfig, find_storage, serve, study_urls
+from mixprec.report.dashboard import DashboardConfig, find_storage, serve, study_urls
 
 __all__ = ["register", "run"]
 

@@ -16,8 +16,8 @@ import argparse
 from pathlib import Path
 
 from mixprec.cli.common import add_model_argument, print_table
-from mixprec.demo import DemoConfig, run_demo, summary_rows
-from mixprec.search import quiet_optuna
+from mixprec.cli.demo import DemoConfig, run_demo, summary_rows
+from mixprec.search.study import quiet_optuna
 
 __all__ = ["register"]
 

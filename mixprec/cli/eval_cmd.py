@@ -18,7 +18,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from mixprec.evaluate import EvalConfig, evaluate, format_table, save_result
+from mixprec.checkpoint.evaluate import EvalConfig, evaluate, format_table, save_result
 
 __all__ = ["register"]
 

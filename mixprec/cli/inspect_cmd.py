@@ -10,10 +10,10 @@ from __future__ import annotations
 import argparse
 import json
 
-from mixprec.arch import DEFAULT_QUANTIZED_KINDS
 from mixprec.cli.common import add_model_argument, print_table
-from mixprec.loading import Checkpoint
-from mixprec.modelmap import Granularity, ModelMap
+from mixprec.model.arch import DEFAULT_QUANTIZED_KINDS
+from mixprec.model.loading import Checkpoint
+from mixprec.model.modelmap import Granularity, ModelMap
 
 __all__ = ["register", "group_rows"]
 

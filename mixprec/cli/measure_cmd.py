@@ -25,11 +25,12 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from mixprec.arch import DEFAULT_QUANTIZED_KINDS, GroupKind
 from mixprec.cli.common import add_model_argument, add_work_argument, default_work_dir, print_table
-from mixprec.engine import EngineConfig
-from mixprec.measure import MeasureConfig, load_measurement, run_measure
-from mixprec.measure_output import format_table
+from mixprec.measure.config import MeasureConfig
+from mixprec.measure.engine.core import EngineConfig
+from mixprec.measure.run import run_measure
+from mixprec.measure.table import format_table, load_measurement
+from mixprec.model.arch import DEFAULT_QUANTIZED_KINDS, GroupKind
 from mixprec.quant import SUPPORTED_BITS, SUPPORTED_GROUP_SIZES, QuantConfig, quantizer_names
 
 __all__ = ["register", "config_from_args"]

@@ -22,14 +22,14 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from mixprec.arch import DEFAULT_QUANTIZED_KINDS, GroupKind
-from mixprec.calibrate import CalibConfig
 from mixprec.cli.common import add_model_argument, add_work_argument, default_work_dir, print_table
-from mixprec.hessians import Calibration, calibration_windows
-from mixprec.loading import Checkpoint
+from mixprec.model.arch import DEFAULT_QUANTIZED_KINDS, GroupKind
+from mixprec.model.loading import Checkpoint
 from mixprec.quant import SUPPORTED_BITS, SUPPORTED_GROUP_SIZES, QuantConfig, quantizer_names
+from mixprec.quant.calibration import Calibration, calibration_windows
 from mixprec.quant.gptq import GPTQSettings
-from mixprec.variants import ensure_variants
+from mixprec.quant.hessians import CalibConfig
+from mixprec.quant.variants import ensure_variants
 
 __all__ = ["register", "configs_from_args", "calibration_settings"]
 

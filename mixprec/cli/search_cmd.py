@@ -26,17 +26,17 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from mixprec.budget import Constraints, parse_settings
+from mixprec.checkpoint.compile import open_variants
 from mixprec.cli.common import add_model_argument, add_work_argument, default_work_dir, print_table
-from mixprec.compile import open_variants
-from mixprec.errors import MixprecError
-from mixprec.exl3_yaml import recipe_to_exl3
-from mixprec.loading import resolve_model_path
-from mixprec.measure import MeasureConfig
+from mixprec.core.errors import MixprecError
+from mixprec.formats.exl3 import recipe_to_exl3
+from mixprec.formats.recipe import Budget
+from mixprec.measure.config import MeasureConfig
+from mixprec.model.loading import resolve_model_path
 from mixprec.quant import SUPPORTED_GROUP_SIZES, QuantConfig, quantizer_names
-from mixprec.recipe import Budget
-from mixprec.search import SAMPLERS, SearchConfig, quiet_optuna
-from mixprec.search_pipeline import StageConfig, prepare, run_stage, run_stages
+from mixprec.search.costs import Constraints, parse_settings
+from mixprec.search.pipeline import StageConfig, prepare, run_stage, run_stages
+from mixprec.search.study import SAMPLERS, SearchConfig, quiet_optuna
 
 __all__ = ["register", "config_from_args", "configs_from_args"]
 

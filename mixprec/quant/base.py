@@ -16,7 +16,7 @@ from typing import ClassVar, TypeVar
 
 import torch
 
-from mixprec.errors import QuantConfigError
+from mixprec.core.errors import QuantConfigError
 
 __all__ = [
     "SUPPORTED_BITS",

@@ -34,7 +34,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from mixprec.errors import QuantConfigError
+from mixprec.core.errors import QuantConfigError
 from mixprec.quant.base import QuantConfig, QuantizedWeight, Quantizer, register_quantizer
 from mixprec.quant.rtn import quantize_groups
 
@@ -198,7 +198,7 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, config: QuantConf
 
 @register_quantizer("gptq")
 class GPTQQuantizer(Quantizer):
-    """GPTQ with RTN's group scales; needs the Hessian of every matrix (see `mixprec.calibrate`)."""
+    """GPTQ with RTN's group scales; needs the Hessian of every matrix (see `mixprec.quant.hessians`)."""
 
     def __init__(self, config: QuantConfig, settings: GPTQSettings | None = None) -> None:
         super().__init__(config)

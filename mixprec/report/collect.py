@@ -21,11 +21,11 @@ from typing import Any
 
 import pandas as pd
 
-from mixprec.errors import MixprecError
-from mixprec.fileio import read_json
-from mixprec.measure_output import Measurement, load_measurement
-from mixprec.recipe import Recipe
-from mixprec.variants import Variant
+from mixprec.core.errors import MixprecError
+from mixprec.core.fileio import read_json
+from mixprec.formats.recipe import Recipe
+from mixprec.measure.table import Measurement, load_measurement
+from mixprec.quant.variants import Variant
 
 __all__ = ["RecipeRun", "StudyTrials", "WorkFolder", "collect", "resolve_storage", "open_storage", "read_study",
            "split_group", "budget_label"]

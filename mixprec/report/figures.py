@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
-from mixprec.errors import MixprecError
+from mixprec.core.errors import MixprecError
 from mixprec.report.collect import split_group
 
 if TYPE_CHECKING:

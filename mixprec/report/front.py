@@ -1,7 +1,7 @@
 """The additive estimate's exact Pareto front, rebuilt from a measurement table alone.
 
 The report draws the front the search started from (every cost-optimal recipe of the sensitivity
-table, `mixprec.solve.pareto_front`) next to the held-out KL the chosen recipes reached, so a reader
+table, `mixprec.search.solve.pareto_front`) next to the held-out KL the chosen recipes reached, so a reader
 sees how far the composed model departs from the sum of single-group KLs. The costs come from the
 table's own `storage_bits` (exact bits per group and width, copied from the variants' manifests),
 and the losses from the same isotonic cleaning the search uses, so no model or variant is loaded.
@@ -12,11 +12,11 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from mixprec.arch import GroupKind
-from mixprec.budget import CostTable, GroupCost
-from mixprec.measure_output import Measurement
-from mixprec.search_pipeline import measurement_losses
-from mixprec.solve import Problem, pareto_front
+from mixprec.measure.table import Measurement
+from mixprec.model.arch import GroupKind
+from mixprec.search.costs import CostTable, GroupCost
+from mixprec.search.pipeline import measurement_losses
+from mixprec.search.solve import Problem, pareto_front
 
 __all__ = ["cost_table", "additive_front", "base_kl"]
 

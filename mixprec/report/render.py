@@ -6,7 +6,7 @@ WORK/report/
     report.json    model, budgets, groups, figure files: what a script or test needs without parsing HTML
     figures/*.png
 
-The folder is built in a temporary sibling and swapped in whole (`mixprec.fileio.atomic_dir`), so a
+The folder is built in a temporary sibling and swapped in whole (`mixprec.core.fileio.atomic_dir`), so a
 failed or interrupted report never leaves a page that points at missing or stale figures.
 """
 
@@ -19,8 +19,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from mixprec.errors import MixprecError
-from mixprec.fileio import atomic_dir, atomic_write_json, atomic_write_text
+from mixprec.core.errors import MixprecError
+from mixprec.core.fileio import atomic_dir, atomic_write_json, atomic_write_text
 from mixprec.report import figures as fig
 from mixprec.report import tables
 from mixprec.report.collect import WorkFolder, collect
@@ -201,7 +201,7 @@ def render_report(data: WorkFolder, out_dir: Path, dpi: int = 110) -> Path:
 
 def attach_to_studies(data: WorkFolder, report_dir: Path) -> int:
     """Attach the report (figures, summary.md, the study's own recipe) to each study a recipe names."""
-    from mixprec.dashboard import attach_report, default_artifact_dir
+    from mixprec.report.dashboard import attach_report, default_artifact_dir
 
     attached = 0
     for run in data.recipes:

@@ -1,0 +1,2 @@
+"""Compiled checkpoints: bit packing, the mixprec format, compile, verify, load and evaluate.
+"""

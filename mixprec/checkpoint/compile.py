@@ -1,0 +1,279 @@
+"""Recipe + variants -> one Hugging Face-style checkpoint with really bit-packed integer weights.
+
+The compiled folder holds exactly the codes the search measured: every quantized matrix is taken
+from the variant of its group's bit width (`WORK/variants/<variant id>/`), never re-quantized, so
+`mixprec.load` of the result reproduces the in-memory recipe model bit for bit.
+
+Tensor layout (format version 1). For a quantized matrix stored in the source under key
+`K = <base>.weight` (per-expert keys such as `model.layers.3.mlp.experts.5.gate_proj.weight`):
+
+* `<base>.qweight`  uint8 [out, ceil(in*b/8)]: the codes as one little-endian bitstream per row
+  (`mixprec.checkpoint.pack`); a row's last byte is zero-padded, the only size overhead (< 1 byte per row, none
+  when in*b is a multiple of 8).
+* `<base>.scales`   fp16 [out, ceil(in/group_size)]: one scale per group along the input dimension.
+* `<base>.qzeros`   uint8 [out, ceil(groups*b/8)]: packed zero points, asymmetric recipes only.
+  Dequantization is `scale * (code - zero)`, with `zero = 2^(b-1)` when symmetric.
+
+When the source stores experts fused (`mlp.experts.gate_up_proj` [E, 2I, H]), `<base>` is the
+variant unit name `<fused key>.e<E>.r<start>-<stop>` instead. Every other tensor (norms, routers,
+embeddings, biases, MTP/extra keys the model class ignores) is copied byte for byte under its
+source key; a fused source tensor is copied too unless all its matrices are quantized.
+
+Each shard's `__metadata__` holds `format: pt`, the recipe YAML (`mixprec.formats.recipe`), its sha256, and
+`mixprec.tensor_bits` (JSON: base -> bits for the quantized matrices in that shard). config.json
+gains `quantization_config` (quant_method `mixprec`, bits per matrix, group size, symmetry,
+fingerprints), and `mixprec_compile.json` reports predicted vs actual bytes and shard hashes.
+Everything is written into a temporary folder, re-read and verified, and only then moved into place.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import shutil
+import time
+from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+
+from mixprec.checkpoint.pack import pack_codes
+from mixprec.checkpoint.qformat import (
+    FORMAT_VERSION,
+    META_RECIPE,
+    META_RECIPE_SHA,
+    META_TENSOR_BITS,
+    QUANT_METHOD,
+    REPORT_FILE,
+    CompileError,
+    quantized_base,
+    quantized_nbytes,
+)
+from mixprec.checkpoint.shards import INDEX_FILE, checkpoint_shards, plan_shards, shard_names, write_index
+from mixprec.checkpoint.verify import CompilePlan, PlanEntry, build_report, verify_output
+from mixprec.core.errors import FingerprintMismatchError
+from mixprec.core.fileio import atomic_dir, atomic_write_json, sha256_text
+from mixprec.core.progress import progress
+from mixprec.core.version import __version__
+from mixprec.formats.recipe import Recipe
+from mixprec.model.loading import Checkpoint
+from mixprec.model.modelmap import ModelMap, WeightRef
+from mixprec.quant import QuantConfig
+from mixprec.quant.variants import Variant
+
+__all__ = ["CompileError", "CompileConfig", "open_variants", "compile_recipe"]
+
+log = logging.getLogger(__name__)
+
+_DEFAULT_MAX_SHARD = 2 * 10**9
+_WEIGHT_SUFFIXES = {".bin", ".pt", ".pth", ".gguf", ".ckpt", ".h5", ".msgpack"}
+
+
+@dataclass(frozen=True)
+class CompileConfig:
+    """How the checkpoint is written: shard size limit (bytes of tensor data) and post-write verification."""
+
+    max_shard_bytes: int = _DEFAULT_MAX_SHARD
+    verify: bool = True
+
+    def __post_init__(self) -> None:
+        if self.max_shard_bytes <= 0:
+            raise CompileError(f"max_shard_bytes={self.max_shard_bytes} must be positive")
+
+
+def _quantize_hint(checkpoint: Checkpoint, config: QuantConfig, work_dir: Path) -> str:
+    flags = [f"--bits {config.bits}", f"--work {work_dir}", f"--method {config.method}"]
+    if config.group_size != 64:
+        flags.append(f"--group-size {config.group_size}")
+    if not config.symmetric:
+        flags.append("--asym")
+    if config.clip_search:
+        flags.append("--clip-search")
+    return f"mixprec quantize {checkpoint.path} " + " ".join(flags)
+
+
+def open_variants(recipe: Recipe, checkpoint: Checkpoint, work_dir: Path) -> dict[int, Variant]:
+    """The verified variant of every bit width the recipe uses, made from this model with its settings."""
+    variants: dict[int, Variant] = {}
+    for bits in sorted({b for b in recipe.groups.values() if b is not None}):
+        config = recipe.quant_config(bits)
+        folder = Path(work_dir) / "variants" / config.variant_id
+        hint = _quantize_hint(checkpoint, config, Path(work_dir))
+        if not (folder / "manifest.json").exists():
+            raise CompileError(f"the recipe uses {bits} bits but variant folder {folder} is missing or "
+                               f"unfinished; create it with `{hint}`")
+        variant = Variant.open(folder, checkpoint.fingerprint)
+        variant.verify()
+        if variant.config != config:
+            raise CompileError(f"{folder} was made with {variant.config} but the recipe needs {config}; "
+                               f"re-create it with `{hint}`")
+        variants[bits] = variant
+    return variants
+
+
+def _assignments(recipe: Recipe, model_map: ModelMap) -> list[tuple[WeightRef, int]]:
+    return [(ref, bits) for name, bits in recipe.groups.items() if bits is not None
+            for ref in model_map.group(name).weights]
+
+
+def _natural(name: str) -> list[Any]:
+    """Sort key that orders `layers.10` after `layers.9`, keeping each layer's tensors together."""
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
+
+
+def _source_keys_replaced(model_map: ModelMap, assigned: list[tuple[WeightRef, int]]) -> set[str]:
+    """Source keys all of whose matrices are quantized (a fused key may be only partly quantized)."""
+    covered: dict[str, int] = defaultdict(int)
+    for ref, _ in assigned:
+        covered[ref.key] += 1
+    total: dict[str, int] = defaultdict(int)
+    for group in model_map.groups:
+        for ref in group.weights:
+            total[ref.key] += 1
+    return {key for key, count in covered.items() if count == total[key]}
+
+
+def _build_plan(recipe: Recipe, model_map: ModelMap, checkpoint: Checkpoint, variants: dict[int, Variant],
+                max_shard_bytes: int) -> CompilePlan:
+    assigned = _assignments(recipe, model_map)
+    entries: list[PlanEntry] = []
+    predicted = 0
+    for ref, bits in assigned:
+        variant = variants[bits]
+        if ref.unit not in variant.manifest["units"]:
+            raise CompileError(f"{variant.path} has no matrix {ref.unit!r} (it quantized kinds "
+                               f"{variant.manifest['kinds']}); re-run `mixprec quantize` with --kinds covering it")
+        predicted += int(variant.manifest["units"][ref.unit]["storage_bits"])
+        q = recipe.quantizer
+        entries.append(PlanEntry(quantized_base(ref), sum(quantized_nbytes(ref.shape, bits, q.group_size,
+                                                                           q.symmetric).values()), ref, bits))
+    replaced = _source_keys_replaced(model_map, assigned)
+    headers = {name: info for h in checkpoint_shards(checkpoint.path) for name, info in h.tensors.items()}
+    copied = [PlanEntry(key, info.nbytes) for key, info in headers.items() if key not in replaced]
+    ordered = sorted(entries + copied, key=lambda e: _natural(e.name))
+    return CompilePlan(plan_shards([(e, e.nbytes) for e in ordered], max_shard_bytes),
+                       {quantized_base(ref): bits for ref, bits in assigned}, predicted,
+                       sum(e.nbytes for e in copied), recipe.quantizer.group_size, recipe.quantizer.symmetric,
+                       sorted(replaced))
+
+
+def _entry_tensors(entry: PlanEntry, checkpoint: Checkpoint, variants: dict[int, Variant]) -> dict[str, torch.Tensor]:
+    if entry.ref is None:
+        return {entry.name: checkpoint.read(entry.name).contiguous()}
+    assert entry.bits is not None
+    q = variants[entry.bits].quantized(entry.ref)
+    if tuple(q.codes.shape) != entry.ref.shape:
+        raise CompileError(f"{variants[entry.bits].path}: {entry.ref.unit} has shape {tuple(q.codes.shape)}, "
+                           f"the model expects {entry.ref.shape}; re-create the variant")
+    tensors = {f"{entry.name}.qweight": pack_codes(q.codes, entry.bits),
+               f"{entry.name}.scales": q.scales.to(torch.float16).contiguous()}
+    if q.zeros is not None:
+        tensors[f"{entry.name}.qzeros"] = pack_codes(q.zeros, entry.bits)
+    return tensors
+
+
+def _shard_metadata(recipe_yaml: str, entries: list[PlanEntry]) -> dict[str, str]:
+    bits = {e.name: e.bits for e in entries if e.bits is not None}
+    return {"format": "pt", META_RECIPE: recipe_yaml, META_RECIPE_SHA: sha256_text(recipe_yaml),
+            "mixprec.format_version": str(FORMAT_VERSION), "mixprec.version": __version__,
+            META_TENSOR_BITS: json.dumps(bits, sort_keys=True)}
+
+
+def _write_shards(folder: Path, plan: CompilePlan, recipe_yaml: str,
+                  produce: Callable[[PlanEntry], dict[str, torch.Tensor]]) -> dict[str, str]:
+    """Write every shard; returns the weight map (tensor name -> shard file)."""
+    weight_map: dict[str, str] = {}
+    total_bytes = 0
+    names = shard_names(len(plan.shards))
+    for name, entries in progress(list(zip(names, plan.shards, strict=True)), desc="compile", unit="shard"):
+        tensors: dict[str, torch.Tensor] = {}
+        for entry in entries:
+            tensors.update(produce(entry))
+        save_file(tensors, folder / name, metadata=_shard_metadata(recipe_yaml, entries))
+        weight_map.update(dict.fromkeys(tensors, name))
+        total_bytes += sum(t.numel() * t.element_size() for t in tensors.values())
+    if len(names) > 1:
+        write_index(folder, weight_map, total_bytes)
+    return weight_map
+
+
+def _quantization_config(recipe: Recipe, plan: CompilePlan, fingerprint: str) -> dict[str, Any]:
+    q = recipe.quantizer
+    return {"quant_method": QUANT_METHOD, "version": FORMAT_VERSION, "mixprec_version": __version__,
+            "method": q.method, "group_size": q.group_size, "symmetric": q.symmetric, "scale_dtype": "float16",
+            "packing": "uint8 little-endian bitstream per row", "default": None,
+            "granularity": recipe.granularity.value, "groups": dict(recipe.groups),
+            "bits": dict(sorted(plan.bits_map.items(), key=lambda kv: _natural(kv[0]))),
+            "recipe_sha256": sha256_text(recipe.to_yaml()), "model_fingerprint": fingerprint}
+
+
+def _is_side_file(path: Path, weight_files: set[Path]) -> bool:
+    """Tokenizer, generation config, token splits, README...: top-level files that are not weights."""
+    if not path.is_file() or path in weight_files or path.name in ("config.json", REPORT_FILE, INDEX_FILE):
+        return False
+    if path.suffix == ".safetensors":
+        return not path.name.startswith("model")  # e.g. the bundled model's evaluation.safetensors tokens
+    return path.suffix not in _WEIGHT_SUFFIXES
+
+
+def _copy_side_files(source: Path, folder: Path, weight_files: set[Path]) -> list[str]:
+    copied = []
+    for path in sorted(source.iterdir()):
+        if _is_side_file(path, weight_files):
+            shutil.copy2(path, folder / path.name)
+            copied.append(path.name)
+    return copied
+
+
+def _check_target(out_dir: Path, checkpoint: Checkpoint, work_dir: Path) -> None:
+    out = out_dir.resolve()
+    for protected in (checkpoint.path, Path(work_dir).resolve()):
+        if out == protected or protected.is_relative_to(out):
+            raise CompileError(f"output folder {out_dir} would replace {protected}; choose a new folder")
+    if out.exists() and any(out.iterdir()) and not (out / REPORT_FILE).exists():
+        raise CompileError(f"output folder {out_dir} exists and is not a mixprec compile output; "
+                           "remove it or choose another folder (it would be replaced)")
+
+
+def compile_recipe(recipe: Recipe, checkpoint: Checkpoint, work_dir: str | Path, out_dir: str | Path,
+                   config: CompileConfig | None = None) -> dict[str, Any]:
+    """Compile `recipe` over the variants in `work_dir` into `out_dir`; returns the compile report.
+
+    All inputs are validated (recipe fits the model, fingerprint, every variant present and intact)
+    before anything is written; any failure leaves no output folder.
+    """
+    config = config or CompileConfig()
+    started = time.perf_counter()
+    work_dir, out_dir = Path(work_dir), Path(out_dir)
+    if "quantization_config" in checkpoint.config:
+        raise CompileError(f"{checkpoint.path}/config.json already has a quantization_config; compile from the "
+                           "unquantized model the variants were made from")
+    _check_target(out_dir, checkpoint, work_dir)
+    model_map = checkpoint.model_map(recipe.granularity)
+    try:
+        recipe.check_model(model_map, checkpoint.fingerprint)
+    except FingerprintMismatchError as exc:
+        raise FingerprintMismatchError(f"{exc} (if {checkpoint.path} is the model the recipe was made for, one "
+                                       "of its files has changed or is corrupt)") from exc
+    variants = open_variants(recipe, checkpoint, work_dir)
+    plan = _build_plan(recipe, model_map, checkpoint, variants, config.max_shard_bytes)
+    recipe_yaml = recipe.to_yaml()
+    with atomic_dir(out_dir) as tmp:
+        _write_shards(tmp, plan, recipe_yaml, lambda e: _entry_tensors(e, checkpoint, variants))
+        source_config = dict(checkpoint.config)
+        source_config["quantization_config"] = _quantization_config(recipe, plan, checkpoint.fingerprint)
+        (tmp / "config.json").write_text(json.dumps(source_config, indent=2, sort_keys=True) + "\n")
+        side_files = _copy_side_files(checkpoint.path, tmp, set(checkpoint.files))
+        if config.verify:
+            verify_output(tmp, plan, recipe_yaml)
+        report = build_report(tmp, recipe, checkpoint, variants, plan, side_files, config.max_shard_bytes,
+                              time.perf_counter() - started)
+        atomic_write_json(tmp / REPORT_FILE, report)
+    log.info("compiled %s: %d shard(s), %.1f%% of predicted quantized bytes", out_dir, len(plan.shards),
+             100 * report["actual"]["quantized_bytes"] / max(report["predicted"]["quantized_bytes"], 1e-9))
+    return report

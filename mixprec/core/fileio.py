@@ -1,0 +1,133 @@
+"""Atomic file writes and content hashing shared by every stage.
+
+Stages hand off through files, so a crash must never leave a half-written file that a later run
+mistakes for a finished one: everything is written to a temporary sibling and renamed into place.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+__all__ = [
+    "atomic_write_text",
+    "atomic_write_json",
+    "atomic_path",
+    "atomic_dir",
+    "sha256_file",
+    "sha256_text",
+    "read_json",
+    "parse_yaml",
+    "read_yaml",
+    "dump_yaml",
+]
+
+
+@contextmanager
+def atomic_path(target: str | os.PathLike[str]) -> Iterator[Path]:
+    """Yield a temporary path next to `target`; rename it onto `target` only if the block succeeds."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        yield tmp
+        os.replace(tmp, target)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+@contextmanager
+def atomic_dir(target: str | os.PathLike[str]) -> Iterator[Path]:
+    """Yield a temporary directory next to `target`; it replaces `target` only if the block succeeds.
+
+    A failure removes the temporary directory, so no half-written output folder is ever left behind.
+    """
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+    try:
+        yield tmp
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(tmp, target)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _write_with(target: str | os.PathLike[str], write: Callable[[Path], None]) -> None:
+    with atomic_path(target) as tmp:
+        write(tmp)
+
+
+def atomic_write_text(target: str | os.PathLike[str], text: str) -> None:
+    """Write `text` to `target` atomically (UTF-8)."""
+    _write_with(target, lambda p: p.write_text(text, encoding="utf-8"))
+
+
+def atomic_write_json(target: str | os.PathLike[str], obj: Any) -> None:
+    """Write `obj` as indented, key-sorted JSON atomically."""
+    atomic_write_text(target, json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+
+def read_json(path: str | os.PathLike[str]) -> Any:
+    """Read a JSON file, turning a parse failure into an error that names the file."""
+    from mixprec.core.errors import MixprecError
+
+    path = Path(path)
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError as exc:
+        raise MixprecError(f"{path}: file not found") from exc
+    except json.JSONDecodeError as exc:
+        raise MixprecError(f"{path}: not valid JSON ({exc}); delete it and re-run the stage") from exc
+
+
+def dump_yaml(data: Any, width: int = 120) -> str:
+    """Block-style YAML in the dict's own key order (what recipes and override files are written as)."""
+    import yaml
+
+    return yaml.safe_dump(data, sort_keys=False, default_flow_style=False, width=width)
+
+
+def parse_yaml(text: str, where: str, error: type[Exception]) -> Any:
+    """`yaml.safe_load` with a parse failure raised as `error` naming `where` (a file or "recipe")."""
+    import yaml
+
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise error(f"{where}: not valid YAML ({exc})") from exc
+
+
+def read_yaml(path: str | os.PathLike[str], what: str, error: type[Exception]) -> tuple[Any, str]:
+    """Parse a YAML file (see `parse_yaml`); a missing file is `error` naming `what` it should be.
+    Returns the data and the file name to quote in later errors."""
+    path = Path(path)
+    if not path.exists():
+        raise error(f"{what} {path} does not exist")
+    return parse_yaml(path.read_text(encoding="utf-8"), str(path), error), str(path)
+
+
+def sha256_file(path: str | os.PathLike[str], chunk_bytes: int = 1 << 22) -> str:
+    """Hex sha256 of a file's bytes, read in chunks so large shards do not fill memory."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(chunk_bytes):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def sha256_text(text: str) -> str:
+    """Hex sha256 of a UTF-8 string."""
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()

@@ -1,0 +1,222 @@
+"""The recipe: a versioned, ordered map from weight group to bit width, written as YAML.
+
+A recipe is what the search writes and what `mixprec compile` reads. It names groups exactly as
+the model map does (`layers.3.attn`, `layers.3.experts.down`, ...) at one granularity; `null` keeps a
+group at its original precision. Every recipe carries the model fingerprint (so it is never applied
+to another model), the quantizer settings shared by all groups, the budget and achieved bpw, its
+provenance (measurement, data splits, solver) and its predicted and measured KL.
+
+Example::
+
+    schema_version: 1
+    kind: mixprec.recipe
+    model: {name: stdlib-moe, model_type: qwen2_moe, fingerprint: 3f2a...}
+    granularity: layer
+    quantizer: {method: rtn, group_size: 64, symmetric: true, clip_search: false, clip_grid: 32}
+    budget: {bpw: 3.0}
+    achieved: {bpw: 2.996}
+    groups:
+      layers.0.attn: 6
+      layers.0.mlp: 4
+      layers.1.experts: 2
+    provenance: {solver: dp}
+    kl: {predicted: 0.0123, evaluation: 0.0119}
+
+Only `yaml.safe_load` is used; unknown keys and group names get errors naming the nearest valid ones.
+"""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from mixprec.core.errors import FingerprintMismatchError, MixprecError
+from mixprec.core.fileio import atomic_write_text, dump_yaml, parse_yaml, read_yaml
+from mixprec.model.arch import DEFAULT_QUANTIZED_KINDS
+from mixprec.model.modelmap import Granularity, ModelMap
+from mixprec.quant import SUPPORTED_BITS, QuantConfig
+
+__all__ = ["RECIPE_SCHEMA_VERSION", "RecipeError", "ModelRef", "Budget", "QuantSettings", "Recipe"]
+
+RECIPE_SCHEMA_VERSION = 1
+_KIND = "mixprec.recipe"
+
+
+class RecipeError(MixprecError):
+    """A recipe file is malformed or does not fit the model it is applied to."""
+
+
+def _nearest(name: str, valid: list[str]) -> str:
+    close = difflib.get_close_matches(name, valid, n=3, cutoff=0.3)
+    return ", ".join(close or valid[:3])
+
+
+def _check_keys(where: str, data: dict[str, Any], allowed: list[str], required: list[str]) -> None:
+    for key in data:
+        if key not in allowed:
+            raise RecipeError(f"{where}: unknown key {key!r}; nearest valid: {_nearest(str(key), allowed)}")
+    for key in required:
+        if key not in data:
+            raise RecipeError(f"{where}: required key {key!r} is missing")
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    """Which model a recipe belongs to; the fingerprint is `Checkpoint.fingerprint`."""
+
+    name: str
+    model_type: str
+    fingerprint: str
+
+
+@dataclass(frozen=True)
+class Budget:
+    """The size target: average bits per quantized weight, or total quantized size in GiB (exactly one)."""
+
+    bpw: float | None = None
+    gib: float | None = None
+
+    def __post_init__(self) -> None:
+        if (self.bpw is None) == (self.gib is None):
+            raise RecipeError(f"a budget needs exactly one of bpw or gib, got bpw={self.bpw} gib={self.gib}")
+        value = self.bpw if self.bpw is not None else self.gib
+        if value is None or value <= 0:
+            raise RecipeError(f"budget must be positive, got {value}")
+
+
+@dataclass(frozen=True)
+class QuantSettings:
+    """Quantizer settings shared by every group of a recipe (everything in `QuantConfig` but the bits)."""
+
+    method: str = "rtn"
+    group_size: int = 64
+    symmetric: bool = True
+    clip_search: bool = False
+    clip_grid: int = 32
+
+    def __post_init__(self) -> None:
+        self.config(SUPPORTED_BITS[0])  # validates method and group size
+
+    def config(self, bits: int) -> QuantConfig:
+        """The full quantizer config of a group at `bits`."""
+        return QuantConfig(method=self.method, bits=bits, group_size=self.group_size, symmetric=self.symmetric,
+                           clip_search=self.clip_search, clip_grid=self.clip_grid)
+
+    @classmethod
+    def from_config(cls, config: QuantConfig) -> QuantSettings:
+        values = asdict(config)
+        values.pop("bits")
+        return cls(**values)
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """Group -> bits (None keeps the original precision), plus what the recipe is for and where it came from."""
+
+    model: ModelRef
+    granularity: Granularity
+    quantizer: QuantSettings
+    groups: dict[str, int | None]
+    budget: Budget | None = None
+    achieved: dict[str, float] = field(default_factory=dict)
+    provenance: dict[str, Any] = field(default_factory=dict)
+    kl: dict[str, float] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        for name, bits in self.groups.items():
+            if bits is not None and (isinstance(bits, bool) or bits not in SUPPORTED_BITS):
+                raise RecipeError(f"group {name!r}: bits {bits!r} is not one of {SUPPORTED_BITS} or null")
+
+    # -- YAML -------------------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "schema_version": RECIPE_SCHEMA_VERSION,
+            "kind": _KIND,
+            "model": asdict(self.model),
+            "granularity": self.granularity.value,
+            "quantizer": asdict(self.quantizer),
+            "budget": None if self.budget is None else {k: v for k, v in asdict(self.budget).items() if v is not None},
+            "achieved": dict(self.achieved),
+            "groups": dict(self.groups),
+            "provenance": dict(self.provenance),
+            "kl": dict(self.kl),
+        }
+
+    def to_yaml(self) -> str:
+        return dump_yaml(self.to_dict())
+
+    def save(self, path: str | Path) -> None:
+        """Write the recipe atomically."""
+        atomic_write_text(path, self.to_yaml())
+
+    @classmethod
+    def from_dict(cls, data: Any, where: str = "recipe") -> Recipe:
+        if not isinstance(data, dict):
+            raise RecipeError(f"{where}: expected a mapping at the top level, got {type(data).__name__}")
+        top = [f.name for f in fields(cls)] + ["schema_version", "kind"]
+        _check_keys(where, data, top, ["schema_version", "model", "granularity", "quantizer", "groups"])
+        if data["schema_version"] != RECIPE_SCHEMA_VERSION:
+            raise RecipeError(f"{where}: schema_version {data['schema_version']!r} is not supported "
+                              f"(this mixprec reads version {RECIPE_SCHEMA_VERSION})")
+        if data.get("kind", _KIND) != _KIND:
+            raise RecipeError(f"{where}: kind {data['kind']!r} is not {_KIND!r}; is this an exllamav3 override "
+                              "YAML? Convert it with the exllamav3 importer")
+        try:
+            return cls(
+                model=ModelRef(**_section(where, data, "model", ModelRef)),
+                granularity=Granularity(data["granularity"]),
+                quantizer=QuantSettings(**_section(where, data, "quantizer", QuantSettings)),
+                groups=_groups(where, data["groups"]),
+                budget=None if data.get("budget") is None else Budget(**_section(where, data, "budget", Budget)),
+                achieved=dict(data.get("achieved") or {}),
+                provenance=dict(data.get("provenance") or {}),
+                kl=dict(data.get("kl") or {}),
+            )
+        except ValueError as exc:  # Granularity() and dataclass validation
+            raise RecipeError(f"{where}: {exc}") from exc
+
+    @classmethod
+    def from_yaml(cls, text: str, where: str = "recipe") -> Recipe:
+        return cls.from_dict(parse_yaml(text, where, RecipeError), where)
+
+    @classmethod
+    def load(cls, path: str | Path) -> Recipe:
+        return cls.from_dict(*read_yaml(path, "recipe", RecipeError))
+
+    # -- checks against a model ------------------------------------------------------------------
+    def quant_config(self, bits: int) -> QuantConfig:
+        return self.quantizer.config(bits)
+
+    def check_model(self, model_map: ModelMap, fingerprint: str | None = None) -> None:
+        """Refuse a recipe for another model, of another granularity, or with unknown or missing groups."""
+        if fingerprint is not None and fingerprint != self.model.fingerprint:
+            raise FingerprintMismatchError(
+                f"recipe is for model {self.model.name} (fingerprint {self.model.fingerprint[:12]}…) but the "
+                f"given model has fingerprint {fingerprint[:12]}…; search a recipe for this model instead")
+        if model_map.granularity is not self.granularity:
+            raise RecipeError(f"recipe granularity {self.granularity.value!r} differs from the model map's "
+                              f"{model_map.granularity.value!r}")
+        valid = model_map.names()
+        for name in self.groups:
+            if name not in valid:
+                raise RecipeError(f"recipe names unknown group {name!r}; nearest valid: {_nearest(name, valid)}")
+        missing = [g.name for g in model_map.select(DEFAULT_QUANTIZED_KINDS) if g.name not in self.groups]
+        if missing:
+            raise RecipeError(f"recipe assigns no bits to {len(missing)} group(s), e.g. {missing[:3]}; give each "
+                              "a bit width or null (keep original precision)")
+
+
+def _section(where: str, data: dict[str, Any], key: str, kind: type) -> dict[str, Any]:
+    section = data[key]
+    if not isinstance(section, dict):
+        raise RecipeError(f"{where}: {key!r} must be a mapping, got {section!r}")
+    _check_keys(f"{where}: {key}", section, [f.name for f in fields(kind)], [])
+    return section
+
+
+def _groups(where: str, groups: Any) -> dict[str, int | None]:
+    if not isinstance(groups, dict) or not groups:
+        raise RecipeError(f"{where}: 'groups' must be a non-empty mapping of group name to bits")
+    return {str(name): bits for name, bits in groups.items()}

@@ -1,0 +1,100 @@
+"""Measurement settings: everything that defines a measurement table, plus how one worker runs it.
+
+Kept apart from the worker (`mixprec.measure.run`) so that the table I/O and the input checks can take a
+`MeasureConfig` without importing the worker that uses them.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from mixprec.core.errors import MixprecError
+from mixprec.measure.engine.core import EngineConfig
+from mixprec.model.arch import DEFAULT_QUANTIZED_KINDS, GroupKind
+from mixprec.model.data import WindowConfig
+from mixprec.model.modelmap import Granularity
+from mixprec.quant import QuantConfig
+
+__all__ = ["MODES", "MeasureConfig"]
+
+log = logging.getLogger(__name__)
+
+MODES = ("drop", "raise")
+
+
+@dataclass(frozen=True)
+class MeasureConfig:
+    """Everything that defines a measurement table, plus how this worker runs (device, batching, limits)."""
+
+    work: Path
+    model: str | None = None
+    mode: str = "drop"
+    bits: tuple[int, ...] = (2, 3, 4, 5, 6, 8)
+    base_bits: int = 2
+    granularity: str = "layer"
+    kinds: tuple[str, ...] = tuple(k.value for k in DEFAULT_QUANTIZED_KINDS)
+    num_windows: int = 32
+    seq_len: int = 256
+    data_files: tuple[Path, ...] = ()
+    split: str = "calibration"
+    method: str = "rtn"
+    group_size: int = 64
+    symmetric: bool = True
+    clip_search: bool = False
+    storage: str | None = None
+    device: str = "auto"
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    batch_jobs: int = 6
+    max_jobs: int | None = None
+    reset_stale: bool = False
+    quantize_missing: bool = True
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise MixprecError(f"mode {self.mode!r} is unknown; use one of {MODES}")
+        Granularity(self.granularity)
+        for kind in self.kinds:
+            GroupKind(kind)
+        if not self.bits or len(set(self.bits)) != len(self.bits):
+            raise MixprecError(f"bits {self.bits} must be a non-empty list without repeats")
+        for bits in (*self.bits, self.base_bits):
+            QuantConfig(method=self.method, bits=bits, group_size=self.group_size)  # validates the values
+        if self.mode == "raise" and not any(b > self.base_bits for b in self.bits):
+            raise MixprecError(f"raise mode from base {self.base_bits} bits needs some --bits above it, "
+                               f"got {self.bits}")
+        if self.batch_jobs < 1 or (self.max_jobs is not None and self.max_jobs < 0):
+            raise MixprecError(f"batch_jobs={self.batch_jobs} must be >= 1 and max_jobs={self.max_jobs} >= 0")
+        WindowConfig(self.seq_len, self.num_windows)
+
+    @property
+    def folder(self) -> Path:
+        """`WORK/measure/<mode>-<granularity>[-<quantizer>]`: the quantizer part names only the settings that
+        differ from the defaults (e.g. `drop-fine-g128`, `drop-fine-gptq-clip`), so tables of other
+        quantizer settings sit beside the default one instead of colliding with it."""
+        name = f"drop-{self.granularity}" if self.mode == "drop" else f"raise-b{self.base_bits}-{self.granularity}"
+        default = QuantConfig()
+        parts = [self.method if self.method != default.method else "",
+                 f"g{self.group_size}" if self.group_size != default.group_size else "",
+                 "asym" if self.symmetric != default.symmetric else "",
+                 "clip" if self.clip_search != default.clip_search else ""]
+        return Path(self.work) / "measure" / "-".join([name, *(p for p in parts if p)])
+
+    @property
+    def measured_bits(self) -> tuple[int, ...]:
+        """Bit widths with a job: all of them in drop mode, those above the base in raise mode."""
+        return tuple(sorted(b for b in self.bits if self.mode == "drop" or b > self.base_bits))
+
+    def quant_config(self, bits: int) -> QuantConfig:
+        return QuantConfig(method=self.method, bits=bits, group_size=self.group_size, symmetric=self.symmetric,
+                           clip_search=self.clip_search)
+
+    def settings(self) -> dict[str, Any]:
+        """The part of the config that decides the numbers (recorded and checked by fingerprint)."""
+        keys = ("mode", "granularity", "kinds", "method", "group_size", "symmetric", "clip_search")
+        result = {k: getattr(self, k) for k in keys}
+        result["kinds"] = list(self.kinds)
+        result["base_bits"] = self.base_bits if self.mode == "raise" else None
+        return result

@@ -1,0 +1,304 @@
+"""The KL engine: an fp32 reference on fixed windows, and fast evaluation of weight assignments against it.
+
+An assignment maps group names to a bit width (a variant); everything else keeps the original
+weights. Evaluating one means swapping those matrices in, running the model with the real top-k
+routing (the model's own MoE blocks, nothing forced on), comparing its next-token distribution
+with the reference (`mixprec.core.kl.compare_logits`) and restoring the weights.
+
+Why it is fast (FIELD.md §9.6):
+* Prefix cache. The reference run records what enters every decoder layer (hidden states and the
+  keyword arguments: position embeddings, masks). A change whose first layer is i reruns only
+  layers i..L-1, the final norm and the head. In a trial this was bitwise equal to a full forward.
+* Assignment prefix cache. After each layer of an evaluation the hidden state is kept, keyed by the
+  assignment of every layer before it, in a byte-bounded LRU. A later assignment that agrees on the
+  first k layers (common in a search, and always the case for raise-one measurement from a base)
+  starts at layer k.
+* Batching. `evaluate_many` pushes the hidden states of several assignments that use the same
+  weights in a layer through it in one call (concatenated along the batch), as exllamav3 does.
+
+Layer positions: -1 is the embedding, 0..L-1 the decoder layers, L the head (final norm + lm_head).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import defaultdict
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from mixprec.core.bytecache import ByteLRU
+from mixprec.core.errors import MixprecError
+from mixprec.core.kl import TokenComparison, compare_logits
+from mixprec.measure.engine.capture import LayerInputs, capture_reference, expand_kwargs, find_blocks, strict_fp32
+from mixprec.measure.engine.weights import Setting, WeightSwapper
+from mixprec.model.arch import GroupKind
+from mixprec.model.data import TokenWindows
+from mixprec.model.modelmap import ModelMap
+from mixprec.quant.variants import Variant
+
+__all__ = ["EngineConfig", "KLEngine", "resolve_device"]
+
+log = logging.getLogger(__name__)
+
+_MIB = 2**20
+
+
+def _on_cpu(result: TokenComparison) -> TokenComparison:
+    """Per-token results go back to the CPU: they are small, and the statistics (bootstrap) run there."""
+    return TokenComparison(*(getattr(result, f).cpu() for f in TokenComparison.__annotations__))
+
+
+def resolve_device(device: str | torch.device) -> torch.device:
+    """`auto` picks CUDA when a GPU is visible, else CPU; anything else is passed to torch."""
+    if str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    resolved = torch.device(device)
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise MixprecError(f"device {str(device)!r} was requested but no CUDA device is visible; use --device cpu")
+    return resolved
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Memory and batching knobs of the engine; none of them changes a result beyond float rounding."""
+
+    batch_windows: int = 8
+    max_batch_windows: int = 32
+    prefix_cache_mib: float = 256.0
+    weight_cache_mib: float = 512.0
+    ref_logits_mib: float = 1024.0
+    chunk_rows: int = 512
+
+    def __post_init__(self) -> None:
+        if self.batch_windows < 1 or self.max_batch_windows < self.batch_windows:
+            raise MixprecError(f"batch_windows={self.batch_windows} must be >= 1 and <= max_batch_windows="
+                               f"{self.max_batch_windows}")
+        for name in ("prefix_cache_mib", "weight_cache_mib", "ref_logits_mib"):
+            if getattr(self, name) < 0:
+                raise MixprecError(f"{name}={getattr(self, name)} must be >= 0 (0 switches that cache off)")
+        if self.chunk_rows < 1:
+            raise MixprecError(f"chunk_rows={self.chunk_rows} must be >= 1")
+
+
+@dataclass
+class _Plan:
+    """One assignment ready to run: its settings per layer position, where it starts and from what state."""
+
+    settings: dict[int, Setting]
+    start: int
+    state: list[torch.Tensor] | None
+
+    def prefix(self, position: int) -> Setting:
+        """Everything assigned before `position`; with the tokens it determines the input of `position`."""
+        return tuple(item for p in sorted(self.settings) if p < position for item in self.settings[p])
+
+
+class KLEngine:
+    """fp32 reference on fixed windows + evaluation of weight assignments with prefix caching."""
+
+    def __init__(self, model: torch.nn.Module, model_map: ModelMap, windows: TokenWindows,
+                 variants: Mapping[int, Variant], device: str | torch.device = "cpu",
+                 config: EngineConfig | None = None) -> None:
+        self.config = config or EngineConfig()
+        self.device = resolve_device(device)
+        self.model = model.to(self.device).eval()
+        self.model_map = model_map
+        self.windows = windows
+        self.variants = dict(variants)
+        self.layer_forwards = 0
+        self.layer_calls = 0
+        self.evaluations = 0
+        self.dtype = next(model.parameters()).dtype
+        if self.dtype != torch.float32:
+            log.warning("model parameters are %s, not float32: the noise floor rises to the bf16 level", self.dtype)
+        self._blocks = find_blocks(self.model)
+        self._chunks = [t.to(self.device) for t in windows.tokens.split(self.config.batch_windows)]
+        self._swapper = WeightSwapper(self.model, model_map, self.variants, int(self.config.weight_cache_mib * _MIB))
+        self._prefix = ByteLRU(int(self.config.prefix_cache_mib * _MIB))
+        started = time.perf_counter()
+        with torch.no_grad(), strict_fp32(self.device):
+            self._ref: LayerInputs = capture_reference(self.model, self._blocks, self._chunks,
+                                                       int(self.config.ref_logits_mib * _MIB))
+        self.reference_seconds = time.perf_counter() - started
+
+    @property
+    def num_sequences(self) -> int:
+        return int(self.windows.tokens.shape[0])
+
+    @property
+    def num_layers(self) -> int:
+        return len(self._blocks.layers)
+
+    @property
+    def num_tokens(self) -> int:
+        """Scored positions: every position but the last of each window (it has no next token)."""
+        return self.num_sequences * (int(self.windows.tokens.shape[1]) - 1)
+
+    def evaluate(self, assignment: Mapping[str, int | None]) -> TokenComparison:
+        """Set every group named in `assignment` to that bit width's variant (None or absent = original
+        weights), run from the first changed layer using cached inputs, compare with the reference
+        (mixprec.core.kl.compare_logits, labels = next tokens), and restore the model's weights afterwards."""
+        return self._run([self._plan(assignment)], store=True)[0]
+
+    def evaluate_many(self, assignments: Sequence[Mapping[str, int | None]]) -> list[TokenComparison]:
+        """`evaluate` for several assignments at once, batching those that share weights in a layer.
+
+        Results equal separate `evaluate` calls up to float rounding (a batched matmul may sum in
+        another order). Intermediate states are not kept in the prefix cache: single-group
+        candidates are rarely a prefix of anything evaluated later.
+        """
+        plans = [self._plan(a) for a in assignments]
+        results: list[TokenComparison] = []
+        for group in self._memory_groups(plans):
+            results.extend(self._run(group, store=False))
+        return results
+
+    def evaluate_full(self, assignment: Mapping[str, int | None],
+                      autocast_dtype: torch.dtype | None = None) -> TokenComparison:
+        """Naive path: swap the weights in and run the whole model forward, with no cached state.
+
+        It is the baseline of the benchmark, the check that the cached path is exact, and (with
+        `autocast_dtype=torch.bfloat16`) the way the bf16-compute noise floor is measured.
+        """
+        plan = self._plan(assignment, use_cache=False)
+        items = tuple(item for setting in plan.settings.values() for item in setting)
+        parts = []
+        with torch.no_grad(), strict_fp32(self.device), self._swapper.swapped(items):
+            for c, tokens in enumerate(self._chunks):
+                with torch.autocast(self.device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+                    logits = self.model(input_ids=tokens, use_cache=False).logits
+                parts.append(self._compare(c, logits.float()))
+        self.layer_forwards += self.num_layers
+        self.layer_calls += self.num_layers * len(self._chunks)
+        self.evaluations += 1
+        return _on_cpu(TokenComparison.cat(parts))
+
+    def clear_prefix_cache(self) -> None:
+        """Forget hidden states kept from earlier evaluations (the reference is kept)."""
+        self._prefix.clear()
+
+    def cache_stats(self) -> dict[str, float]:
+        """Hit counts and sizes of the two caches, for logs and benchmarks."""
+        return {"prefix_hits": self._prefix.hits, "prefix_entries": len(self._prefix),
+                "prefix_mib": self._prefix.bytes / _MIB, "weight_hits": self._swapper.cache.hits,
+                "weight_misses": self._swapper.cache.misses, "weight_mib": self._swapper.cache.bytes / _MIB}
+
+    # -- planning -----------------------------------------------------------------------------------
+
+    def _position(self, name: str) -> int:
+        group = self.model_map.group(name)
+        if group.kind is GroupKind.EMBEDDING:
+            return -1
+        if group.kind is GroupKind.LM_HEAD or group.layer is None:
+            return self.num_layers
+        return group.layer
+
+    def _settings(self, assignment: Mapping[str, int | None]) -> dict[int, Setting]:
+        per_position: dict[int, list[tuple[str, int]]] = defaultdict(list)
+        for name, bits in assignment.items():
+            if bits is None:
+                continue
+            if bits not in self.variants:
+                raise MixprecError(f"assignment sets {name!r} to {bits} bits but the engine has variants for "
+                                   f"{sorted(self.variants)} only; quantize that width first (`mixprec quantize`)")
+            position = self._position(name)
+            missing = [r.unit for r in self.model_map.group(name).weights
+                       if r.unit not in self.variants[bits].manifest["units"]]
+            if missing:
+                raise MixprecError(f"group {name!r} is not in the {bits}-bit variant {self.variants[bits].path} "
+                                   f"(it quantized kinds {self.variants[bits].manifest['kinds']}); re-run "
+                                   "`mixprec quantize --kinds ...` including that kind, or leave the group out")
+            per_position[position].append((name, int(bits)))
+        return {p: tuple(sorted(items)) for p, items in per_position.items()}
+
+    def _plan(self, assignment: Mapping[str, int | None], use_cache: bool = True) -> _Plan:
+        settings = self._settings(assignment)
+        first = min(settings, default=self.num_layers)
+        plan = _Plan(settings, first, None if first < 0 else self._ref.inputs[first])
+        if use_cache:
+            for position in range(self.num_layers, first, -1):
+                state = self._prefix.get((position, plan.prefix(position)))
+                if state is not None:
+                    plan.start, plan.state = position, state  # type: ignore[assignment]
+                    break
+        return plan
+
+    def _memory_groups(self, plans: list[_Plan]) -> Iterator[list[_Plan]]:
+        """Split plans so that the hidden states in flight stay within the prefix-cache budget."""
+        per_plan = sum(t.numel() * t.element_size() for t in self._ref.inputs[0])
+        size = max(1, int(self.config.prefix_cache_mib * _MIB) // max(per_plan, 1))
+        for start in range(0, len(plans), size):
+            yield plans[start : start + size]
+
+    # -- running ------------------------------------------------------------------------------------
+
+    def _run(self, plans: list[_Plan], store: bool) -> list[TokenComparison]:
+        with torch.no_grad(), strict_fp32(self.device):
+            self._embed(plans)
+            states = [p.state for p in plans]
+            for layer in range(min(p.start for p in plans), self.num_layers):
+                for setting, members in self._by_setting(plans, layer).items():
+                    with self._swapper.swapped(setting):
+                        outputs = self._layer(layer, [states[i] for i in members])  # type: ignore[misc]
+                    for i, out in zip(members, outputs, strict=True):
+                        states[i] = out
+                        if store and plans[i].prefix(layer + 1):
+                            self._prefix.put((layer + 1, plans[i].prefix(layer + 1)), out)
+            results = [self._head(plan, state) for plan, state in zip(plans, states, strict=True)]  # type: ignore[arg-type]
+        self.evaluations += len(plans)
+        return results
+
+    @staticmethod
+    def _by_setting(plans: list[_Plan], layer: int) -> dict[Setting, list[int]]:
+        groups: dict[Setting, list[int]] = defaultdict(list)
+        for i, plan in enumerate(plans):
+            if plan.start <= layer:
+                groups[plan.settings.get(layer, ())].append(i)
+        return groups
+
+    def _embed(self, plans: list[_Plan]) -> None:
+        """Plans that change the embedding get their layer-0 input computed with the swapped embedding."""
+        for plan in plans:
+            if plan.start >= 0:
+                continue
+            with self._swapper.swapped(plan.settings[-1]):
+                plan.state = [self._blocks.embed(tokens) for tokens in self._chunks]
+            plan.start = 0
+
+    def _layer(self, layer: int, states: list[list[torch.Tensor]]) -> list[list[torch.Tensor]]:
+        """Run decoder layer `layer` on each assignment's chunks, several assignments per call."""
+        module = self._blocks.layers[layer]
+        outputs: list[list[torch.Tensor]] = [[] for _ in states]
+        per_call = max(1, self.config.max_batch_windows // self.config.batch_windows)
+        for c in range(len(self._chunks)):
+            for first in range(0, len(states), per_call):
+                members = range(first, min(first + per_call, len(states)))
+                hidden = torch.cat([states[m][c] for m in members]) if len(members) > 1 else states[first][c]
+                kwargs = expand_kwargs(self._ref.kwargs[layer][c], int(states[first][c].shape[0]), len(members))
+                out = module(hidden, **kwargs)
+                out = out[0] if isinstance(out, tuple) else out
+                for m, part in zip(members, out.split(states[first][c].shape[0]), strict=True):
+                    outputs[m].append(part)
+                self.layer_calls += 1
+        self.layer_forwards += len(states)
+        return outputs
+
+    def _head(self, plan: _Plan, state: list[torch.Tensor]) -> TokenComparison:
+        parts = []
+        for c in range(len(self._chunks)):
+            ref_logits = self._ref.logits(c, self._blocks)  # before the head is swapped
+            with self._swapper.swapped(plan.settings.get(self.num_layers, ())):
+                logits = self._blocks.head(self._blocks.norm(state[c]))
+            parts.append(self._compare(c, logits, ref_logits))
+        return _on_cpu(TokenComparison.cat(parts))
+
+    def _compare(self, c: int, logits: torch.Tensor, ref_logits: torch.Tensor | None = None) -> TokenComparison:
+        if ref_logits is None:
+            ref_logits = self._ref.logits(c, self._blocks)
+        vocab = logits.shape[-1]
+        labels = self._chunks[c][:, 1:].reshape(-1)
+        q = logits[:, :-1].reshape(-1, vocab)
+        return compare_logits(ref_logits, q, labels, self.config.chunk_rows)

@@ -1,0 +1,131 @@
+"""Token windows for measurement, search and evaluation, with their identity recorded.
+
+Three disjoint data roles exist (FIELD.md §8.4): quantizer calibration, measurement/search
+("calibration" split of the bundled model) and the final report ("evaluation" split). Every result
+file records the `DataSpec` of the windows it used, and `require_disjoint` refuses to judge a recipe
+on the tokens it was tuned on.
+
+The bundled model ships its calibration and evaluation splits as token files
+(`calibration.safetensors`, `evaluation.safetensors`, one 1-D int32 tensor `tokens`), so the tokens
+are identical on every machine whatever the local Python standard library version.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+
+from mixprec.core.errors import MixprecError
+
+__all__ = ["WindowConfig", "DataSpec", "TokenWindows", "load_windows", "windows_from_tokens",
+           "require_disjoint", "BUNDLED_SPLITS"]
+
+BUNDLED_SPLITS = ("calibration", "evaluation")
+
+
+@dataclass(frozen=True)
+class WindowConfig:
+    """How many windows of how many tokens to cut from a token stream."""
+
+    seq_len: int = 256
+    num_windows: int = 32
+
+    def __post_init__(self) -> None:
+        if self.seq_len < 2:
+            raise MixprecError(f"seq_len={self.seq_len} must be at least 2 (one input and one next token)")
+        if self.num_windows < 1:
+            raise MixprecError(f"num_windows={self.num_windows} must be at least 1")
+
+
+@dataclass(frozen=True)
+class DataSpec:
+    """Identity of a set of windows: where they came from and a hash of the exact token ids."""
+
+    source: str
+    split: str
+    seq_len: int
+    num_windows: int
+    num_tokens: int
+    sha256: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class TokenWindows:
+    """`tokens` [num_windows, seq_len] int64 and the spec that identifies them."""
+
+    tokens: torch.Tensor
+    spec: DataSpec
+
+
+def _hash_tokens(tokens: torch.Tensor) -> str:
+    return hashlib.sha256(tokens.to(torch.int64).contiguous().numpy().tobytes()).hexdigest()
+
+
+def windows_from_tokens(stream: torch.Tensor, config: WindowConfig, source: str, split: str) -> TokenWindows:
+    """Cut `num_windows` non-overlapping windows spread evenly over the stream.
+
+    Spreading them (instead of taking the first N) samples the whole split: held-out loss on the
+    first windows of our corpus differed from the whole split's by 0.7 nats (FIELD.md §9.3).
+    """
+    available = stream.numel() // config.seq_len
+    if available < config.num_windows:
+        raise MixprecError(f"{source}: {stream.numel()} tokens give only {available} windows of {config.seq_len}; "
+                           f"ask for at most {available} windows or shorter windows")
+    starts = torch.linspace(0, available - 1, config.num_windows).round().long() * config.seq_len
+    tokens = torch.stack([stream[s : s + config.seq_len] for s in starts.tolist()]).to(torch.int64)
+    spec = DataSpec(source, split, config.seq_len, config.num_windows, tokens.numel(), _hash_tokens(tokens))
+    return TokenWindows(tokens, spec)
+
+
+def _bundled_stream(model_dir: Path, split: str) -> torch.Tensor:
+    path = model_dir / f"{split}.safetensors"
+    if not path.exists():
+        raise MixprecError(f"{path} is missing: the model folder ships no {split!r} token split; pass text files "
+                           "with --data instead")
+    with safe_open(path, "pt") as handle:
+        return handle.get_tensor("tokens")
+
+
+def _text_stream(paths: list[Path], model_dir: Path) -> torch.Tensor:
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
+    ids: list[int] = []
+    for path in paths:
+        if not path.exists():
+            raise MixprecError(f"data file {path} does not exist")
+        ids.extend(tokenizer(path.read_text(encoding="utf-8", errors="replace"))["input_ids"])
+        if tokenizer.eos_token_id is not None:
+            ids.append(tokenizer.eos_token_id)
+    return torch.tensor(ids, dtype=torch.int64)
+
+
+def load_windows(model_dir: str | Path, split: str = "calibration", config: WindowConfig | None = None,
+                 text_files: list[Path] | None = None) -> TokenWindows:
+    """Windows from the model folder's shipped split, or from text files tokenized with its tokenizer."""
+    config = config or WindowConfig()
+    model_dir = Path(model_dir)
+    if text_files:
+        source = ",".join(str(p) for p in text_files)
+        return windows_from_tokens(_text_stream(text_files, model_dir), config, source, split)
+    if split not in BUNDLED_SPLITS:
+        raise MixprecError(f"split {split!r} is unknown; use one of {BUNDLED_SPLITS} or pass text files")
+    return windows_from_tokens(_bundled_stream(model_dir, split), config, f"{model_dir.name}:{split}", split)
+
+
+def require_disjoint(tuned_on: DataSpec, judged_on: DataSpec) -> None:
+    """Refuse to judge a result on the data it was tuned on (same split name and source, or same tokens)."""
+    same_split = tuned_on.source == judged_on.source and tuned_on.split == judged_on.split
+    if tuned_on.sha256 == judged_on.sha256 or same_split:
+        raise MixprecError(
+            f"evaluation data {judged_on.source} ({judged_on.split}) is the data the recipe was tuned on; "
+            "evaluate on the held-out 'evaluation' split or on other text files"
+        )

@@ -1,0 +1,227 @@
+"""Quantized variants on disk: the whole model's quantizable weights at one uniform setting.
+
+Layout of a work folder (one subfolder per setting, named by `QuantConfig.variant_id`):
+
+    WORK/variants/rtn-b4-g64-sym/quantized.safetensors   codes (uint8) + fp16 scales (+ zeros) per matrix
+    WORK/variants/rtn-b4-g64-sym/manifest.json          model fingerprint, settings, exact bits per group
+
+Each variant folder is written atomically and its manifest is the completion marker, so an
+interrupted `mixprec quantize` loses at most the variant in progress, and a re-run with the same
+model and settings reuses every finished variant.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterable, Mapping
+from dataclasses import asdict, dataclass, field
+from functools import cached_property
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from mixprec.core.errors import FingerprintMismatchError, VariantError
+from mixprec.core.fileio import atomic_dir, atomic_write_json, read_json, sha256_file
+from mixprec.core.progress import progress
+from mixprec.core.version import __version__
+from mixprec.model.arch import DEFAULT_QUANTIZED_KINDS, GroupKind
+from mixprec.model.loading import Checkpoint
+from mixprec.model.modelmap import Group, ModelMap, WeightRef
+from mixprec.quant import QuantConfig, QuantizedWeight, get_quantizer
+
+if TYPE_CHECKING:
+    from mixprec.quant.calibration import Calibration
+
+__all__ = ["VARIANT_SCHEMA_VERSION", "Variant", "quantize_variant", "ensure_variants", "apply_group"]
+
+log = logging.getLogger(__name__)
+
+VARIANT_SCHEMA_VERSION = 1
+_WEIGHTS_FILE = "quantized.safetensors"
+_MANIFEST_FILE = "manifest.json"
+
+
+@dataclass
+class Variant:
+    """A finished variant folder, validated against its manifest and (optionally) a model fingerprint."""
+
+    path: Path
+    manifest: dict[str, Any] = field(repr=False)
+
+    @classmethod
+    def open(cls, path: str | Path, fingerprint: str | None = None) -> Variant:
+        path = Path(path)
+        manifest_path = path / _MANIFEST_FILE
+        if not manifest_path.exists():
+            raise VariantError(f"{path} is not a finished variant (no {_MANIFEST_FILE}); run `mixprec quantize`")
+        manifest = read_json(manifest_path)
+        if manifest.get("schema_version") != VARIANT_SCHEMA_VERSION:
+            raise VariantError(f"{manifest_path}: schema_version {manifest.get('schema_version')} is not "
+                               f"{VARIANT_SCHEMA_VERSION}; re-run `mixprec quantize` to rebuild it")
+        if fingerprint is not None and manifest["model"]["fingerprint"] != fingerprint:
+            raise FingerprintMismatchError(
+                f"{path} was quantized from another model (fingerprint {manifest['model']['fingerprint'][:12]}…, "
+                f"expected {fingerprint[:12]}…); re-run `mixprec quantize` for this model or use its own work folder"
+            )
+        if not (path / _WEIGHTS_FILE).exists():
+            raise VariantError(f"{path / _WEIGHTS_FILE} is missing; delete {path} and re-run `mixprec quantize`")
+        return cls(path, manifest)
+
+    @property
+    def config(self) -> QuantConfig:
+        return QuantConfig(**self.manifest["quant_config"])
+
+    @property
+    def bits(self) -> int:
+        return int(self.manifest["quant_config"]["bits"])
+
+    @cached_property
+    def _handle(self) -> Any:
+        try:
+            return safe_open(self.path / _WEIGHTS_FILE, "pt")
+        except Exception as exc:
+            raise VariantError(f"{self.path / _WEIGHTS_FILE} is corrupt ({exc}); delete {self.path} and "
+                               "re-run `mixprec quantize`") from exc
+
+    def verify(self) -> None:
+        """Check the weights file against the sha256 recorded in the manifest."""
+        actual = sha256_file(self.path / _WEIGHTS_FILE)
+        if actual != self.manifest["file_sha256"]:
+            raise VariantError(f"{self.path / _WEIGHTS_FILE} does not match its manifest (sha256 differs); "
+                               f"delete {self.path} and re-run `mixprec quantize`")
+
+    def quantized(self, ref: WeightRef | str) -> QuantizedWeight:
+        """Codes and scales of one matrix."""
+        unit = ref if isinstance(ref, str) else ref.unit
+        if unit not in self.manifest["units"]:
+            raise VariantError(f"{self.path}: matrix {unit!r} was not quantized in this variant "
+                               f"(kinds: {self.manifest['kinds']})")
+        try:
+            codes = self._handle.get_tensor(f"{unit}.codes")
+            scales = self._handle.get_tensor(f"{unit}.scales")
+            zeros = None if self.config.symmetric else self._handle.get_tensor(f"{unit}.zeros")
+        except Exception as exc:
+            raise VariantError(f"{self.path / _WEIGHTS_FILE}: cannot read {unit!r} ({exc})") from exc
+        return QuantizedWeight(codes, scales, zeros, self.bits, self.config.group_size)
+
+    def dequantized(self, ref: WeightRef | str, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return self.quantized(ref).dequantize(dtype)
+
+    def storage_bits(self, group: Group) -> int:
+        """Exact bits of `group` in this variant (from the manifest, no tensors read)."""
+        units = self.manifest["units"]
+        return sum(int(units[ref.unit]["storage_bits"]) for ref in group.weights)
+
+
+def _quantize_group(checkpoint: Checkpoint, group: Group, config: QuantConfig,
+                    tensors: dict[str, torch.Tensor], units: dict[str, Any],
+                    calibration: Calibration | None = None) -> None:
+    quantizer = get_quantizer(config) if calibration is None else calibration.quantizer(config)
+    cache: dict[str, torch.Tensor] = {}
+    for ref in group.weights:
+        if ref.key not in cache:
+            cache = {ref.key: checkpoint.read(ref.key).to(torch.float32)}
+        matrix = ref.slice_disk(cache[ref.key])
+        if tuple(matrix.shape) != ref.shape:
+            raise VariantError(f"{checkpoint.path}: {ref.key} has shape {tuple(matrix.shape)} on disk but the "
+                               f"model expects {ref.shape}; the checkpoint and config.json disagree")
+        q = quantizer.quantize(matrix, None if calibration is None else calibration.hessian(group, ref))
+        tensors[f"{ref.unit}.codes"] = q.codes.contiguous()
+        tensors[f"{ref.unit}.scales"] = q.scales.contiguous()
+        if q.zeros is not None:
+            tensors[f"{ref.unit}.zeros"] = q.zeros.contiguous()
+        units[ref.unit] = {"numel": ref.numel, "shape": list(ref.shape), "storage_bits": q.storage_bits()}
+
+
+def _group_summary(groups: Iterable[Group], units: Mapping[str, Any]) -> dict[str, Any]:
+    summary = {}
+    for group in groups:
+        bits = sum(units[ref.unit]["storage_bits"] for ref in group.weights)
+        summary[group.name] = {"kind": group.kind.value, "layer": group.layer, "params": group.num_params,
+                               "storage_bits": bits, "bpw": bits / group.num_params}
+    return summary
+
+
+def quantize_variant(checkpoint: Checkpoint, model_map: ModelMap, config: QuantConfig, out_dir: Path,
+                     kinds: tuple[GroupKind, ...] = DEFAULT_QUANTIZED_KINDS,
+                     calibration: Calibration | None = None) -> Variant:
+    """Quantize every matrix of `kinds` at `config` and write the variant folder atomically.
+
+    With `calibration` (`mixprec.quant.calibration.Calibration`), each matrix is quantized with its Hessian
+    and the manifest gains a `calibration` record (data spec, settings, per-expert token counts).
+    """
+    started = time.perf_counter()
+    groups = model_map.select(kinds)
+    tensors: dict[str, torch.Tensor] = {}
+    units: dict[str, Any] = {}
+    for group in progress(groups, desc=f"quantize {config.variant_id}", unit="group"):
+        _quantize_group(checkpoint, group, config, tensors, units, calibration)
+    with atomic_dir(out_dir) as tmp:
+        save_file(tensors, tmp / _WEIGHTS_FILE, metadata={"format": "pt", "mixprec.variant": config.variant_id})
+        total_bits = sum(u["storage_bits"] for u in units.values())
+        total_params = sum(u["numel"] for u in units.values())
+        extra = {} if calibration is None else {"calibration": calibration.record()}
+        atomic_write_json(tmp / _MANIFEST_FILE, extra | {
+            "schema_version": VARIANT_SCHEMA_VERSION,
+            "variant_id": config.variant_id,
+            "quant_config": asdict(config),
+            "model": {"path": str(checkpoint.path), "fingerprint": checkpoint.fingerprint,
+                      "model_type": checkpoint.model_type},
+            "kinds": [k.value for k in kinds],
+            "file_sha256": sha256_file(tmp / _WEIGHTS_FILE),
+            "units": units,
+            "groups": _group_summary(groups, units),
+            "totals": {"params": total_params, "storage_bits": total_bits, "bpw": total_bits / total_params},
+            "mixprec_version": __version__,
+            "elapsed_s": round(time.perf_counter() - started, 3),
+        })
+    return Variant.open(out_dir, checkpoint.fingerprint)
+
+
+def _reusable(out_dir: Path, checkpoint: Checkpoint, config: QuantConfig,
+              kinds: tuple[GroupKind, ...], calibration: Calibration | None = None) -> Variant | None:
+    if not (out_dir / _MANIFEST_FILE).exists():
+        return None
+    try:
+        variant = Variant.open(out_dir, checkpoint.fingerprint)
+        variant.verify()
+    except (VariantError, FingerprintMismatchError) as exc:
+        log.warning("rebuilding %s: %s", out_dir, exc)
+        return None
+    same = (variant.manifest["quant_config"] == asdict(config)
+            and variant.manifest["kinds"] == [k.value for k in kinds]
+            and variant.manifest.get("calibration", {}).get("identity")
+            == (None if calibration is None else calibration.identity()))
+    return variant if same else None
+
+
+def ensure_variants(checkpoint: Checkpoint, model_map: ModelMap, configs: Iterable[QuantConfig],
+                    work_dir: Path, kinds: tuple[GroupKind, ...] = DEFAULT_QUANTIZED_KINDS,
+                    calibration: Calibration | None = None) -> list[Variant]:
+    """Quantize each config into `work_dir/variants/`, reusing finished variants with identical inputs.
+
+    A variant built with other calibration data or solver settings counts as different inputs and is rebuilt.
+    """
+    variants = []
+    for config in configs:
+        out_dir = Path(work_dir) / "variants" / config.variant_id
+        variant = _reusable(out_dir, checkpoint, config, kinds, calibration)
+        if variant is None:
+            variant = quantize_variant(checkpoint, model_map, config, out_dir, kinds, calibration)
+            log.info("wrote %s (%.4f bpw)", out_dir, variant.manifest["totals"]["bpw"])
+        else:
+            log.info("reusing %s", out_dir)
+        variants.append(variant)
+    return variants
+
+
+def apply_group(params: Mapping[str, torch.Tensor], group: Group, variant: Variant) -> None:
+    """Overwrite `group`'s matrices in a model's parameters with the variant's dequantized weights."""
+    with torch.no_grad():
+        for ref in group.weights:
+            view = ref.slice_memory(params[ref.param])
+            view.copy_(variant.dequantized(ref, view.dtype))

@@ -1,0 +1,277 @@
+"""Inputs of the search stage: its configuration, the measurement, exact costs and the estimates.
+
+`prepare` validates everything that can be checked without loading the model (measurement present
+and of the right granularity, variants from the same model, constraints resolvable, budget
+achievable), so bad input fails in a second. It also turns every finished measurement table into
+an additive estimate (`Problem`) and computes the baselines and seed recipes the study starts from.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+from mixprec.core.errors import FingerprintMismatchError, MixprecError
+from mixprec.formats.recipe import Budget
+from mixprec.measure.config import MeasureConfig
+from mixprec.measure.run import run_measure
+from mixprec.measure.table import Measurement, load_measurement
+from mixprec.model.arch import GroupKind
+from mixprec.model.data import WindowConfig
+from mixprec.model.loading import Checkpoint
+from mixprec.model.modelmap import Granularity, ModelMap
+from mixprec.quant import SUPPORTED_GROUP_SIZES, QuantConfig, storage_bits
+from mixprec.quant.variants import Variant
+from mixprec.search.costs import Constraints, CostTable, Option, budget_limit_bits, check_feasible
+from mixprec.search.solve import (
+    Problem,
+    Solution,
+    compressed_solutions,
+    greedy,
+    hq_at_budget,
+    isotonic_decreasing,
+    pareto_front,
+    tied_solutions,
+    uniform,
+)
+from mixprec.search.study import SearchConfig
+
+__all__ = ["StageConfig", "Inputs", "UniformQuant", "measurement_losses", "prepare", "baselines", "uniform_grid",
+           "nearest_uniform", "seeds"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class StageConfig:
+    """Everything `mixprec search` needs; the measurement settings must match an existing (or new) table."""
+
+    work: Path
+    budget: Budget
+    model: str | None = None
+    granularity: str = "fine"
+    measure: MeasureConfig | None = None
+    constraints: Constraints = field(default_factory=Constraints)
+    search: SearchConfig = field(default_factory=SearchConfig)
+    eval_windows: int = 32
+    eval_seq_len: int = 256
+    eval_files: tuple[Path, ...] = ()
+    device: str = "auto"
+    measure_if_missing: bool = True
+    uniform_group_sizes: tuple[int, ...] = SUPPORTED_GROUP_SIZES
+
+    def __post_init__(self) -> None:
+        Granularity(self.granularity)
+        WindowConfig(self.eval_seq_len, self.eval_windows)
+        for size in self.uniform_group_sizes:
+            QuantConfig(group_size=size)  # validates the value
+
+    def measure_config(self) -> MeasureConfig:
+        """The measurement this search reads (default: drop mode at the search granularity)."""
+        if self.measure is not None:
+            if self.measure.granularity != self.granularity:
+                raise MixprecError(f"the measurement is at granularity {self.measure.granularity!r} but the search "
+                                   f"is at {self.granularity!r}; measure at the granularity you search")
+            return self.measure
+        return MeasureConfig(work=self.work, model=self.model, granularity=self.granularity, device=self.device)
+
+
+@dataclass
+class Inputs:
+    """Validated inputs of one search: model, map, measurement, variants, costs, options, budget, problem."""
+
+    checkpoint: Checkpoint
+    model_map: ModelMap
+    measurement: Measurement
+    variants: dict[int, Variant]
+    table: CostTable
+    options: dict[str, tuple[Option, ...]]
+    limit_bits: int
+    problem: Problem
+    others: dict[str, Problem] = field(default_factory=dict)
+
+
+def measurement_losses(measurement: Measurement) -> dict[str, dict[int, float]]:
+    """Per group and width, the additive loss: drop-mode KL, or raise-mode ΔKL (0 at the base width).
+
+    Each group's row is made non-increasing in bits by a 1/SE²-weighted isotonic fit: KL that
+    rises with more bits is noise at the floor (FIELD.md §9.4).
+    """
+    frame = measurement.table.sort_values(["group", "bits"])
+    losses: dict[str, dict[int, float]] = {}
+    for group, rows in frame.groupby("group", sort=False):
+        bits = [int(b) for b in rows["bits"]]
+        values = [float(v) for v in rows["dkl"]]
+        weights = [1.0 / max(float(se), 1e-12) ** 2 if se == se else 1.0 for se in rows["dkl_se"]]
+        if str(rows["mode"].iloc[0]) == "raise":
+            base = int(rows["base_bits"].iloc[0])
+            bits, values, weights = [base, *bits], [0.0, *values], [max(weights) * 10, *weights]
+        losses[str(group)] = dict(zip(bits, isotonic_decreasing(values, weights), strict=True))
+    return losses
+
+
+def _check_settings(measurement: Measurement, measure: MeasureConfig) -> Measurement:
+    """Refuse a table measured with other quantizer settings than asked for (its folder name does not say)."""
+    recorded = measurement.summary["settings"]
+    wanted = {**measure.settings(), "num_windows": measure.num_windows, "seq_len": measure.seq_len}
+    differ = {k: (recorded.get(k), v) for k, v in wanted.items() if recorded.get(k) != v}
+    if differ:
+        described = ", ".join(f"{k}={old!r} there, {new!r} asked" for k, (old, new) in sorted(differ.items()))
+        raise FingerprintMismatchError(f"{measurement.folder} was measured with other settings ({described}); pass "
+                                       "the same settings, or use another --work folder for a new measurement")
+    return measurement
+
+
+def _ensure_measurement(config: StageConfig) -> Measurement:
+    measure = config.measure_config()
+    try:
+        return _check_settings(load_measurement(measure.folder), measure)
+    except FingerprintMismatchError:
+        raise
+    except MixprecError:
+        if not config.measure_if_missing:
+            raise
+    log.info("no finished measurement in %s: measuring it now (as `mixprec measure --granularity %s`)",
+             measure.folder, measure.granularity)
+    folder = run_measure(measure)
+    if folder is None:
+        raise MixprecError(f"other workers still hold jobs of {measure.folder}; re-run when they finish")
+    return load_measurement(folder)
+
+
+def _variants(measurement: Measurement, checkpoint: Checkpoint) -> dict[int, Variant]:
+    if measurement.summary["model"]["fingerprint"] != checkpoint.fingerprint:
+        raise FingerprintMismatchError(f"{measurement.folder} was measured on another model; use this model's "
+                                       "own --work folder or re-run `mixprec measure`")
+    variants = {}
+    for bits, info in measurement.summary["variants"].items():
+        variant = Variant.open(info["path"], checkpoint.fingerprint)
+        if variant.manifest["file_sha256"] != info["sha256"]:
+            raise FingerprintMismatchError(f"{info['path']} changed since {measurement.folder} was measured; "
+                                           "re-run `mixprec measure`")
+        variants[int(bits)] = variant
+    return variants
+
+
+def _check_budget(table: CostTable, config: StageConfig) -> tuple[dict[str, tuple[Option, ...]], int]:
+    options = config.constraints.options(table)
+    limit = budget_limit_bits(config.budget, table)
+    check_feasible(table, options, limit, config.budget)
+    return options, limit
+
+
+def prepare(config: StageConfig) -> Inputs:
+    """Validate and assemble the inputs (measuring first if the table is missing and allowed).
+
+    Constraints and the budget are checked against costs computed from the quantizer settings
+    before anything is measured, then again against the variants' manifests.
+    """
+    checkpoint = Checkpoint.open(config.model)
+    model_map = checkpoint.model_map(config.granularity)
+    measure = config.measure_config()
+    planned = {b: measure.quant_config(b) for b in measure.bits}
+    _check_budget(CostTable.from_configs(model_map, planned, [GroupKind(k) for k in measure.kinds]), config)
+    measurement = _ensure_measurement(config)
+    variants = _variants(measurement, checkpoint)
+    table = CostTable.from_variants(model_map, variants)
+    options, limit = _check_budget(table, config)
+    problem = Problem.build(table, options, measurement_losses(measurement))
+    others = _other_estimates(measurement, checkpoint, table, options)
+    return Inputs(checkpoint, model_map, measurement, variants, table, options, limit, problem, others)
+
+
+def _other_estimates(main: Measurement, checkpoint: Checkpoint, table: CostTable,
+                     options: dict[str, tuple[Option, ...]]) -> dict[str, Problem]:
+    """Estimates from the other finished tables at this granularity in the work folder (e.g. a raise-mode
+    table beside the drop-mode one): their solutions become extra seeds. Tables of other inputs are skipped."""
+    granularity = main.summary["settings"]["granularity"]
+    found: dict[str, Problem] = {}
+    for folder in sorted(main.folder.parent.iterdir()):
+        if folder.resolve() == main.folder.resolve() or not (folder / "table.csv").exists():
+            continue
+        try:
+            other = load_measurement(folder)
+            if other.summary["settings"]["granularity"] != granularity:
+                continue
+            if other.summary["variants"] != main.summary["variants"]:
+                raise MixprecError("it was made from other variants")
+            _variants(other, checkpoint)
+            found[folder.name] = Problem.build(table, options, measurement_losses(other))
+        except MixprecError as exc:
+            log.info("not seeding from %s: %s", folder, exc)
+    return found
+
+
+def baselines(inputs: Inputs) -> dict[str, Solution]:
+    """DP at the budget, greedy, `--hq` fitted to the budget, and the best uniform recipe of the searched
+    group size that fits (a seed). The "nearest uniform at or above" baseline comes from `uniform_grid`."""
+    problem, limit = inputs.problem, inputs.limit_bits
+    result = {"dp": pareto_front(problem).best_under(limit), "greedy": greedy(problem, limit),
+              "hq": hq_at_budget(problem, limit)}
+    fitting = [uniform(problem, b) for b in inputs.table.levels]
+    fitting = [s for s in fitting if s.cost <= limit]
+    if fitting:
+        result["uniform-fit"] = fitting[-1]
+    return result
+
+
+@dataclass(frozen=True)
+class UniformQuant:
+    """A plain uniform quant a publisher could ship instead: every searched group at one setting.
+
+    The grid covers every measured width at every group size in `StageConfig.uniform_group_sizes`, so
+    "the nearest uniform quant at or above the budget" is the one a publisher would really compare
+    with (2-bit g32 is exactly 2.5 bpw), not only the widths of the searched group size. Constraints
+    do not apply to it: it is the alternative to a recipe, not a recipe.
+    """
+
+    config: QuantConfig
+    cost: int
+
+    @property
+    def label(self) -> str:
+        return f"uniform-{self.config.bits}b-g{self.config.group_size}"
+
+
+def uniform_grid(inputs: Inputs, group_sizes: tuple[int, ...]) -> list[UniformQuant]:
+    """Every uniform quant of the measured widths at each group size, cheapest first (exact storage bits).
+
+    Only RTN variants can be made here without calibration data, so other quantizers keep to the
+    measured group size.
+    """
+    base = next(iter(inputs.variants.values())).config
+    sizes = sorted(set(group_sizes) | {base.group_size}) if base.method == "rtn" else [base.group_size]
+    groups = [inputs.model_map.group(name) for name in inputs.table.names]
+    grid = []
+    for bits in sorted(inputs.variants):
+        for size in sizes:
+            config = replace(base, bits=bits, group_size=size)
+            grid.append(UniformQuant(config, sum(storage_bits(config, r.shape) for g in groups for r in g.weights)))
+    return sorted(grid, key=lambda u: (u.cost, u.config.bits))
+
+
+def nearest_uniform(grid: list[UniformQuant], limit_bits: int) -> UniformQuant:
+    """The cheapest uniform quant whose size reaches the budget (the largest one if none does)."""
+    reaching = [u for u in grid if u.cost >= limit_bits]
+    return reaching[0] if reaching else grid[-1]
+
+
+def _seeds_from_others(inputs: Inputs) -> list[Solution]:
+    """DP, greedy and 0.69-compressed DP under every other table's estimate (losses re-scored on the main one)."""
+    seeds = []
+    for label, other in inputs.others.items():
+        found = [pareto_front(other).best_under(inputs.limit_bits), greedy(other, inputs.limit_bits),
+                 *compressed_solutions(other, inputs.limit_bits, (0.69,))]
+        seeds += [inputs.problem.solution(s.assignment, f"{label}:{s.solver}") for s in found]
+    return seeds
+
+
+def seeds(inputs: Inputs, compared: dict[str, Solution], front_seeds: int) -> list[Solution]:
+    """Everything the study starts from, in order: the DP points nearest the budget (the first is the
+    paired reference), the baselines that fit, DP under compressed estimates, block- and kind-tied
+    solutions, and the solutions of the other tables' estimates."""
+    front = pareto_front(inputs.problem).near(inputs.limit_bits, front_seeds)
+    fitting = [compared[k] for k in ("greedy", "hq", "uniform-fit") if k in compared]
+    return (front + fitting + compressed_solutions(inputs.problem, inputs.limit_bits)
+            + tied_solutions(inputs.problem, inputs.limit_bits) + _seeds_from_others(inputs))

@@ -1,0 +1,286 @@
+"""The search stage end to end: measurement -> exact proxy solutions -> Optuna study -> held-out check -> recipe.
+
+`prepare` (in `mixprec.search.inputs`) validates everything that can be checked without loading the
+model, so bad input fails in a second. `run_stage` then
+
+1. solves the additive estimate exactly (Pareto DP) and builds the baselines at the same budget:
+   exllamav3's greedy, the `--hq` rule, the largest uniform recipe that fits, and the smallest
+   uniform quant at or above the budget over every measured width *and* group size (the
+   publisher's "nearest uniform quant" comparison, `mixprec.search.inputs.uniform_grid`; a variant
+   at another group size is quantized on demand and evaluated with its own engine);
+2. runs the study on the measurement's own calibration windows (`mixprec.search.study`), seeded with the
+   DP points nearest the budget, the baselines that fit and the other seeds of
+   `mixprec.search.inputs.seeds`;
+3. re-measures the chosen recipe and every baseline on the held-out **evaluation** split with a
+   second engine (`require_disjoint` refuses the calibration tokens), paired on the same tokens, so
+   each difference comes with the standard error of the difference;
+4. returns the recipe with predicted / calibration / evaluation KL and its provenance; when the
+   nearest uniform quant fits the budget and beats the study's pick on calibration data, that is
+   shipped instead (FIELD.md §3 row 1).
+
+`run_stages` does steps 1-2 once per quantizer group size and finishes (3-4) with the recipe of
+the lowest calibration KL, the others joining its held-out comparison.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mixprec.core.errors import FingerprintMismatchError, MixprecError
+from mixprec.core.fileio import sha256_file
+from mixprec.core.kl import bootstrap_se, paired_difference
+from mixprec.formats.recipe import ModelRef, QuantSettings, Recipe
+from mixprec.measure.engine.core import KLEngine
+from mixprec.model.arch import GroupKind
+from mixprec.model.data import TokenWindows, WindowConfig, load_windows, require_disjoint
+from mixprec.model.loading import load_model
+from mixprec.quant.variants import Variant, ensure_variants
+from mixprec.search.costs import CostTable
+from mixprec.search.inputs import (
+    Inputs,
+    StageConfig,
+    UniformQuant,
+    baselines,
+    measurement_losses,
+    nearest_uniform,
+    prepare,
+    seeds,
+    uniform_grid,
+)
+from mixprec.search.solve import Solution
+from mixprec.search.study import SearchResult, run_search
+
+__all__ = ["StageConfig", "Inputs", "StageResult", "EngineCache", "measurement_losses", "prepare", "baselines",
+           "run_stage", "run_stages"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class StageResult:
+    recipe: Recipe
+    comparison: list[dict[str, Any]]
+    search: SearchResult
+
+
+def _calibration_windows(inputs: Inputs) -> TokenWindows:
+    data = inputs.measurement.summary["data"]
+    prefix = f"{inputs.checkpoint.path.name}:"
+    files = None if str(data["source"]).startswith(prefix) else [Path(p) for p in str(data["source"]).split(",")]
+    windows = load_windows(inputs.checkpoint.path, data["split"], WindowConfig(data["seq_len"], data["num_windows"]),
+                           files)
+    if windows.spec.sha256 != data["sha256"]:
+        raise FingerprintMismatchError(f"the calibration tokens of {inputs.measurement.folder} cannot be rebuilt "
+                                       f"from {data['source']} (sha256 differs); re-run `mixprec measure`")
+    return windows
+
+
+def _compare(engine_for: Callable[[str], KLEngine], solutions: dict[str, Solution],
+             chosen: str) -> dict[str, dict[str, float]]:
+    """KL ± SE of every solution and its paired difference from `chosen`, all on the same windows."""
+    kls = {name: engine_for(name).evaluate(s.assignment).kl for name, s in solutions.items()}
+    n = engine_for(chosen).num_sequences
+    out = {}
+    for name, kl in kls.items():
+        diff, diff_se = paired_difference(kl, kls[chosen], n)
+        out[name] = {"kl": float(kl.double().mean()), "se": _sequence_se(kl, n), "diff": diff, "diff_se": diff_se}
+    return out
+
+
+def _sequence_se(kl: torch.Tensor, num_sequences: int) -> float:
+    return bootstrap_se(kl.double().view(num_sequences, -1).mean(dim=1))
+
+
+def _recipe(inputs: Inputs, config: StageConfig, solution: Solution, kl: dict[str, float],
+            provenance: dict[str, Any], variants: dict[int, Variant] | None = None) -> Recipe:
+    """The recipe of `solution` over `variants` (default: the measured ones, whose group size it records)."""
+    variants = variants or inputs.variants
+    table = inputs.table if variants is inputs.variants else CostTable.from_variants(inputs.model_map, variants)
+    quantizer = QuantSettings.from_config(next(iter(variants.values())).config)
+    return Recipe(
+        model=ModelRef(inputs.checkpoint.path.name, inputs.checkpoint.model_type, inputs.checkpoint.fingerprint),
+        granularity=inputs.model_map.granularity, quantizer=quantizer,
+        groups=dict(solution.assignment), budget=config.budget, achieved=table.achieved(solution.assignment),
+        provenance=provenance, kl=kl)
+
+
+def _variant_provenance(variants: dict[int, Variant]) -> dict[str, dict[str, str]]:
+    return {str(b): {"variant_id": v.manifest["variant_id"], "sha256": v.manifest["file_sha256"]}
+            for b, v in sorted(variants.items())}
+
+
+def _provenance(inputs: Inputs, config: StageConfig, windows: TokenWindows) -> dict[str, Any]:
+    m = inputs.measurement
+    return {
+        "stage": "mixprec search",
+        "measurement": {"folder": str(m.folder), "table_sha256": sha256_file(m.folder / "table.csv"),
+                        "mode": m.summary["settings"]["mode"], "granularity": m.summary["settings"]["granularity"]},
+        "variants": _variant_provenance(inputs.variants),
+        "calibration": windows.spec.to_dict(),
+        "constraints": asdict(config.constraints),
+        "search": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(config.search).items()},
+        "null_bits_per_weight": 16,
+    }
+
+
+class EngineCache:
+    """Engines (fp32 model + reference on fixed windows) kept across searches of one model and granularity,
+    so a sweep over budgets captures each reference once. Pass one to `run_stage` to share it."""
+
+    def __init__(self) -> None:
+        self._engines: dict[tuple[str, str, str, tuple[str, ...]], KLEngine] = {}
+        self._models: dict[str, torch.nn.Module] = {}
+
+    def get(self, inputs: Inputs, windows: TokenWindows, device: str,
+            variants: dict[int, Variant] | None = None) -> KLEngine:
+        """The engine on `windows` over `variants` (default: the measured ones)."""
+        variants = inputs.variants if variants is None else variants
+        ids = tuple(str(v.manifest["variant_id"]) for _, v in sorted(variants.items()))
+        key = (inputs.checkpoint.fingerprint, inputs.model_map.granularity.value, windows.spec.sha256, ids)
+        if key not in self._engines:
+            fingerprint = inputs.checkpoint.fingerprint
+            if fingerprint not in self._models:
+                self._models[fingerprint] = load_model(inputs.checkpoint)
+            self._engines[key] = KLEngine(self._models[fingerprint], inputs.model_map, windows, variants, device)
+        return self._engines[key]
+
+
+@dataclass
+class _Candidate:
+    """A compared recipe and the variants it runs on (None: the measured ones of the stage)."""
+
+    solution: Solution
+    variants: dict[int, Variant] | None = None
+
+
+def _nearest_uniform(inputs: Inputs, config: StageConfig) -> tuple[UniformQuant, _Candidate]:
+    quant = nearest_uniform(uniform_grid(inputs, config.uniform_group_sizes), inputs.limit_bits)
+    bits = quant.config.bits
+    solution = Solution({name: bits for name in inputs.table.names}, quant.cost, math.nan, quant.label)
+    measured = inputs.variants[bits]
+    if measured.config == quant.config:
+        return quant, _Candidate(solution)
+    kinds = tuple(GroupKind(k) for k in measured.manifest["kinds"])
+    variant = ensure_variants(inputs.checkpoint, inputs.model_map, [quant.config], config.work, kinds)[0]
+    return quant, _Candidate(solution, {bits: variant})
+
+
+@dataclass
+class _Searched:
+    """One stage after its study: everything the held-out check and the recipe need."""
+
+    config: StageConfig
+    inputs: Inputs
+    result: SearchResult
+    provenance: dict[str, Any]
+    calibration: TokenWindows
+    uniform: UniformQuant
+    candidates: dict[str, _Candidate]
+
+    @property
+    def group_size(self) -> int:
+        return next(iter(self.inputs.variants.values())).config.group_size
+
+
+def _study(config: StageConfig, inputs: Inputs, engines: EngineCache) -> _Searched:
+    """Baselines, the nearest uniform quant, and the study on the measurement's calibration windows."""
+    compared = {k: v for k, v in baselines(inputs).items() if k != "dp"}
+    quant, uniform = _nearest_uniform(inputs, config)
+    calibration = _calibration_windows(inputs)
+    engine = engines.get(inputs, calibration, config.device)
+    provenance = _provenance(inputs, config, calibration)
+
+    def recipe_for(solution: Solution) -> Recipe:
+        return _recipe(inputs, config, solution, {"predicted": solution.loss, **solution.extra},
+                       {**provenance, "solver": solution.solver})
+
+    starts = seeds(inputs, compared, config.search.front_seeds)
+    context = {"model": inputs.checkpoint.fingerprint, "measurement": provenance["measurement"]["table_sha256"],
+               "budget": asdict(config.budget), "constraints": provenance["constraints"]}
+    result = run_search(inputs.problem, inputs.limit_bits, lambda a: engine.evaluate(a).kl, engine.num_sequences,
+                        starts, config.search, recipe_for, context)
+    candidates = {"mixprec": _Candidate(result.best), **{k: _Candidate(v) for k, v in compared.items()},
+                  "uniform": uniform}
+    return _Searched(config, inputs, result, provenance, calibration, quant, candidates)
+
+
+def _finish(searched: _Searched, engines: EngineCache, extra: dict[str, _Candidate] | None = None) -> StageResult:
+    """Re-measure every candidate on calibration and held-out windows (paired), guard, and build the recipe."""
+    config, inputs, result = searched.config, searched.inputs, searched.result
+    candidates = {**searched.candidates, **(extra or {})}
+    solutions = {name: c.solution for name, c in candidates.items()}
+
+    def engine_for(windows: TokenWindows) -> Callable[[str], KLEngine]:
+        return lambda name: engines.get(inputs, windows, config.device, candidates[name].variants)
+
+    calib = _compare(engine_for(searched.calibration), solutions, "mixprec")
+    held_out = load_windows(inputs.checkpoint.path, "evaluation",
+                            WindowConfig(config.eval_seq_len, config.eval_windows), list(config.eval_files) or None)
+    require_disjoint(searched.calibration.spec, held_out.spec)
+    evaluation = _compare(engine_for(held_out), solutions, "mixprec")
+    rows = _rows(inputs, solutions, calib, evaluation)
+    provenance = {**searched.provenance, "study": {"name": result.study_name, "storage": result.storage_url},
+                  "evaluation": held_out.spec.to_dict(), "comparison": rows}
+    best, shipped = result.best, "mixprec"
+    provenance["solver"] = f"search (best trial {best.extra.get('trial')}, from {best.solver})"
+    uniform = candidates["uniform"]
+    if uniform.solution.cost <= inputs.limit_bits and calib["uniform"]["kl"] < calib["mixprec"]["kl"]:
+        # FIELD.md §3 row 1: never ship a recipe that a uniform quant within the budget beats.
+        log.warning("the uniform quant %s beats the searched recipe on calibration data; shipping it",
+                    searched.uniform.label)
+        best, shipped = uniform.solution, "uniform"
+        provenance["solver"] = f"{searched.uniform.label} (it beat the study's best trial on calibration data)"
+        provenance["variants"] = _variant_provenance(uniform.variants or inputs.variants)
+    kl = {"calibration": calib[shipped]["kl"], "calibration_se": calib[shipped]["se"],
+          "evaluation": evaluation[shipped]["kl"], "evaluation_se": evaluation[shipped]["se"]}
+    if not math.isnan(best.loss):
+        kl["predicted"] = best.loss
+    recipe = _recipe(inputs, config, best, kl, provenance, candidates[shipped].variants)
+    return StageResult(recipe, rows, result)
+
+
+def run_stage(config: StageConfig, inputs: Inputs | None = None, engines: EngineCache | None = None) -> StageResult:
+    """Search, check on held-out data, and return the recipe plus the comparison table (see module doc)."""
+    engines = engines or EngineCache()
+    return _finish(_study(config, inputs or prepare(config), engines), engines)
+
+
+def run_stages(configs: Sequence[StageConfig], inputs: Sequence[Inputs] | None = None,
+               engines: EngineCache | None = None) -> StageResult:
+    """One study per quantizer group size (one `StageConfig` each, same budget and calibration windows);
+    the recipe with the lowest calibration KL wins, and the others' recipes join its held-out comparison
+    as `mixprec-g<size>`. A recipe holds one group size, so this is the recipe-level group-size choice."""
+    if not configs:
+        raise MixprecError("run_stages needs at least one stage configuration")
+    engines = engines or EngineCache()
+    prepared = list(inputs) if inputs is not None else [prepare(c) for c in configs]
+    searched = [_study(c, i, engines) for c, i in zip(configs, prepared, strict=True)]
+    sizes = [s.group_size for s in searched]
+    if len(set(sizes)) != len(sizes):
+        raise MixprecError(f"the stages must differ in group size, got {sizes}")
+    chosen = min(searched, key=lambda s: (s.result.best.extra["calibration"], s.group_size))
+    extra = {f"mixprec-g{s.group_size}": _Candidate(s.result.best, s.inputs.variants)
+             for s in searched if s is not chosen}
+    return _finish(chosen, engines, extra)
+
+
+def _rows(inputs: Inputs, compared: dict[str, Solution], calib: dict[str, dict[str, float]],
+          evaluation: dict[str, dict[str, float]]) -> list[dict[str, Any]]:
+    rows = []
+    for name, solution in compared.items():
+        e, c = evaluation[name], calib[name]
+        rows.append({"recipe": name, "solver": solution.solver, "bpw": round(solution.cost / inputs.table.params, 4),
+                     "predicted": None if math.isnan(solution.loss) else solution.loss,
+                     "calibration_kl": c["kl"], "calibration_se": c["se"],
+                     "calibration_diff": c["diff"], "calibration_diff_se": c["diff_se"],
+                     "evaluation_kl": e["kl"], "evaluation_se": e["se"],
+                     "diff_vs_mixprec": e["diff"], "diff_se": e["diff_se"],
+                     "ratio_vs_mixprec": e["kl"] / evaluation["mixprec"]["kl"]})
+    return rows

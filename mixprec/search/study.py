@@ -1,0 +1,293 @@
+"""The Optuna study over composed recipes: seeded with proxy solutions, refined on real KL.
+
+Blind search does not work here: plain TPE with 2,000 trials on the additive estimate lost to
+greedy, and 40 real-KL TPE trials were 35x worse than greedy (FIELD.md §7.5, §9.7). So the study
+is seeded (`enqueue_trial`) with the exact DP solutions nearest the budget, exllamav3's greedy, the
+`--hq` rule and the largest uniform recipe that fits, and then explores with `LocalMoveSampler`:
+children of the best measured recipes made by budget-preserving moves (`mixprec.search.moves`). Every
+trial is a composed recipe measured for real (`evaluate` -> per-token KL on the calibration
+windows), compared *paired* with the reference seed on the same tokens, which gives a standard
+error of the difference far smaller than either KL's own.
+
+Conventions (FIELD.md §7, STYLE.md §3.8):
+* one parameter per searchable group, an integer level index into its allowed widths;
+* the budget is met by construction (moves, and `repair` for proposals that ignore it) and recorded
+  with `trial.set_constraint("bpw_excess", bpw - budget)`; the unrepaired excess is a user attr;
+* storage `sqlite:///studies/<study>.db` by default, any Optuna storage URL (or a `.log` journal
+  file path) otherwise; a study resumes with `load_if_exists=True`, and the sampler draws every
+  proposal from the study's history and a seed per trial number, so an interrupted study that is
+  resumed proposes exactly what an uninterrupted one would;
+* each trial's recipe YAML is attached as an artifact (`studies/artifacts/`) for the dashboard;
+* the single-budget mode minimises KL; the multi-objective mode minimises (KL, bpw) under the
+  budget as a cap and returns the Pareto front.
+
+All Optuna calls of the search live in this module and its sampler, `mixprec.search.sampler`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import tempfile
+import warnings
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import optuna
+import torch
+from optuna.trial import TrialState
+
+from mixprec.core.errors import FingerprintMismatchError, MixprecError
+from mixprec.core.fileio import sha256_text
+from mixprec.core.kl import bootstrap_se, paired_difference
+from mixprec.core.progress import progress
+from mixprec.formats.recipe import Recipe
+from mixprec.measure.store import owner_is_dead, process_owner
+from mixprec.search.costs import Option
+from mixprec.search.moves import repair, total_cost
+from mixprec.search.sampler import LocalMoveSampler, feasible
+from mixprec.search.solve import Problem, Solution
+
+__all__ = ["SAMPLERS", "SearchConfig", "SearchResult", "LocalMoveSampler", "run_search", "quiet_optuna"]
+
+log = logging.getLogger(__name__)
+
+SAMPLERS = ("local", "tpe", "random")
+_STUDY_ATTR = "mixprec_search"
+
+#: Per-token KL of an assignment on the calibration windows (e.g. `lambda a: engine.evaluate(a).kl`).
+Evaluator = Callable[[Mapping[str, Option]], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class SearchConfig:
+    """How the study runs; `trials` counts completed trials in the study, seeds included."""
+
+    trials: int = 40
+    seed: int = 0
+    study_name: str = "mixprec-search"
+    storage: str | None = None
+    studies_dir: Path = Path("studies")
+    sampler: str = "local"
+    multi_objective: bool = False
+    front_seeds: int = 4
+    max_moves: int = 3
+    explore_top: int = 3
+    artifacts: bool = True
+
+    def __post_init__(self) -> None:
+        if self.trials < 1:
+            raise MixprecError(f"trials={self.trials} must be at least 1")
+        if self.sampler not in SAMPLERS:
+            raise MixprecError(f"sampler {self.sampler!r} is unknown; use one of {SAMPLERS}")
+        if min(self.front_seeds, self.max_moves, self.explore_top) < 1:
+            raise MixprecError("front_seeds, max_moves and explore_top must be at least 1")
+        if not self.study_name or "/" in self.study_name:
+            raise MixprecError(f"study name {self.study_name!r} must be non-empty and contain no '/'")
+
+    @property
+    def storage_url(self) -> str:
+        return self.storage or f"sqlite:///{Path(self.studies_dir) / (self.study_name + '.db')}"
+
+
+@dataclass
+class SearchResult:
+    """The chosen recipe (with its calibration KL), every trial's summary and, in MO mode, the Pareto front."""
+
+    best: Solution
+    history: list[dict[str, Any]]
+    study_name: str
+    storage_url: str
+    pareto: list[dict[str, Any]] = field(default_factory=list)
+
+
+def quiet_optuna() -> None:
+    """Keep Optuna's per-trial INFO lines (with every parameter) out of the CLI's output."""
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+
+def _storage(config: SearchConfig) -> Any:
+    url = config.storage_url
+    if "://" not in url:  # a journal file path
+        from optuna.storages.journal import JournalFileBackend
+
+        Path(url).parent.mkdir(parents=True, exist_ok=True)
+        return optuna.storages.JournalStorage(JournalFileBackend(url))
+    if url.startswith("sqlite:///"):
+        Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+    return url
+
+
+class _Objective:
+    """Suggest levels -> repair to the budget -> evaluate for real -> record KL, paired Δ, bpw and recipe."""
+
+    def __init__(self, problem: Problem, limit_bits: int, evaluate: Evaluator, num_sequences: int,
+                 config: SearchConfig, reference: Solution, recipe_for: Callable[[Solution], Recipe] | None) -> None:
+        self.problem, self.limit_bits, self.evaluate = problem, limit_bits, evaluate
+        self.num_sequences, self.config, self.reference = num_sequences, config, reference
+        self.recipe_for = recipe_for
+        self._reference_kl: torch.Tensor | None = None
+        self._store = (optuna.artifacts.FileSystemArtifactStore(str(_artifact_dir(config)))
+                       if config.artifacts and recipe_for is not None else None)
+
+    def __call__(self, trial: optuna.Trial) -> float | tuple[float, float]:
+        trial.set_user_attr("owner", process_owner())
+        raw = [trial.suggest_int(name, 0, len(opts) - 1) if len(opts) > 1 else 0
+               for name, opts in zip(self.problem.names, self.problem.options, strict=True)]
+        raw_cost = total_cost(self.problem, raw)
+        picks = raw if raw_cost <= self.limit_bits else repair(self.problem, raw, self.limit_bits)
+        solution = self.problem.solution(self.problem.assignment(picks), str(trial.user_attrs.get("seed", "search")))
+        kl = self.evaluate(solution.assignment).double()
+        mean, se = float(kl.mean()), bootstrap_se(kl.view(self.num_sequences, -1).mean(dim=1))
+        diff, diff_se = paired_difference(kl, self._reference(solution, kl), self.num_sequences)
+        params = self.problem.total_params
+        bpw = solution.cost / params
+        metrics = {"bpw": bpw, "storage_bits": solution.cost, "predicted": solution.loss, "kl_se": se,
+                   "dkl_vs_ref": diff, "dkl_vs_ref_se": diff_se,
+                   "raw_bpw_excess": (raw_cost - self.limit_bits) / params}
+        # Note: one attribute per kind of value, because every attribute is one SQLite commit (~10 ms here)
+        trial.set_user_attr("levels", picks)
+        trial.set_user_attr("assignment", solution.assignment)
+        trial.set_user_attr("metrics", metrics)
+        trial.set_constraint("bpw_excess", (solution.cost - self.limit_bits) / params)
+        self._attach(trial, solution, mean, se)
+        log.info("trial %d (%s): %.4f bpw, KL %.4e ± %.1e, vs %s %+.2e ± %.1e", trial.number, solution.solver, bpw,
+                 mean, se, self.reference.solver, diff, diff_se)
+        return (mean, bpw) if self.config.multi_objective else mean
+
+    def _reference(self, solution: Solution, kl: torch.Tensor) -> torch.Tensor:
+        if self._reference_kl is None:
+            same = solution.assignment == self.reference.assignment
+            self._reference_kl = kl if same else self.evaluate(self.reference.assignment).double()
+        return self._reference_kl
+
+    def _attach(self, trial: optuna.Trial, solution: Solution, mean: float, se: float) -> None:
+        if self._store is None or self.recipe_for is None:
+            return
+        recipe = self.recipe_for(Solution(solution.assignment, solution.cost, solution.loss, solution.solver,
+                                          {"calibration": mean, "calibration_se": se}))
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / f"trial-{trial.number}-recipe.yaml"
+            path.write_text(recipe.to_yaml(), encoding="utf-8")
+            optuna.artifacts.upload_artifact(artifact_store=self._store, file_path=str(path), study_or_trial=trial,
+                                             mimetype="application/yaml")
+
+
+def _artifact_dir(config: SearchConfig) -> Path:
+    path = Path(config.studies_dir) / "artifacts"
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def _make_sampler(problem: Problem, limit_bits: int, config: SearchConfig) -> optuna.samplers.BaseSampler:
+    if config.sampler == "tpe":
+        return optuna.samplers.TPESampler(seed=config.seed, multivariate=True, n_startup_trials=5)
+    if config.sampler == "random":
+        return optuna.samplers.RandomSampler(seed=config.seed)
+    return LocalMoveSampler(problem, limit_bits, config.seed, config.max_moves, config.explore_top,
+                            config.multi_objective)
+
+
+def _fingerprint(problem: Problem, limit_bits: int, config: SearchConfig, context: Mapping[str, Any]) -> str:
+    payload = {"names": problem.names, "options": problem.options, "costs": problem.costs, "limit": limit_bits,
+               "multi_objective": config.multi_objective, "context": dict(context)}
+    return sha256_text(json.dumps(payload, sort_keys=True, default=str))
+
+
+def _open_study(problem: Problem, limit_bits: int, config: SearchConfig, context: Mapping[str, Any]) -> optuna.Study:
+    directions = ["minimize", "minimize"] if config.multi_objective else ["minimize"]
+    study = optuna.create_study(study_name=config.study_name, storage=_storage(config), directions=directions,
+                                sampler=_make_sampler(problem, limit_bits, config), load_if_exists=True)
+    fingerprint = _fingerprint(problem, limit_bits, config, context)
+    recorded = study.user_attrs.get(_STUDY_ATTR)
+    if recorded is None:
+        study.set_user_attr(_STUDY_ATTR, {"fingerprint": fingerprint, "limit_bits": limit_bits,
+                                          "groups": list(problem.names), **dict(context)})
+        with warnings.catch_warnings():  # experimental since 3.2 but stable in practice; the dashboard uses it
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            study.set_metric_names(["kl", "bpw"] if config.multi_objective else ["kl"])
+    elif recorded["fingerprint"] != fingerprint:
+        raise FingerprintMismatchError(
+            f"study {config.study_name!r} in {config.storage_url} was run for another model, measurement, budget or "
+            "constraints; give a new --study name (or --storage) to start a fresh study")
+    return study
+
+
+def _recover_stale(study: optuna.Study) -> None:
+    """Fail RUNNING trials left by a killed process on this host, so their slots are run again."""
+    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        owner = trial.user_attrs.get("owner")
+        if owner is None or owner_is_dead(owner):
+            log.warning("trial %d was left running by a stopped process; it is marked failed", trial.number)
+            study._storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)
+
+
+def _enqueue_seeds(study: optuna.Study, problem: Problem, seeds: Sequence[Solution]) -> None:
+    """Enqueue each distinct seed unless a live (waiting, running or complete) trial already has its params."""
+    searchable = [i for i, o in enumerate(problem.options) if len(o) > 1]
+    live = [t.system_attrs.get("fixed_params", t.params) for t in study.get_trials(deepcopy=False)
+            if t.state != TrialState.FAIL]
+    for seed in seeds:
+        picks = problem.indices(seed.assignment)
+        params = {problem.names[i]: picks[i] for i in searchable}
+        if params in live:
+            continue
+        study.enqueue_trial(params, user_attrs={"seed": seed.solver})
+        live.append(params)
+
+
+def _history(study: optuna.Study) -> list[dict[str, Any]]:
+    rows = []
+    for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+        rows.append({"number": t.number, "seed": t.user_attrs.get("seed", "search"), "kl": t.values[0],
+                     **t.user_attrs["metrics"], "feasible": feasible(t)})
+    return rows
+
+
+def _choose(study: optuna.Study, problem: Problem, limit_bits: int) -> Solution:
+    """Lowest calibration KL among feasible trials within the budget, never one a uniform trial of no more
+    bits beats (FIELD.md §3 row 1)."""
+    done = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+            if feasible(t) and t.user_attrs["metrics"]["storage_bits"] <= limit_bits]
+    if not done:
+        raise MixprecError("the study has no completed recipe within the budget; run more --trials")
+    best = min(done, key=lambda t: (t.values[0], t.number))
+    uniforms = [t for t in done if str(t.user_attrs.get("seed", "")).startswith("uniform")
+                and t.user_attrs["metrics"]["storage_bits"] <= best.user_attrs["metrics"]["storage_bits"]
+                and t.values[0] < best.values[0]]
+    if uniforms:
+        best = min(uniforms, key=lambda t: t.values[0])
+    m = best.user_attrs["metrics"]
+    return Solution(dict(best.user_attrs["assignment"]), int(m["storage_bits"]), float(m["predicted"]),
+                    str(best.user_attrs.get("seed", "search")),
+                    {"calibration": best.values[0], "calibration_se": m["kl_se"], "trial": best.number})
+
+
+def run_search(problem: Problem, limit_bits: int, evaluate: Evaluator, num_sequences: int,
+               seeds: Sequence[Solution], config: SearchConfig,
+               recipe_for: Callable[[Solution], Recipe] | None = None,
+               context: Mapping[str, Any] | None = None) -> SearchResult:
+    """Run (or resume) the study until it holds `config.trials` completed trials; return the chosen recipe.
+
+    `seeds` are enqueued in order; the first is the paired reference of every trial (the DP solution
+    at the budget, normally). `context` (model and measurement fingerprints, budget) is stored in the
+    study and must match when a study is resumed.
+    """
+    if not seeds:
+        raise MixprecError("the search needs at least one seed recipe (the DP solution at the budget)")
+    over = [s.solver for s in seeds if s.cost > limit_bits]
+    if over:
+        raise MixprecError(f"seed recipe(s) {over} exceed the budget; only seeds within it can be enqueued")
+    study = _open_study(problem, limit_bits, config, context or {})
+    _recover_stale(study)
+    _enqueue_seeds(study, problem, seeds)
+    objective = _Objective(problem, limit_bits, evaluate, num_sequences, config, seeds[0], recipe_for)
+    remaining = config.trials - len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
+    for _ in progress(range(max(remaining, 0)), desc=f"study {config.study_name}", unit="trial"):
+        study.optimize(objective, n_trials=1)  # one at a time, so the bar moves per finished trial
+    pareto = ([{"number": t.number, "kl": t.values[0], "bpw": t.values[1]} for t in study.best_trials]
+              if config.multi_objective else [])
+    return SearchResult(_choose(study, problem, limit_bits), _history(study), config.study_name,
+                        config.storage_url, sorted(pareto, key=lambda r: r["bpw"]))
