@@ -9,8 +9,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import secrets
 import shutil
-import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -30,14 +30,39 @@ __all__ = [
 ]
 
 
+def _create_temp(target: Path, make: Callable[[Path], None]) -> Path:
+    """Create a fresh `.NAME.PID-RANDOM.tmp` sibling of `target` with `make`, retrying on a name clash.
+
+    The owner's pid in the name lets a later run tell a dead run's leftovers from a live one's.
+    """
+    while True:
+        tmp = target.parent / f".{target.name}.{os.getpid()}-{secrets.token_hex(4)}.tmp"
+        try:
+            make(tmp)
+            return tmp
+        except FileExistsError:
+            continue
+
+
+def _new_file(path: Path) -> None:
+    # Note: not tempfile.mkstemp, which creates 0600: mode 0666 here lets the umask decide, as plain open() does,
+    # so a serving process or a worker under another uid can read what we write.
+    os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+
+
+def _new_dir(path: Path) -> None:
+    path.mkdir(mode=0o777)  # the umask decides (tempfile.mkdtemp would make it owner-only 0700)
+
+
 @contextmanager
 def atomic_path(target: str | os.PathLike[str]) -> Iterator[Path]:
-    """Yield a temporary path next to `target`; rename it onto `target` only if the block succeeds."""
+    """Yield a temporary path next to `target`; rename it onto `target` only if the block succeeds.
+
+    The file gets the mode a plain `open()` would give under the caller's umask.
+    """
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
+    tmp = _create_temp(target, _new_file)
     try:
         yield tmp
         os.replace(tmp, target)
@@ -50,11 +75,12 @@ def atomic_path(target: str | os.PathLike[str]) -> Iterator[Path]:
 def atomic_dir(target: str | os.PathLike[str]) -> Iterator[Path]:
     """Yield a temporary directory next to `target`; it replaces `target` only if the block succeeds.
 
-    A failure removes the temporary directory, so no half-written output folder is ever left behind.
+    A failure removes the temporary directory, so no half-written output folder is ever left behind. The
+    folder gets the mode a plain `mkdir` would give under the caller's umask.
     """
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+    tmp = _create_temp(target, _new_dir)
     try:
         yield tmp
         if target.exists():

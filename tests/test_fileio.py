@@ -1,0 +1,56 @@
+"""Atomic writes: the result is what a plain write would give (mode under the umask), never a torn file."""
+
+from __future__ import annotations
+
+import os
+import stat
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from mixprec.core.fileio import atomic_dir, atomic_path, atomic_write_json, atomic_write_text
+
+
+@pytest.fixture(params=[0o022, 0o027])
+def umask(request: pytest.FixtureRequest) -> Iterator[int]:
+    """Run the test under a given umask and restore the caller's afterwards."""
+    old = os.umask(request.param)
+    try:
+        yield request.param
+    finally:
+        os.umask(old)
+
+
+def _mode(path: Path) -> int:
+    return stat.S_IMODE(path.stat().st_mode)
+
+
+def test_atomic_files_get_the_mode_plain_open_gives(tmp_path: Path, umask: int) -> None:
+    (tmp_path / "plain.txt").write_text("x")
+    atomic_write_text(tmp_path / "a.txt", "x")
+    atomic_write_json(tmp_path / "b.json", {"x": 1})
+    with atomic_path(tmp_path / "c.bin") as tmp:
+        tmp.write_bytes(b"x")
+    expected = _mode(tmp_path / "plain.txt")
+    assert expected == 0o666 & ~umask
+    for name in ("a.txt", "b.json", "c.bin"):
+        assert _mode(tmp_path / name) == expected, f"{name}: {oct(_mode(tmp_path / name))} != {oct(expected)}"
+
+
+def test_atomic_folders_get_the_mode_plain_mkdir_gives(tmp_path: Path, umask: int) -> None:
+    (tmp_path / "plain").mkdir()
+    with atomic_dir(tmp_path / "out") as tmp:
+        atomic_write_text(tmp / "inner.txt", "x")
+    assert _mode(tmp_path / "out") == _mode(tmp_path / "plain") == 0o777 & ~umask
+    assert _mode(tmp_path / "out" / "inner.txt") == 0o666 & ~umask
+
+
+def test_failed_block_leaves_no_file_and_no_temp(tmp_path: Path) -> None:
+    with pytest.raises(RuntimeError), atomic_path(tmp_path / "x.txt") as tmp:
+        tmp.write_text("half")
+        raise RuntimeError("crash")
+    with pytest.raises(RuntimeError), atomic_dir(tmp_path / "d") as tmp:
+        (tmp / "f").write_text("half")
+        raise RuntimeError("crash")
+    assert list(tmp_path.iterdir()) == []
