@@ -197,3 +197,30 @@ def test_import_has_no_plotting_side_effects() -> None:
             "assert 'matplotlib' not in sys.modules and 'optuna_dashboard' not in sys.modules, 'eager import'")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
+
+
+def test_report_never_follows_a_recipe_to_a_storage_elsewhere(work: Path, tmp_path: Path) -> None:
+    """A recipe naming a study outside the work folder and --studies-dir (or a server) is left out, not written."""
+    import yaml
+
+    from mixprec.core.fileio import sha256_file
+    from mixprec.report.collect import StudyAccess
+
+    copy, elsewhere = tmp_path / "work", tmp_path / "elsewhere"
+    shutil.copytree(work, copy)
+    elsewhere.mkdir()
+    foreign = elsewhere / "foreign.db"
+    shutil.copyfile(work / "studies" / "tiny-3bpw.db", foreign)
+    before = sha256_file(foreign)
+    for name, storage in (("tiny-3bpw", f"sqlite:///{foreign}"), ("tiny-2.5bpw", "postgresql://u:p@127.0.0.1:9/x")):
+        path = copy / "recipes" / f"{name}.yaml"
+        data = yaml.safe_load(path.read_text())
+        data["provenance"]["study"]["storage"] = storage
+        path.write_text(yaml.safe_dump(data, sort_keys=False))
+    code = main(["report", "--work", str(copy), "--out", str(tmp_path / "r"), "--dpi", "50",
+                 "--studies-dir", str(tmp_path / "none")])
+    assert code == 0, "a recipe's foreign storage must be skipped, not connected to"
+    assert [p.name for p in elsewhere.iterdir()] == ["foreign.db"], "nothing may be written next to it"
+    assert sha256_file(foreign) == before
+    allowed = collect(copy, access=StudyAccess((elsewhere,)))
+    assert f"sqlite:///{foreign}" in {s.storage for s in allowed.studies}, "--studies-dir lets the user allow it"

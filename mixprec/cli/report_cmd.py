@@ -16,6 +16,11 @@ Advanced:
                      the recipes' held-out comparison)
     --no-attach      read the studies but do not upload the report into them
     --dpi N          figure resolution (default 110)
+    --studies-dir DIR...  folders whose study storages a recipe may name (default ./studies, where
+                     `mixprec search` keeps them); the work folder is always allowed. A recipe naming a
+                     storage anywhere else is left out with a warning: the report never reads or writes
+                     where a recipe file tells it
+    --storage URL...      study storages to read and attach to, e.g. a database server the studies live on
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from pathlib import Path
 
 from mixprec.cli.common import add_model_argument, add_work_argument, default_work_dir
 from mixprec.report import build_report
+from mixprec.report.collect import StudyAccess
 
 __all__ = ["register", "run"]
 
@@ -41,12 +47,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     group.add_argument("--no-studies", action="store_true", help="do not read the Optuna studies")
     group.add_argument("--no-attach", action="store_true", help="do not attach the report to the studies")
     group.add_argument("--dpi", type=int, default=110, help="figure resolution (default 110)")
+    group.add_argument("--studies-dir", type=Path, nargs="+", default=[Path("studies")], metavar="DIR",
+                       help="folders whose study storages recipes may name (default ./studies)")
+    group.add_argument("--storage", nargs="+", default=[], metavar="URL",
+                       help="study storages to read and attach to (e.g. a database server)")
     parser.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:
     work = default_work_dir(args.model, args.work)
     page = build_report(work, tuple(args.recipe), args.out, studies=not args.no_studies,
-                        attach=not args.no_attach, dpi=args.dpi)
+                        attach=not args.no_attach, dpi=args.dpi,
+                        access=StudyAccess(tuple(args.studies_dir), tuple(args.storage)))
     print(f"wrote {page} and {page.parent / 'summary.md'}")
     return 0

@@ -8,7 +8,11 @@ WORK/demo_summary.json when `mixprec demo` compiled and re-evaluated the recipes
 
 A recipe records its study as the storage URL the search was given, often relative to the directory
 the search ran in (`sqlite:///studies/x.db`); `resolve_storage` also looks for it next to the work
-folder, so a report run from elsewhere still finds it.
+folder, so a report run from elsewhere still finds it. A recipe is data, not an instruction: its storage
+is opened (and later written, when the report is attached) only when it lies under the work folder or a
+folder the user named (`StudyAccess`), or is a storage URL the user named; any other is left out with a
+warning, so a copied recipe can never make the report write next to someone else's database or connect
+to a server.
 """
 
 from __future__ import annotations
@@ -27,8 +31,8 @@ from mixprec.formats.recipe import Recipe
 from mixprec.measure.table import Measurement, load_measurement
 from mixprec.quant.variants import Variant
 
-__all__ = ["RecipeRun", "StudyTrials", "WorkFolder", "collect", "resolve_storage", "open_storage", "read_study",
-           "split_group", "budget_label"]
+__all__ = ["RecipeRun", "StudyTrials", "StudyAccess", "WorkFolder", "collect", "resolve_storage", "open_storage",
+           "read_study", "split_group", "budget_label"]
 
 log = logging.getLogger(__name__)
 
@@ -182,6 +186,22 @@ def _read_measurements(work_dir: Path) -> dict[str, Measurement]:
     return found
 
 
+@dataclass(frozen=True)
+class StudyAccess:
+    """The study storages the user allows the report to open: files under `folders`, and the `urls` named."""
+
+    folders: tuple[Path, ...] = ()
+    urls: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        for folder in self.folders:
+            if Path(folder).exists() and not Path(folder).is_dir():
+                raise MixprecError(f"--studies-dir {folder} is a file; give the folder holding the study storages")
+
+    def allows_file(self, path: Path) -> bool:
+        return any(path.resolve().is_relative_to(Path(f).resolve()) for f in self.folders)
+
+
 def _read_recipes(work_dir: Path, extra: tuple[Path, ...]) -> list[RecipeRun]:
     paths = sorted((work_dir / "recipes").glob("*.yaml")) + [Path(p) for p in extra]
     unique = list(dict.fromkeys(p.resolve() for p in paths))
@@ -189,16 +209,21 @@ def _read_recipes(work_dir: Path, extra: tuple[Path, ...]) -> list[RecipeRun]:
     return sorted(runs, key=lambda r: (r.bpw if r.bpw is not None else float("inf"), r.label))
 
 
-def resolve_storage(url: str, work_dir: Path) -> str | None:
-    """The study storage as it exists from here: the URL itself, or its file found under the work folder."""
+def resolve_storage(url: str, work_dir: Path, access: StudyAccess | None = None) -> str | None:
+    """The study storage as it exists from here: the URL itself, or its file found under the work folder.
+
+    Only storages `access` allows (plus files under the work folder) are returned; None means not found
+    or not allowed.
+    """
+    access = StudyAccess((work_dir, *(access.folders if access else ())), access.urls if access else ())
     prefix = "sqlite:///" if url.startswith("sqlite:///") else "" if "://" not in url else None
     if prefix is None:
-        return url  # a database server: nothing to look for on disk
+        return url if url in access.urls else None  # a database server: only one the user named
     path = Path(url.removeprefix(prefix))
     candidates = [path] if path.is_absolute() else [path, work_dir / path, work_dir.parent / path]
     candidates.append(work_dir / "studies" / path.name)
     for candidate in candidates:
-        if candidate.is_file():
+        if candidate.is_file() and access.allows_file(candidate):
             return f"{prefix}{candidate}"
     return None
 
@@ -252,22 +277,35 @@ def read_study(name: str, url: str) -> StudyTrials:
 
 
 def _study_names(url: str) -> list[str]:
-    return [s.study_name for s in open_storage(url).get_all_studies()]
+    try:
+        return [s.study_name for s in open_storage(url).get_all_studies()]
+    except Exception as exc:  # sqlalchemy / journal / driver errors: one line naming the storage
+        raise MixprecError(f"cannot list the studies in {url} ({type(exc).__name__}: {str(exc).splitlines()[0]}); "
+                           "is it a reachable Optuna storage?") from exc
 
 
-def _read_studies(work_dir: Path, recipes: list[RecipeRun]) -> tuple[list[StudyTrials], list[str]]:
-    wanted: dict[tuple[str, str], None] = {}
+def _recipe_studies(work_dir: Path, recipes: list[RecipeRun], access: StudyAccess,
+                    wanted: dict[tuple[str, str], None]) -> list[str]:
+    """Add each recipe's study that `access` allows to `wanted`; return the ones left out."""
     missing = []
     for run in recipes:
         if run.study is None:
             continue
         name, url = run.study
-        resolved = resolve_storage(url, work_dir)
+        resolved = resolve_storage(url, work_dir, access)
         if resolved is None:
-            log.warning("study %r of %s is not found (%s); its trials are left out", name, run.path, url)
+            log.warning("study %r of %s is not found under the work folder or --studies-dir, nor a --storage "
+                        "given (%s); its trials are left out", name, run.path, url)
             missing.append(f"{name} ({url})")
             continue
         wanted[(name, resolved)] = None
+    return missing
+
+
+def _read_studies(work_dir: Path, recipes: list[RecipeRun],
+                  access: StudyAccess) -> tuple[list[StudyTrials], list[str]]:
+    wanted: dict[tuple[str, str], None] = {}
+    missing = _recipe_studies(work_dir, recipes, access, wanted)
     studies_dir = work_dir / "studies"
     for path in sorted([*studies_dir.glob("*.db"), *studies_dir.glob("*.log")]):
         url = f"sqlite:///{path}" if path.suffix == ".db" else str(path)
@@ -275,17 +313,23 @@ def _read_studies(work_dir: Path, recipes: list[RecipeRun]) -> tuple[list[StudyT
             continue
         for name in _study_names(url):
             wanted[(name, url)] = None
+    for url in access.urls:
+        for name in _study_names(url):
+            wanted.setdefault((name, url), None)
     return [read_study(name, url) for name, url in wanted], missing
 
 
-def collect(work_dir: str | Path, recipes: tuple[str | Path, ...] = (), studies: bool = True) -> WorkFolder:
-    """Read a work folder (and extra recipe files); raise if it holds nothing to report."""
+def collect(work_dir: str | Path, recipes: tuple[str | Path, ...] = (), studies: bool = True,
+            access: StudyAccess | None = None) -> WorkFolder:
+    """Read a work folder (and extra recipe files); raise if it holds nothing to report.
+
+    Studies are read from the work folder and from what `access` allows (see `StudyAccess`)."""
     work_dir = Path(work_dir)
     if not work_dir.is_dir():
         raise MixprecError(f"work folder {work_dir} does not exist; run `mixprec quantize`/`measure`/`search` "
                            "with --work pointing there first (or pass the right --work)")
     runs = _read_recipes(work_dir, tuple(Path(p) for p in recipes))
-    found, missing = _read_studies(work_dir, runs) if studies else ([], [])
+    found, missing = _read_studies(work_dir, runs, access or StudyAccess()) if studies else ([], [])
     demo = read_json(work_dir / "demo_summary.json") if (work_dir / "demo_summary.json").is_file() else None
     folder = WorkFolder(work_dir, _read_variants(work_dir), _read_measurements(work_dir), runs, found, missing, demo)
     if not folder.measurements and not folder.recipes:

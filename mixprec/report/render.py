@@ -23,7 +23,7 @@ from mixprec.core.errors import MixprecError
 from mixprec.core.fileio import atomic_dir, atomic_write_json, atomic_write_text
 from mixprec.report import figures as fig
 from mixprec.report import tables
-from mixprec.report.collect import WorkFolder, collect
+from mixprec.report.collect import StudyAccess, WorkFolder, collect
 from mixprec.report.front import additive_front, base_kl
 
 __all__ = ["ReportConfig", "FigureFile", "build_report", "render_report", "draw_figures", "attach_to_studies"]
@@ -40,6 +40,7 @@ class ReportConfig:
     out_dir: Path | None = None
     studies: bool = True
     dpi: int = 110
+    access: StudyAccess = StudyAccess()
 
     def __post_init__(self) -> None:
         if not 50 <= self.dpi <= 400:
@@ -215,16 +216,18 @@ def attach_to_studies(data: WorkFolder, report_dir: Path) -> int:
 
 
 def build_report(work_dir: str | Path, recipes: tuple[str | Path, ...] = (), out_dir: str | Path | None = None,
-                 studies: bool = True, attach: bool = True, dpi: int = 110) -> Path:
+                 studies: bool = True, attach: bool = True, dpi: int = 110,
+                 access: StudyAccess | None = None) -> Path:
     """Read a work folder (plus extra recipe files) and write its report; returns WORK/report/index.html.
 
     This is what `mixprec report` and `mixprec demo` call. `studies=False` skips reading Optuna studies;
     `attach` uploads the figures, summary and recipe to each recipe's study as artifacts (idempotent)
-    and shows the summary as the study's dashboard note, so `mixprec dashboard` opens them.
+    and shows the summary as the study's dashboard note, so `mixprec dashboard` opens them. Only studies
+    under the work folder or allowed by `access` are read or written (a recipe cannot point elsewhere).
     """
     config = ReportConfig(Path(work_dir), tuple(Path(r) for r in recipes),
-                          None if out_dir is None else Path(out_dir), studies, dpi)
-    data = collect(config.work_dir, config.recipes, config.studies)
+                          None if out_dir is None else Path(out_dir), studies, dpi, access or StudyAccess())
+    data = collect(config.work_dir, config.recipes, config.studies, config.access)
     page = render_report(data, config.out, config.dpi)
     if attach and studies:
         log.info("attached the report to %d stud(ies)", attach_to_studies(data, config.out))
