@@ -25,17 +25,13 @@ from pathlib import Path
 from mixprec.cli.common import add_model_argument, add_work_argument, default_work_dir, print_table
 from mixprec.model.arch import DEFAULT_QUANTIZED_KINDS, GroupKind
 from mixprec.model.loading import Checkpoint
-from mixprec.quant import SUPPORTED_BITS, SUPPORTED_GROUP_SIZES, QuantConfig, quantizer_names
+from mixprec.quant import SUPPORTED_BITS, SUPPORTED_GROUP_SIZES, QuantConfig, quantizer_class, quantizer_names
 from mixprec.quant.calibration import Calibration, calibration_windows
 from mixprec.quant.gptq import GPTQSettings
 from mixprec.quant.hessians import CalibConfig
 from mixprec.quant.variants import ensure_variants
 
 __all__ = ["register", "configs_from_args", "calibration_settings"]
-
-#: Methods that need calibration Hessians.
-_CALIBRATED_METHODS = ("gptq",)
-
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("quantize", help="quantize the model uniformly at several bit widths",
@@ -83,8 +79,8 @@ def configs_from_args(args: argparse.Namespace) -> list[QuantConfig]:
 
 
 def calibration_settings(args: argparse.Namespace) -> tuple[CalibConfig, GPTQSettings] | None:
-    """Validated calibration and solver settings for methods that need calibration, else None."""
-    if args.method not in _CALIBRATED_METHODS:
+    """Validated calibration and solver settings for methods that need the Hessian, else None."""
+    if not quantizer_class(args.method).needs_hessian:
         return None
     return (CalibConfig(num_windows=args.calib_windows, seq_len=args.calib_seq_len),
             GPTQSettings(damp=args.damp, act_order=args.act_order))

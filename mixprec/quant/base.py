@@ -27,6 +27,7 @@ __all__ = [
     "Quantizer",
     "register_quantizer",
     "get_quantizer",
+    "quantizer_class",
     "quantizer_names",
     "storage_bits",
 ]
@@ -49,16 +50,15 @@ class QuantConfig:
     clip_grid: int = 32
 
     def __post_init__(self) -> None:
-        if self.bits not in SUPPORTED_BITS:
-            raise QuantConfigError(f"bits={self.bits} is out of range; choose one of {SUPPORTED_BITS}")
-        if self.group_size not in SUPPORTED_GROUP_SIZES:
+        method = quantizer_class(self.method)  # the method's own traits decide which values it accepts
+        if self.bits not in method.supported_bits:
+            raise QuantConfigError(f"bits={self.bits} is out of range; choose one of {method.supported_bits}")
+        if self.group_size not in method.supported_group_sizes:
             raise QuantConfigError(
-                f"group_size={self.group_size} is not supported; choose one of {SUPPORTED_GROUP_SIZES}"
+                f"group_size={self.group_size} is not supported; choose one of {method.supported_group_sizes}"
             )
         if self.clip_grid < 2:
             raise QuantConfigError(f"clip_grid={self.clip_grid} must be at least 2")
-        if self.method not in _REGISTRY:
-            raise QuantConfigError(f"unknown quantization method {self.method!r}; known: {quantizer_names()}")
 
     @property
     def variant_id(self) -> str:
@@ -120,9 +120,21 @@ class Quantizer(ABC):
 
     `hessian` is the input second-moment matrix [in, in] (X^T X over calibration tokens) that
     error-compensating methods such as GPTQ need; methods that do not use it ignore it.
+
+    Each registered subclass declares its traits itself, so callers ask the registry
+    (`quantizer_class(method).needs_hessian`) instead of naming methods:
+
+    * `needs_hessian`: `quantize` refuses to run without a Hessian, so variants of this method are
+      built with a calibration (`mixprec.quant.calibration`), whose solver settings the quantizer
+      then takes as its second constructor argument;
+    * `supported_bits`, `supported_group_sizes`: the widths and group sizes it accepts
+      (`QuantConfig` refuses the others).
     """
 
     name: ClassVar[str]
+    needs_hessian: ClassVar[bool]
+    supported_bits: ClassVar[tuple[int, ...]]
+    supported_group_sizes: ClassVar[tuple[int, ...]]
 
     def __init__(self, config: QuantConfig) -> None:
         self.config = config
@@ -144,10 +156,25 @@ _REGISTRY: dict[str, type[Quantizer]] = {}
 Q = TypeVar("Q", bound=type[Quantizer])
 
 
+_TRAITS = ("needs_hessian", "supported_bits", "supported_group_sizes")
+
+
 def register_quantizer(name: str) -> Callable[[Q], Q]:
-    """Class decorator that makes a quantizer available as `QuantConfig(method=name)`."""
+    """Class decorator that makes a quantizer available as `QuantConfig(method=name)`.
+
+    Refuses a class that does not declare every trait itself: an inherited trait would silently
+    claim what the base class (or another method) supports.
+    """
 
     def decorate(cls: Q) -> Q:
+        missing = [trait for trait in _TRAITS if trait not in vars(cls)]
+        if missing:
+            raise TypeError(f"quantizer {cls.__name__} must declare the traits {missing} on its class")
+        unsupported = ((set(cls.supported_bits) - set(SUPPORTED_BITS))
+                       | (set(cls.supported_group_sizes) - set(SUPPORTED_GROUP_SIZES)))
+        if unsupported:
+            raise TypeError(f"quantizer {cls.__name__} declares {sorted(unsupported)}, which the stored format "
+                            f"cannot hold (bits {SUPPORTED_BITS}, group sizes {SUPPORTED_GROUP_SIZES})")
         cls.name = name
         _REGISTRY[name] = cls
         return cls
@@ -159,6 +186,20 @@ def quantizer_names() -> list[str]:
     return sorted(_REGISTRY)
 
 
-def get_quantizer(config: QuantConfig) -> Quantizer:
-    """Instantiate the registered quantizer for `config.method`."""
-    return _REGISTRY[config.method](config)
+def quantizer_class(method: str) -> type[Quantizer]:
+    """The registered class of `method`, whose traits say what it needs and accepts."""
+    if method not in _REGISTRY:
+        raise QuantConfigError(f"unknown quantization method {method!r}; known: {quantizer_names()}")
+    return _REGISTRY[method]
+
+
+def get_quantizer(config: QuantConfig, solver: object | None = None) -> Quantizer:
+    """Instantiate the registered quantizer for `config.method`.
+
+    `solver` (e.g. a calibration's `GPTQSettings`) goes only to methods that need the Hessian; the
+    others have no solver settings and ignore it.
+    """
+    method = quantizer_class(config.method)
+    if method.needs_hessian and solver is not None:
+        return method(config, solver)  # type: ignore[call-arg]
+    return method(config)

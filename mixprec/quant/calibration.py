@@ -34,7 +34,7 @@ from mixprec.model.data import TokenWindows, WindowConfig, load_windows, windows
 from mixprec.model.loading import Checkpoint, load_model
 from mixprec.model.modelmap import Group, WeightRef
 from mixprec.quant import QuantConfig, Quantizer, get_quantizer
-from mixprec.quant.gptq import GPTQQuantizer, GPTQSettings
+from mixprec.quant.gptq import GPTQSettings
 from mixprec.quant.hessians import HEAD_LAYER, CalibConfig, collect_hessians, hessian_key
 
 __all__ = ["Calibration", "calibration_windows", "stdlib_train_windows", "CALIBRATION_SCHEMA_VERSION"]
@@ -126,7 +126,7 @@ class Calibration:
 
     def quantizer(self, config: QuantConfig) -> Quantizer:
         """The quantizer for `config`, with this calibration's solver settings where the method has them."""
-        return GPTQQuantizer(config, self.solver) if config.method == "gptq" else get_quantizer(config)
+        return get_quantizer(config, self.solver)
 
     def _complete(self) -> bool:
         return (self.cache_dir / _STATS_FILE).exists()

@@ -35,7 +35,14 @@ from dataclasses import dataclass, replace
 import torch
 
 from mixprec.core.errors import QuantConfigError
-from mixprec.quant.base import QuantConfig, QuantizedWeight, Quantizer, register_quantizer
+from mixprec.quant.base import (
+    SUPPORTED_BITS,
+    SUPPORTED_GROUP_SIZES,
+    QuantConfig,
+    QuantizedWeight,
+    Quantizer,
+    register_quantizer,
+)
 from mixprec.quant.rtn import quantize_groups
 
 __all__ = ["GPTQSettings", "GPTQQuantizer", "gptq_quantize", "dampened_inverse_factor"]
@@ -199,6 +206,10 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, config: QuantConf
 @register_quantizer("gptq")
 class GPTQQuantizer(Quantizer):
     """GPTQ with RTN's group scales; needs the Hessian of every matrix (see `mixprec.quant.hessians`)."""
+
+    needs_hessian = True
+    supported_bits = SUPPORTED_BITS
+    supported_group_sizes = SUPPORTED_GROUP_SIZES
 
     def __init__(self, config: QuantConfig, settings: GPTQSettings | None = None) -> None:
         super().__init__(config)

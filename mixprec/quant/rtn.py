@@ -17,7 +17,14 @@ import math
 
 import torch
 
-from mixprec.quant.base import QuantConfig, QuantizedWeight, Quantizer, register_quantizer
+from mixprec.quant.base import (
+    SUPPORTED_BITS,
+    SUPPORTED_GROUP_SIZES,
+    QuantConfig,
+    QuantizedWeight,
+    Quantizer,
+    register_quantizer,
+)
 
 __all__ = ["RTNQuantizer", "quantize_groups"]
 
@@ -98,7 +105,14 @@ def quantize_groups(weight: torch.Tensor, config: QuantConfig,
 
 @register_quantizer("rtn")
 class RTNQuantizer(Quantizer):
-    """Round-to-nearest with MSE-optimal clipping per group (the reference quantizer)."""
+    """Round-to-nearest with MSE-optimal clipping per group (the reference quantizer).
+
+    A Hessian is optional: only its diagonal is used, to weight the clipping search's error.
+    """
+
+    needs_hessian = False
+    supported_bits = SUPPORTED_BITS
+    supported_group_sizes = SUPPORTED_GROUP_SIZES
 
     def quantize(self, weight: torch.Tensor, hessian: torch.Tensor | None = None) -> QuantizedWeight:
         if weight.dim() != 2:

@@ -21,7 +21,7 @@ from mixprec.model.arch import GroupKind
 from mixprec.model.data import WindowConfig
 from mixprec.model.loading import Checkpoint
 from mixprec.model.modelmap import Granularity, ModelMap
-from mixprec.quant import SUPPORTED_GROUP_SIZES, QuantConfig, storage_bits
+from mixprec.quant import SUPPORTED_GROUP_SIZES, QuantConfig, quantizer_class, storage_bits
 from mixprec.quant.variants import Variant
 from mixprec.search.costs import Constraints, CostTable, Option, budget_limit_bits, check_feasible
 from mixprec.search.solve import (
@@ -237,11 +237,13 @@ class UniformQuant:
 def uniform_grid(inputs: Inputs, group_sizes: tuple[int, ...]) -> list[UniformQuant]:
     """Every uniform quant of the measured widths at each group size, cheapest first (exact storage bits).
 
-    Only RTN variants can be made here without calibration data, so other quantizers keep to the
-    measured group size.
+    Only quantizers that need no Hessian can be made here without calibration data, so the others keep to
+    the measured group size.
     """
     base = next(iter(inputs.variants.values())).config
-    sizes = sorted(set(group_sizes) | {base.group_size}) if base.method == "rtn" else [base.group_size]
+    method = quantizer_class(base.method)
+    sizes = ([base.group_size] if method.needs_hessian else
+             sorted({s for s in group_sizes if s in method.supported_group_sizes} | {base.group_size}))
     groups = [inputs.model_map.group(name) for name in inputs.table.names]
     grid = []
     for bits in sorted(inputs.variants):
