@@ -14,7 +14,7 @@ Basic:
     mixprec measure path/to/model --granularity fine --windows 16 --seq-len 512 --data a.txt b.txt
 
 Advanced:
-    --storage postgresql+psycopg2://user:pw@host/db   share one table between machines
+    --storage postgresql+psycopg://user:pw@host/db    share one table between machines (pip install mixprec[postgres])
     --workers 2                                      worker processes on this machine
     --reset-stale                                    re-run jobs left RUNNING by workers known to be gone
     --max-jobs 10                                    measure at most 10 jobs in this run

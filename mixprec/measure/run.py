@@ -122,6 +122,10 @@ class Worker:
             batch = self.store.claim(self.config.batch_jobs if limit is None else min(self.config.batch_jobs,
                                                                                       limit - done))
             if not batch:
+                # Note: jobs held by a worker that died meanwhile (on this host, or anywhere with --reset-stale)
+                # are re-queued here, so the survivors of a scale-out finish the table without a rerun.
+                if self.store.recover_stale(self.config.reset_stale):
+                    continue
                 break
             try:
                 self._measure(batch)
