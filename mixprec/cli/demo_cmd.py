@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from mixprec.cli.checks import check_windows
 from mixprec.cli.common import add_model_argument, print_table
 from mixprec.cli.demo import DemoConfig, run_demo, summary_rows
 from mixprec.search.study import quiet_optuna
@@ -45,6 +46,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    check_windows(args.model, args.seq_len)
     config = DemoConfig(work=args.work, model=args.model, bits=tuple(args.bits), budgets=tuple(args.budgets),
                         seq_len=args.seq_len,
                         granularity=args.granularity, trials=args.trials, measure_windows=args.measure_windows,

@@ -19,6 +19,7 @@ import argparse
 from pathlib import Path
 
 from mixprec.checkpoint.evaluate import EvalConfig, evaluate, format_table, save_result
+from mixprec.cli.checks import check_windows
 
 __all__ = ["register"]
 
@@ -43,6 +44,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    check_windows(args.reference, args.seq_len)
     config = EvalConfig(seq_len=args.seq_len, num_windows=args.windows, batch_size=args.batch_size,
                         split=args.split)
     result = evaluate(args.candidate, args.reference, config, args.data, args.any_reference)

@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from mixprec.cli.checks import check_windows
 from mixprec.cli.common import add_model_argument, add_work_argument, default_work_dir, print_table
 from mixprec.measure.config import MeasureConfig
 from mixprec.measure.engine.core import EngineConfig
@@ -101,6 +102,7 @@ def config_from_args(args: argparse.Namespace) -> MeasureConfig:
 
 
 def run(args: argparse.Namespace) -> int:
+    check_windows(args.model, args.seq_len)
     config = config_from_args(args)
     folder = run_measure(config, workers=args.workers)
     if folder is None:

@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from mixprec.cli.checks import check_windows
 from mixprec.cli.common import add_model_argument, add_work_argument, default_work_dir, print_table
 from mixprec.model.arch import DEFAULT_QUANTIZED_KINDS, GroupKind
 from mixprec.model.loading import Checkpoint
@@ -89,6 +90,8 @@ def calibration_settings(args: argparse.Namespace) -> tuple[CalibConfig, GPTQSet
 def run(args: argparse.Namespace) -> int:
     configs = configs_from_args(args)  # validate before touching the model
     settings = calibration_settings(args)
+    if settings is not None:
+        check_windows(args.model, args.calib_seq_len, "--calib-seq-len")
     checkpoint = Checkpoint.open(args.model)
     model_map = checkpoint.model_map("layer")
     kinds = tuple(GroupKind(k) for k in args.kinds)

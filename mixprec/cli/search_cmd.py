@@ -27,6 +27,7 @@ import argparse
 from pathlib import Path
 
 from mixprec.checkpoint.compile import open_variants
+from mixprec.cli.checks import check_windows
 from mixprec.cli.common import add_model_argument, add_work_argument, default_work_dir, print_table
 from mixprec.core.errors import MixprecError
 from mixprec.formats.exl3 import recipe_to_exl3
@@ -172,6 +173,7 @@ def _exl3_sources(items: list[str]) -> dict[int, str]:
 
 
 def run(args: argparse.Namespace) -> int:
+    check_windows(args.model, args.seq_len)
     configs = configs_from_args(args)
     if not args.verbose:
         quiet_optuna()

@@ -13,6 +13,7 @@ are identical on every machine whatever the local Python standard library versio
 from __future__ import annotations
 
 import hashlib
+import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -23,7 +24,7 @@ from safetensors import safe_open
 from mixprec.core.errors import MixprecError
 
 __all__ = ["WindowConfig", "DataSpec", "TokenWindows", "load_windows", "windows_from_tokens",
-           "require_disjoint", "BUNDLED_SPLITS"]
+           "require_disjoint", "BUNDLED_SPLITS", "max_positions", "check_seq_len"]
 
 BUNDLED_SPLITS = ("calibration", "evaluation")
 
@@ -63,6 +64,32 @@ class TokenWindows:
 
     tokens: torch.Tensor
     spec: DataSpec
+
+
+def max_positions(model_dir: str | Path) -> int | None:
+    """The model's `max_position_embeddings` (top level or `text_config`), None when config.json lacks it.
+
+    A config.json that cannot be read returns None: `Checkpoint.open` reports that file with its own error.
+    """
+    try:
+        config = json.loads((Path(model_dir) / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(config, dict):
+        return None
+    text = config.get("text_config")
+    value = config.get("max_position_embeddings", text.get("max_position_embeddings") if isinstance(text, dict)
+                       else None)
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
+
+
+def check_seq_len(model_dir: str | Path, seq_len: int, flag: str = "--seq-len") -> None:
+    """Refuse windows longer than the model's positions before any work: past them the model is not
+    trained and the measurement is meaningless (and slow: attention grows with the square of the length)."""
+    limit = max_positions(model_dir)
+    if limit is not None and seq_len > limit:
+        raise MixprecError(f"{flag} {seq_len} exceeds the model's max_position_embeddings {limit} "
+                           f"({Path(model_dir) / 'config.json'}); use {flag} {limit} or less")
 
 
 def _hash_tokens(tokens: torch.Tensor) -> str:
@@ -113,6 +140,7 @@ def load_windows(model_dir: str | Path, split: str = "calibration", config: Wind
     """Windows from the model folder's shipped split, or from text files tokenized with its tokenizer."""
     config = config or WindowConfig()
     model_dir = Path(model_dir)
+    check_seq_len(model_dir, config.seq_len)
     if text_files:
         source = ",".join(str(p) for p in text_files)
         return windows_from_tokens(_text_stream(text_files, model_dir), config, source, split)

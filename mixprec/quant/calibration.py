@@ -30,7 +30,7 @@ from mixprec.core.errors import MixprecError
 from mixprec.core.fileio import atomic_dir, atomic_write_json, read_json, sha256_text
 from mixprec.core.progress import progress
 from mixprec.model.arch import GroupKind
-from mixprec.model.data import TokenWindows, WindowConfig, load_windows, windows_from_tokens
+from mixprec.model.data import TokenWindows, WindowConfig, check_seq_len, load_windows, windows_from_tokens
 from mixprec.model.loading import Checkpoint, load_model
 from mixprec.model.modelmap import Group, WeightRef
 from mixprec.quant import QuantConfig, Quantizer, get_quantizer
@@ -95,6 +95,7 @@ def calibration_windows(model_dir: str | Path, config: CalibConfig,
                         text_files: list[Path] | None = None) -> TokenWindows:
     """The calibration windows: `text_files` if given, else the stdlib train split (see module docstring)."""
     windows = WindowConfig(config.seq_len, config.num_windows)
+    check_seq_len(model_dir, config.seq_len, "--calib-seq-len")
     if text_files:
         return load_windows(model_dir, "quantizer-calibration", windows, text_files)
     return stdlib_train_windows(Path(model_dir), windows)

@@ -1,0 +1,22 @@
+"""Input checks every command runs on its arguments before any work: one line naming the flag and the fix.
+
+A stage that fails after ten minutes of quantizing on a value the parser already held wastes the user's
+time, so each command's `run` calls these first: numbers finite and in range, paths of the right kind,
+windows within the model's positions. The stages keep their own checks (they are also a library); these
+only move the failure to the start.
+"""
+
+from __future__ import annotations
+
+from mixprec.core.errors import MixprecError
+from mixprec.model.data import check_seq_len
+from mixprec.model.loading import resolve_model_path
+
+__all__ = ["check_windows"]
+
+
+def check_windows(model: str | None, seq_len: int, flag: str = "--seq-len") -> None:
+    """`seq_len` within the model's `max_position_embeddings` (and at least 2)."""
+    if seq_len < 2:
+        raise MixprecError(f"{flag} {seq_len} is too short; a window needs at least 2 tokens (e.g. {flag} 256)")
+    check_seq_len(resolve_model_path(model), seq_len, flag)

@@ -1,0 +1,56 @@
+"""Bad command-line input fails first, in one line with exit code 2, and writes nothing.
+
+Each case here was a traceback, a silent wrong result or minutes of wasted work before the check moved
+to the start of the command (issue 12).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from mixprec.cli import main
+from mixprec.core.errors import MixprecError
+from mixprec.model.data import WindowConfig, load_windows
+from tests.measure_helpers import model_with_splits
+
+TINY_POSITIONS = 128  # tests/tiny_models.py
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tiny_model_dirs: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return model_with_splits(tiny_model_dirs["qwen2_moe"], tmp_path_factory.mktemp("cli") / "tiny-moe")
+
+
+def _fails(argv: list[str], capsys: pytest.CaptureFixture[str], *needles: str) -> str:
+    code = main(argv)
+    err = capsys.readouterr().err
+    assert code == 2, f"{argv}: exit {code}, stderr {err[-500:]}"
+    lines = [line for line in err.splitlines() if "error:" in line]
+    assert len(lines) == 1, err
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+    return lines[0]
+
+
+@pytest.mark.parametrize("command", [["measure"], ["search", "--budget", "3"], ["demo", "--budgets", "3"]])
+def test_seq_len_beyond_the_models_positions_is_refused(command: list[str], tiny_model: Path, tmp_path: Path,
+                                                        capsys: pytest.CaptureFixture[str]) -> None:
+    work = tmp_path / "work"
+    argv = [command[0], str(tiny_model), *command[1:], "--work", str(work), "--seq-len", str(TINY_POSITIONS + 1)]
+    if command[0] != "demo":
+        argv += ["--windows", "2"]
+    _fails(argv, capsys, "max_position_embeddings 128", f"--seq-len {TINY_POSITIONS}")
+    assert not work.exists(), "nothing may be written before the check"
+
+
+def test_eval_and_calibration_seq_len_are_checked(tiny_model: Path, tmp_path: Path,
+                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    _fails(["eval", str(tiny_model), "--reference", str(tiny_model), "--seq-len", "129", "--windows", "2"],
+           capsys, "max_position_embeddings 128")
+    _fails(["quantize", str(tiny_model), "--method", "gptq", "--bits", "4", "--work", str(tmp_path / "w"),
+            "--calib-seq-len", "500"], capsys, "--calib-seq-len 500", "max_position_embeddings 128")
+    assert not (tmp_path / "w").exists()
+    with pytest.raises(MixprecError, match="max_position_embeddings"):
+        load_windows(tiny_model, "calibration", WindowConfig(seq_len=129, num_windows=2))
