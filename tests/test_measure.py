@@ -200,3 +200,21 @@ def test_cli_prints_table_and_files(model_dir: Path, work: Path, capsys: pytest.
     assert "noise floor: repeat fp32 0.0e+00" in out
     assert str(work / "measure" / "raise-b2-layer" / "table.csv") in out
     assert main(["measure", str(model_dir), "--work", str(work), "--bits", "3", "--no-quantize"]) == 2
+
+
+def test_damaged_variant_is_refused_or_rebuilt(model_dir: Path, work: Path) -> None:
+    """A bit-flipped variant file must never be measured (it gave NaN KL and exit 0): --no-quantize refuses it
+    naming the file, the default quantizes it again."""
+    from mixprec.core.errors import VariantError
+    from mixprec.core.fileio import sha256_file
+
+    weights = next(work.glob("variants/rtn-b2-*/quantized.safetensors"))
+    data = bytearray(weights.read_bytes())
+    data[-50] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    with pytest.raises(VariantError, match=f"{weights.parent.name}.*sha256"):
+        Worker(small_config(model_dir, work, quantize_missing=False))
+    measurement = load_measurement(run_measure(small_config(model_dir, work)))
+    assert measurement.table["dkl"].notna().all() and (measurement.table["dkl"].abs() < 1e3).all()
+    manifest = json.loads((weights.parent / "manifest.json").read_text())
+    assert sha256_file(weights) == manifest["file_sha256"], "the damaged variant is quantized again"

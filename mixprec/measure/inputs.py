@@ -10,7 +10,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from mixprec.core.errors import MixprecError
+from mixprec.core.errors import MixprecError, VariantError
 from mixprec.model.arch import DEFAULT_QUANTIZED_KINDS, GroupKind
 from mixprec.model.data import DataSpec, TokenWindows, require_disjoint
 from mixprec.model.loading import Checkpoint
@@ -23,6 +23,8 @@ __all__ = ["measure_variants", "check_disjoint", "measurement_fingerprint"]
 
 
 def measure_variants(config: MeasureConfig, checkpoint: Checkpoint) -> dict[int, Variant]:
+    """The variants the measurement needs, each checked against its manifest's sha256 (a bit-flipped file
+    would give NaN KL); missing or damaged ones are quantized again unless --no-quantize."""
     widths = sorted(set(config.bits) | ({config.base_bits} if config.mode == "raise" else set()))
     configs = [config.quant_config(b) for b in widths]
     kinds = tuple(dict.fromkeys([*DEFAULT_QUANTIZED_KINDS, *(GroupKind(k) for k in config.kinds)]))
@@ -31,11 +33,15 @@ def measure_variants(config: MeasureConfig, checkpoint: Checkpoint) -> dict[int,
         folder = Path(config.work) / "variants" / quant.variant_id
         try:
             variant = Variant.open(folder, checkpoint.fingerprint)
-            same = variant.manifest["quant_config"] == asdict(quant)
-            if same and set(config.kinds) <= set(variant.manifest["kinds"]):
-                found[quant.bits] = variant
         except MixprecError:
-            pass
+            continue
+        if variant.manifest["quant_config"] == asdict(quant) and set(config.kinds) <= set(variant.manifest["kinds"]):
+            try:
+                variant.verify()
+                found[quant.bits] = variant
+            except VariantError:
+                if not config.quantize_missing:
+                    raise
     missing = [q for q in configs if q.bits not in found]
     if missing and not config.quantize_missing:
         listed = " ".join(str(q.bits) for q in missing)

@@ -150,6 +150,7 @@ def _variants(measurement: Measurement, checkpoint: Checkpoint) -> dict[int, Var
         if variant.manifest["file_sha256"] != info["sha256"]:
             raise FingerprintMismatchError(f"{info['path']} changed since {measurement.folder} was measured; "
                                            "re-run `mixprec measure`")
+        variant.verify()  # the file itself, not only its manifest: a damaged one would give NaN KL
         variants[int(bits)] = variant
     return variants
 
