@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Idempotent setup on a fresh machine: a virtual environment in .venv with the CPU build of PyTorch
-# (pinned first, so no dependency can pull a CUDA build) and mixprec installed editable with dev extras.
+# (pinned first, so no dependency can pull a CUDA build) and mixprec installed editable with dev extras
+# (which include [ctensors], the compressed-tensors package the --format compressed-tensors tests check against).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}

@@ -36,15 +36,18 @@ TINY_CONFIGS: dict[str, dict[str, object]] = {
 }
 
 
-def build_tiny_model(model_type: str, seed: int = 0) -> torch.nn.Module:
-    """A random-init tiny model of `model_type` in fp32 eval mode, with eager experts."""
-    config = AutoConfig.for_model(model_type, **{**_COMMON, **TINY_CONFIGS[model_type]})
+def build_tiny_model(model_type: str, seed: int = 0, **overrides: object) -> torch.nn.Module:
+    """A random-init tiny model of `model_type` in fp32 eval mode, with eager experts.
+
+    `overrides` replace config fields (e.g. wider layers where a test needs in-features divisible by 128).
+    """
+    config = AutoConfig.for_model(model_type, **{**_COMMON, **TINY_CONFIGS[model_type], **overrides})
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, experts_implementation="eager")
     return model.eval()
 
 
-def save_tiny_model(model_type: str, directory: Path, seed: int = 0) -> Path:
+def save_tiny_model(model_type: str, directory: Path, seed: int = 0, **overrides: object) -> Path:
     """Build and `save_pretrained` a tiny model (per-expert on-disk keys, as real checkpoints)."""
-    build_tiny_model(model_type, seed).save_pretrained(directory)
+    build_tiny_model(model_type, seed, **overrides).save_pretrained(directory)
     return directory

@@ -66,11 +66,14 @@ from mixprec.model.modelmap import ModelMap, WeightRef
 from mixprec.quant import QuantConfig
 from mixprec.quant.variants import Variant
 
-__all__ = ["CompileError", "CompileConfig", "open_variants", "compile_recipe"]
+__all__ = ["CompileError", "CompileConfig", "open_variants", "prepare_compile", "build_plan", "write_shards",
+           "copy_side_files", "compile_recipe"]
 
 log = logging.getLogger(__name__)
 
 _DEFAULT_MAX_SHARD = 2 * 10**9
+#: Bytes of each stored tensor of one [out, in] matrix at (bits, group size, symmetric), by tensor suffix.
+SizeFn = Callable[[tuple[int, int], int, int, bool], dict[str, int]]
 _WEIGHT_SUFFIXES = {".bin", ".pt", ".pth", ".gguf", ".ckpt", ".h5", ".msgpack"}
 
 
@@ -138,8 +141,12 @@ def _source_keys_replaced(model_map: ModelMap, assigned: list[tuple[WeightRef, i
     return {key for key, count in covered.items() if count == total[key]}
 
 
-def _build_plan(recipe: Recipe, model_map: ModelMap, checkpoint: Checkpoint, variants: dict[int, Variant],
-                max_shard_bytes: int) -> CompilePlan:
+def build_plan(recipe: Recipe, model_map: ModelMap, checkpoint: Checkpoint, variants: dict[int, Variant],
+               max_shard_bytes: int, sizes: SizeFn = quantized_nbytes,
+               suffixes: tuple[str, ...] = ("qweight", "scales", "qzeros")) -> CompilePlan:
+    """What goes into which shard: each quantized matrix (stored as the tensors `sizes` describes) and every
+    source tensor not wholly replaced, in natural name order. `sizes` and `suffixes` describe the compiled
+    format's tensors per matrix (the mixprec format's by default)."""
     assigned = _assignments(recipe, model_map)
     entries: list[PlanEntry] = []
     predicted = 0
@@ -150,8 +157,8 @@ def _build_plan(recipe: Recipe, model_map: ModelMap, checkpoint: Checkpoint, var
                                f"{variant.manifest['kinds']}); re-run `mixprec quantize` with --kinds covering it")
         predicted += int(variant.manifest["units"][ref.unit]["storage_bits"])
         q = recipe.quantizer
-        entries.append(PlanEntry(quantized_base(ref), sum(quantized_nbytes(ref.shape, bits, q.group_size,
-                                                                           q.symmetric).values()), ref, bits))
+        entries.append(PlanEntry(quantized_base(ref), sum(sizes(ref.shape, bits, q.group_size, q.symmetric).values()),
+                                 ref, bits))
     replaced = _source_keys_replaced(model_map, assigned)
     headers = {name: info for h in checkpoint_shards(checkpoint.path) for name, info in h.tensors.items()}
     copied = [PlanEntry(key, info.nbytes) for key, info in headers.items() if key not in replaced]
@@ -159,7 +166,7 @@ def _build_plan(recipe: Recipe, model_map: ModelMap, checkpoint: Checkpoint, var
     return CompilePlan(plan_shards([(e, e.nbytes) for e in ordered], max_shard_bytes),
                        {quantized_base(ref): bits for ref, bits in assigned}, predicted,
                        sum(e.nbytes for e in copied), recipe.quantizer.group_size, recipe.quantizer.symmetric,
-                       sorted(replaced))
+                       sorted(replaced), suffixes)
 
 
 def _entry_tensors(entry: PlanEntry, checkpoint: Checkpoint, variants: dict[int, Variant]) -> dict[str, torch.Tensor]:
@@ -184,8 +191,8 @@ def _shard_metadata(recipe_yaml: str, entries: list[PlanEntry]) -> dict[str, str
             META_TENSOR_BITS: json.dumps(bits, sort_keys=True)}
 
 
-def _write_shards(folder: Path, plan: CompilePlan, recipe_yaml: str,
-                  produce: Callable[[PlanEntry], dict[str, torch.Tensor]]) -> dict[str, str]:
+def write_shards(folder: Path, plan: CompilePlan, recipe_yaml: str,
+                 produce: Callable[[PlanEntry], dict[str, torch.Tensor]]) -> dict[str, str]:
     """Write every shard; returns the weight map (tensor name -> shard file)."""
     weight_map: dict[str, str] = {}
     total_bytes = 0
@@ -221,7 +228,8 @@ def _is_side_file(path: Path, weight_files: set[Path]) -> bool:
     return path.suffix not in _WEIGHT_SUFFIXES
 
 
-def _copy_side_files(source: Path, folder: Path, weight_files: set[Path]) -> list[str]:
+def copy_side_files(source: Path, folder: Path, weight_files: set[Path]) -> list[str]:
+    """Copy the source's tokenizer, generation config and other non-weight files; returns their names."""
     copied = []
     for path in sorted(source.iterdir()):
         if _is_side_file(path, weight_files):
@@ -240,16 +248,10 @@ def _check_target(out_dir: Path, checkpoint: Checkpoint, work_dir: Path) -> None
                            "remove it or choose another folder (it would be replaced)")
 
 
-def compile_recipe(recipe: Recipe, checkpoint: Checkpoint, work_dir: str | Path, out_dir: str | Path,
-                   config: CompileConfig | None = None) -> dict[str, Any]:
-    """Compile `recipe` over the variants in `work_dir` into `out_dir`; returns the compile report.
-
-    All inputs are validated (recipe fits the model, fingerprint, every variant present and intact)
-    before anything is written; any failure leaves no output folder.
-    """
-    config = config or CompileConfig()
-    started = time.perf_counter()
-    work_dir, out_dir = Path(work_dir), Path(out_dir)
+def prepare_compile(recipe: Recipe, checkpoint: Checkpoint, work_dir: Path,
+                    out_dir: Path) -> tuple[ModelMap, dict[int, Variant]]:
+    """Validate everything a compile needs before writing anything: an unquantized source, a safe output
+    folder, a recipe for this model, and every variant present and intact. Shared by all compiled formats."""
     if "quantization_config" in checkpoint.config:
         raise CompileError(f"{checkpoint.path}/config.json already has a quantization_config; compile from the "
                            "unquantized model the variants were made from")
@@ -260,15 +262,28 @@ def compile_recipe(recipe: Recipe, checkpoint: Checkpoint, work_dir: str | Path,
     except FingerprintMismatchError as exc:
         raise FingerprintMismatchError(f"{exc} (if {checkpoint.path} is the model the recipe was made for, one "
                                        "of its files has changed or is corrupt)") from exc
-    variants = open_variants(recipe, checkpoint, work_dir)
-    plan = _build_plan(recipe, model_map, checkpoint, variants, config.max_shard_bytes)
+    return model_map, open_variants(recipe, checkpoint, work_dir)
+
+
+def compile_recipe(recipe: Recipe, checkpoint: Checkpoint, work_dir: str | Path, out_dir: str | Path,
+                   config: CompileConfig | None = None) -> dict[str, Any]:
+    """Compile `recipe` over the variants in `work_dir` into `out_dir`; returns the compile report.
+
+    All inputs are validated (recipe fits the model, fingerprint, every variant present and intact)
+    before anything is written; any failure leaves no output folder.
+    """
+    config = config or CompileConfig()
+    started = time.perf_counter()
+    work_dir, out_dir = Path(work_dir), Path(out_dir)
+    model_map, variants = prepare_compile(recipe, checkpoint, work_dir, out_dir)
+    plan = build_plan(recipe, model_map, checkpoint, variants, config.max_shard_bytes)
     recipe_yaml = recipe.to_yaml()
     with atomic_dir(out_dir) as tmp:
-        _write_shards(tmp, plan, recipe_yaml, lambda e: _entry_tensors(e, checkpoint, variants))
+        write_shards(tmp, plan, recipe_yaml, lambda e: _entry_tensors(e, checkpoint, variants))
         source_config = dict(checkpoint.config)
         source_config["quantization_config"] = _quantization_config(recipe, plan, checkpoint.fingerprint)
         (tmp / "config.json").write_text(json.dumps(source_config, indent=2, sort_keys=True) + "\n")
-        side_files = _copy_side_files(checkpoint.path, tmp, set(checkpoint.files))
+        side_files = copy_side_files(checkpoint.path, tmp, set(checkpoint.files))
         if config.verify:
             verify_output(tmp, plan, recipe_yaml)
         report = build_report(tmp, recipe, checkpoint, variants, plan, side_files, config.max_shard_bytes,

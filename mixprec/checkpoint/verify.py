@@ -59,6 +59,8 @@ class CompilePlan:
     group_size: int
     symmetric: bool
     skipped_keys: list[str] = field(default_factory=list)
+    #: Names of the tensors one quantized matrix is stored as (`<base>.<suffix>`), per compiled format.
+    suffixes: tuple[str, ...] = ("qweight", "scales", "qzeros")
 
     def entries(self) -> list[PlanEntry]:
         return [entry for shard in self.shards for entry in shard]
@@ -117,8 +119,9 @@ def verify_output(folder: Path, plan: CompilePlan, recipe_yaml: str) -> None:
         raise _fail(folder, f"the shards hold {len(tensors)} tensors, the plan has {expected}")
 
 
-def _quantized_bytes(headers: list[ShardHeader], bits_map: dict[str, int]) -> dict[str, int]:
-    sizes = {"qweight": 0, "scales": 0, "qzeros": 0}
+def _quantized_bytes(headers: list[ShardHeader], bits_map: dict[str, int],
+                     suffixes: tuple[str, ...]) -> dict[str, int]:
+    sizes = dict.fromkeys(suffixes, 0)
     for header in headers:
         for name, info in header.tensors.items():
             base, _, suffix = name.rpartition(".")
@@ -142,7 +145,7 @@ def build_report(folder: Path, recipe: Recipe, checkpoint: Checkpoint, variants:
                  plan: CompilePlan, side_files: list[str], max_shard_bytes: int, elapsed_s: float) -> dict[str, Any]:
     """Sizes (predicted vs actual), shards with hashes, inputs with fingerprints; written as mixprec_compile.json."""
     headers = checkpoint_shards(folder)
-    quantized = _quantized_bytes(headers, plan.bits_map)
+    quantized = _quantized_bytes(headers, plan.bits_map, plan.suffixes)
     actual_q = sum(quantized.values())
     predicted_q = plan.predicted_bits / 8
     params = sum(e.ref.numel for e in plan.entries() if e.ref is not None)

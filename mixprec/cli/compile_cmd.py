@@ -1,4 +1,4 @@
-"""`mixprec compile RECIPE --out DIR`: build one bit-packed checkpoint from a recipe and its variants.
+"""`mixprec compile RECIPE --out DIR [--format NAME]`: build one bit-packed checkpoint from a recipe and its variants.
 
 RECIPE is a mixprec recipe YAML, or an exllamav3 override YAML (`sources` / `overrides`) whose
 sources are mixprec variant folders (WORK/variants/<id>); the latter needs --base-bits, the width of
@@ -9,8 +9,10 @@ Usage:
     mixprec compile work/stdlib-moe/recipe.yaml --out out/stdlib-moe-3bpw
     mixprec compile recipe.yaml --out out/q --model path/to/model --work work/model --max-shard-size 500MB
     mixprec compile overrides.yaml --base-bits 4 --out out/q
+    mixprec compile recipe.yaml --format compressed-tensors --out out/q-vllm
 
-Basic:    RECIPE, --out, --model (default: the bundled model), --work (default: ./work/<model name>)
+Basic:    RECIPE, --out, --model (default: the bundled model), --work (default: ./work/<model name>),
+          --format (default mixprec; see mixprec.checkpoint.registry for the others)
 Advanced: --max-shard-size (default 2GB), --base-bits and --granularity (override YAML only)
 """
 
@@ -21,8 +23,9 @@ from pathlib import Path
 
 import yaml
 
-from mixprec.checkpoint.compile import CompileConfig, compile_recipe
+from mixprec.checkpoint.compile import CompileConfig
 from mixprec.checkpoint.qformat import CompileError
+from mixprec.checkpoint.registry import COMPILED_FORMATS, DEFAULT_FORMAT, compiled_format, format_names
 from mixprec.checkpoint.shards import parse_size
 from mixprec.cli.common import add_work_argument, default_work_dir, print_table
 from mixprec.formats.recipe import ModelRef, QuantSettings, Recipe
@@ -41,6 +44,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--model", default=None, metavar="MODEL",
                         help="the model the recipe was made for (default: the bundled stdlib MoE)")
     add_work_argument(parser)
+    parser.add_argument("--format", choices=format_names(), default=DEFAULT_FORMAT,
+                        help="compiled format: " + "; ".join(f"{f.name}: {f.help}" for f in COMPILED_FORMATS.values())
+                        + f" (default {DEFAULT_FORMAT})")
     parser.add_argument("--max-shard-size", default="2GB", metavar="SIZE",
                         help="largest shard, e.g. 2GB, 500MB, 64KiB (default 2GB)")
     parser.add_argument("--base-bits", type=int, default=None, metavar="B",
@@ -108,9 +114,9 @@ def run(args: argparse.Namespace) -> int:
     config = CompileConfig(max_shard_bytes=parse_size(args.max_shard_size))
     checkpoint = Checkpoint.open(args.model)
     recipe, work = read_recipe(args, checkpoint)
-    report = compile_recipe(recipe, checkpoint, work, args.out, config)
+    report = compiled_format(args.format).writer()(recipe, checkpoint, work, args.out, config)
     bits = report["bits"]
-    print(f"compiled {args.out}: {len(report['shards'])} shard(s), "
+    print(f"compiled {args.out} ({args.format}): {len(report['shards'])} shard(s), "
           f"{report['actual']['bpw']:.4f} bpw over quantized weights, in {report['elapsed_s']:.1f} s")
     print_table([{"bits": b, "matrices": row["matrices"], "params": row["params"]} for b, row in bits.items()],
                 ["bits", "matrices", "params"])

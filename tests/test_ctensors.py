@@ -1,0 +1,176 @@
+"""compile --format compressed-tensors: checked by compressed-tensors' own decompressor and config model.
+
+Run: .venv/bin/python -m pytest tests/test_ctensors.py -q
+
+Every width 2..8 at group sizes 32/64/128, symmetric and asymmetric, goes through one compile each per
+(group size, symmetry): the recipe spreads the seven widths over expert-granularity groups of a tiny
+Qwen2-MoE whose in-features (128, 256) divide every group size. compressed-tensors'
+`CompressedTensorsDequantizer` (its model-free reader: config model, target matching, the pack-quantized
+decompressor, and a check that no packed tensor is left over) must rebuild every quantized matrix exactly
+as `mixprec.load` of the same recipe compiled in mixprec's format, both in fp16, the dtype
+compressed-tensors dequantizes in (the scales' dtype); every other tensor must be the source's.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+from pathlib import Path
+
+import compressed_tensors as ct
+import pytest
+import torch
+from compressed_tensors.compressors.pack_quantized import pack_to_int32
+from compressed_tensors.entrypoints.convert import CompressedTensorsDequantizer
+from compressed_tensors.quantization import QuantizationConfig
+from safetensors.torch import load_file
+
+from mixprec.checkpoint.compile import CompileConfig, compile_recipe
+from mixprec.checkpoint.ctensors import compile_ctensors, pack_int32, vllm_fusion_conflicts
+from mixprec.checkpoint.load import load
+from mixprec.checkpoint.qformat import CompileError
+from mixprec.checkpoint.shards import checkpoint_shards
+from mixprec.cli import main
+from mixprec.formats.recipe import ModelRef, QuantSettings, Recipe
+from mixprec.model.loading import Checkpoint
+from mixprec.quant import SUPPORTED_BITS, SUPPORTED_GROUP_SIZES
+from mixprec.quant.variants import ensure_variants
+from tests.tiny_models import save_tiny_model
+
+#: Wider than the shared tiny config so 128 divides every in-features (hidden 128, MLPs 256/128).
+WIDE = dict(hidden_size=128, intermediate_size=256, moe_intermediate_size=128, shared_expert_intermediate_size=128)
+SHARDS = CompileConfig(max_shard_bytes=200_000)
+
+
+@pytest.fixture(scope="module")
+def wide_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return save_tiny_model("qwen2_moe", tmp_path_factory.mktemp("wide") / "qwen2_moe", **WIDE)
+
+
+def all_widths_recipe(checkpoint: Checkpoint, settings: QuantSettings) -> Recipe:
+    """Expert granularity, widths 2..8 cycling over the default kinds' groups (every width used)."""
+    groups = [g.name for g in checkpoint.model_map("expert").select()]
+    assert len(groups) >= len(SUPPORTED_BITS)
+    bits = dict(zip(groups, itertools.cycle(SUPPORTED_BITS), strict=False))
+    return Recipe(ModelRef("wide", checkpoint.model_type, checkpoint.fingerprint), checkpoint.model_map("expert")
+                  .granularity, settings, dict(bits))
+
+
+def dequantized_by_ct(folder: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a compressed-tensors folder as compressed-tensors itself reads it back (fp16)."""
+    reader = CompressedTensorsDequantizer(folder, dtype=torch.float16)
+    tensors: dict[str, torch.Tensor] = {}
+    for header in checkpoint_shards(folder):
+        tensors.update(reader.validate(load_file(header.path)))  # process() + no leftover packed tensors
+    return tensors
+
+
+@pytest.mark.parametrize(("group_size", "symmetric"), list(itertools.product(SUPPORTED_GROUP_SIZES, (True, False))))
+def test_ct_decompressor_rebuilds_what_mixprec_load_reads(wide_model: Path, tmp_path: Path, group_size: int,
+                                                          symmetric: bool) -> None:
+    checkpoint = Checkpoint.open(wide_model)
+    settings = QuantSettings(group_size=group_size, symmetric=symmetric)
+    recipe = all_widths_recipe(checkpoint, settings)
+    ensure_variants(checkpoint, checkpoint.model_map("expert"), [settings.config(b) for b in SUPPORTED_BITS],
+                    tmp_path / "work")
+    compile_recipe(recipe, checkpoint, tmp_path / "work", tmp_path / "mixprec", SHARDS)
+    report = compile_ctensors(recipe, checkpoint, tmp_path / "work", tmp_path / "ct", SHARDS)
+    assert len(report["shards"]) > 1 and report["compressed_tensors_validated"] == ct.__version__
+
+    decompressed = dequantized_by_ct(tmp_path / "ct")
+    model = load(tmp_path / "mixprec", dtype=torch.float16)
+    params = dict(model.named_parameters())
+    model_map = checkpoint.model_map("expert")
+    seen_bits = set()
+    for name, bits in recipe.groups.items():
+        for ref in model_map.group(name).weights:
+            expected = ref.slice_memory(params[ref.param])
+            got = decompressed.pop(ref.key)
+            assert got.dtype == torch.float16 and torch.equal(got, expected), f"{ref.key} at {bits} bits"
+            seen_bits.add(bits)
+    assert seen_bits == set(SUPPORTED_BITS)
+    assert decompressed, "the unquantized tensors are missing"
+    for key, tensor in decompressed.items():
+        assert torch.equal(tensor, checkpoint.read(key)), key
+
+
+def test_config_is_valid_for_compressed_tensors(wide_model: Path, tmp_path: Path) -> None:
+    checkpoint = Checkpoint.open(wide_model)
+    settings = QuantSettings(group_size=64, symmetric=False)
+    recipe = all_widths_recipe(checkpoint, settings)
+    recipe.groups["layers.1.experts.2"] = None  # stays unquantized: must be in ignore, in no target
+    ensure_variants(checkpoint, checkpoint.model_map("expert"), [settings.config(b) for b in SUPPORTED_BITS],
+                    tmp_path / "work")
+    compile_ctensors(recipe, checkpoint, tmp_path / "work", tmp_path / "ct")
+    qconfig = json.loads((tmp_path / "ct" / "config.json").read_text())["quantization_config"]
+    parsed = QuantizationConfig.model_validate(qconfig)
+    assert parsed.quant_method == "compressed-tensors" and parsed.format == "pack-quantized"
+    assert parsed.quantization_status == "compressed"
+    widths = {s.weights.num_bits: s for s in parsed.config_groups.values()}
+    assert sorted(widths) == list(SUPPORTED_BITS)
+    for scheme in widths.values():
+        assert scheme.weights.group_size == 64 and not scheme.weights.symmetric
+        assert scheme.weights.strategy == "group" and scheme.format == "pack-quantized"
+    assert "model.embed_tokens" in parsed.ignore and "lm_head" in parsed.ignore
+    assert "model.layers.1.mlp.gate" in parsed.ignore and "model.layers.1.mlp.experts.2.up_proj" in parsed.ignore
+    targets = [t for s in widths.values() for t in s.targets]
+    assert all(t.startswith("re:^") and t.endswith("$") for t in targets)
+    assert not any("experts.2." in t and ".layers.1." in t for t in targets)
+
+
+@pytest.mark.parametrize("bits", SUPPORTED_BITS)
+def test_int32_packing_equals_compressed_tensors(bits: int) -> None:
+    codes = torch.randint(0, 2**bits, (5, 77), dtype=torch.uint8)  # 77: rows end mid-word at every width
+    ours = pack_int32(codes, bits)
+    theirs = pack_to_int32((codes.to(torch.int16) - 2 ** (bits - 1)).to(torch.int8), bits)
+    assert ours.dtype == torch.int32 and torch.equal(ours, theirs)
+    zeros = codes[:, :9]
+    ours_zp = pack_int32(zeros.t().contiguous(), bits).t()
+    theirs_zp = pack_to_int32((zeros.to(torch.int16) - 2 ** (bits - 1)).to(torch.int8), bits, packed_dim=0)
+    assert torch.equal(ours_zp, theirs_zp)
+
+
+def test_refuses_in_features_the_group_size_does_not_divide(tiny_model_dirs: dict[str, Path], tmp_path: Path,
+                                                            capsys: pytest.CaptureFixture[str]) -> None:
+    checkpoint = Checkpoint.open(tiny_model_dirs["qwen2_moe"])  # dense MLP down_proj has 96 in-features
+    settings = QuantSettings(group_size=64)
+    model_map = checkpoint.model_map("layer")
+    recipe = Recipe(ModelRef("tiny", checkpoint.model_type, checkpoint.fingerprint), model_map.granularity,
+                    settings, {g.name: 4 for g in model_map.select()})
+    ensure_variants(checkpoint, model_map, [settings.config(4)], tmp_path / "work")
+    recipe.save(tmp_path / "r.yaml")
+    code = main(["compile", str(tmp_path / "r.yaml"), "--model", str(checkpoint.path), "--work",
+                 str(tmp_path / "work"), "--format", "compressed-tensors", "--out", str(tmp_path / "ct")])
+    err = capsys.readouterr().err
+    assert code == 2 and "down_proj.weight has 96 input features" in err and "group size 64" in err
+    assert not (tmp_path / "ct").exists()
+
+
+def test_cli_writes_compressed_tensors_and_flags_vllm_fusions(wide_model: Path, tmp_path: Path) -> None:
+    checkpoint = Checkpoint.open(wide_model)
+    settings = QuantSettings()
+    recipe = all_widths_recipe(checkpoint, settings)  # experts of one layer at different widths
+    ensure_variants(checkpoint, checkpoint.model_map("expert"), [settings.config(b) for b in SUPPORTED_BITS],
+                    tmp_path / "work")
+    recipe.save(tmp_path / "r.yaml")
+    assert main(["compile", str(tmp_path / "r.yaml"), "--model", str(wide_model), "--work", str(tmp_path / "work"),
+                 "--format", "compressed-tensors", "--out", str(tmp_path / "ct")]) == 0
+    report = json.loads((tmp_path / "ct" / "mixprec_compile.json").read_text())
+    assert report["format"] == "compressed-tensors"
+    assert "model.layers.1.mlp.experts" in report["vllm_fusion_conflicts"]
+    assert 0 < report["negative_scales"] < report["scales"]  # signed RTN scales are written as they are
+    assert (tmp_path / "ct" / "tokenizer.json").exists() == (wide_model / "tokenizer.json").exists()
+    same = {name: 4 for name in recipe.groups}
+    assert vllm_fusion_conflicts(checkpoint.model_map("expert"), {}) == []
+    assert not vllm_fusion_conflicts(checkpoint.model_map("expert"),
+                                     {ref.key.removesuffix(".weight"): b for n, b in same.items()
+                                      for ref in checkpoint.model_map("expert").group(n).weights})
+
+
+def test_every_registered_format_has_a_writer() -> None:
+    from mixprec.checkpoint.registry import COMPILED_FORMATS, compiled_format
+
+    assert compiled_format("compressed-tensors").writer() is compile_ctensors
+    assert all(callable(fmt.writer()) for fmt in COMPILED_FORMATS.values())
+    with pytest.raises(CompileError, match="unknown compiled format 'nope'"):
+        compiled_format("nope")
