@@ -18,6 +18,7 @@ Advanced:
     --workers 2                                      worker processes on this machine
     --reset-stale                                    re-run jobs left RUNNING by workers known to be gone
     --max-jobs 10                                    measure at most 10 jobs in this run
+    --streaming on --max-memory 24GB                 one layer's weights resident at a time, within 24 GB
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from mixprec.checkpoint.shards import parse_size
 from mixprec.cli.checks import check_windows
 from mixprec.cli.common import add_model_argument, add_work_argument, default_work_dir, print_table
 from mixprec.measure.config import MeasureConfig
@@ -32,6 +34,7 @@ from mixprec.measure.engine.core import EngineConfig
 from mixprec.measure.run import run_measure
 from mixprec.measure.table import format_table, load_measurement
 from mixprec.model.arch import DEFAULT_QUANTIZED_KINDS, GroupKind
+from mixprec.model.streaming import STREAMING_MODES
 from mixprec.quant import SUPPORTED_BITS, SUPPORTED_GROUP_SIZES, QuantConfig, quantizer_names
 
 __all__ = ["register", "config_from_args"]
@@ -77,6 +80,11 @@ def _add_advanced(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--batch-windows", type=int, default=8, help="windows per forward chunk (default 8)")
     group.add_argument("--cache-mib", type=float, default=256.0,
                        help="memory for cached hidden states and batched candidates, MiB (default 256)")
+    group.add_argument("--streaming", choices=STREAMING_MODES, default="auto",
+                       help="read each layer's weights from the checkpoint only while it runs (on), load the whole "
+                            "model (off), or stream when the fp32 model exceeds half of --max-memory (default auto)")
+    group.add_argument("--max-memory", default=None, metavar="SIZE", type=parse_size,
+                       help="memory budget, e.g. 24GB (default: the RAM / VRAM available at start)")
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -97,7 +105,7 @@ def config_from_args(args: argparse.Namespace) -> MeasureConfig:
         seq_len=args.seq_len, data_files=tuple(args.data or ()), method=args.method, group_size=args.group_size,
         symmetric=not args.asym, clip_search=args.clip_search, storage=args.storage, device=args.device,
         engine=engine, batch_jobs=args.batch_jobs, max_jobs=args.max_jobs, reset_stale=args.reset_stale,
-        quantize_missing=not args.no_quantize,
+        quantize_missing=not args.no_quantize, streaming=args.streaming, max_memory=args.max_memory,
     )
 
 

@@ -16,6 +16,7 @@ from mixprec.measure.engine.core import EngineConfig
 from mixprec.model.arch import DEFAULT_QUANTIZED_KINDS, GroupKind
 from mixprec.model.data import WindowConfig
 from mixprec.model.modelmap import Granularity
+from mixprec.model.streaming import STREAMING_MODES
 from mixprec.quant import QuantConfig
 
 __all__ = ["MODES", "MeasureConfig"]
@@ -51,6 +52,8 @@ class MeasureConfig:
     max_jobs: int | None = None
     reset_stale: bool = False
     quantize_missing: bool = True
+    streaming: str = "auto"
+    max_memory: int | None = None
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -68,6 +71,10 @@ class MeasureConfig:
         if self.batch_jobs < 1 or (self.max_jobs is not None and self.max_jobs < 0):
             raise MixprecError(f"batch_jobs={self.batch_jobs} must be >= 1 and max_jobs={self.max_jobs} >= 0")
         WindowConfig(self.seq_len, self.num_windows)
+        if self.streaming not in STREAMING_MODES:
+            raise MixprecError(f"streaming={self.streaming!r} is unknown; use one of {STREAMING_MODES}")
+        if self.max_memory is not None and self.max_memory <= 0:
+            raise MixprecError(f"max_memory={self.max_memory} bytes must be positive")
 
     @property
     def folder(self) -> Path:

@@ -33,14 +33,15 @@ from mixprec.core.errors import MixprecError
 from mixprec.core.kl import TokenComparison, paired_difference, summarize
 from mixprec.core.progress import progress
 from mixprec.measure.config import MeasureConfig
-from mixprec.measure.engine.core import KLEngine
+from mixprec.measure.engine.core import KLEngine, resolve_device
 from mixprec.measure.inputs import check_disjoint, measure_variants, measurement_fingerprint
 from mixprec.measure.store import Job, JobStore, open_storage
 from mixprec.measure.table import reference_bits, write_outputs
 from mixprec.model.arch import GroupKind
 from mixprec.model.data import WindowConfig, load_windows
-from mixprec.model.loading import Checkpoint, load_model
+from mixprec.model.loading import Checkpoint
 from mixprec.model.modelmap import ModelMap
+from mixprec.model.streaming import open_model
 
 __all__ = ["Worker", "run_measure", "measurement_jobs"]
 
@@ -81,7 +82,8 @@ class Worker:
 
     def _prepare_engine(self) -> KLEngine:
         if self.engine is None:
-            model = load_model(self.checkpoint)
+            device = resolve_device(self.config.device)
+            model = open_model(self.checkpoint, self.config.streaming, device, self.config.max_memory)
             self.engine = KLEngine(model, self.model_map, self.windows, self.variants, self.config.device,
                                    self.config.engine)
             log.info("reference: %d windows x %d tokens in %.1f s on %s", self.engine.num_sequences,
@@ -111,6 +113,7 @@ class Worker:
         if self.store.get_attr("engine") is None:
             self.store.set_attr("engine", {"device": str(engine.device), "dtype": str(engine.dtype).split(".")[-1],
                                            "reference_s": round(engine.reference_seconds, 3),
+                                           "streamed": engine.streamed is not None,
                                            "config": asdict(engine.config)})
 
     def run(self) -> int:

@@ -25,6 +25,7 @@ import logging
 import time
 from collections import defaultdict
 from collections.abc import Iterator, Mapping, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -37,6 +38,7 @@ from mixprec.measure.engine.weights import Setting, WeightSwapper
 from mixprec.model.arch import GroupKind
 from mixprec.model.data import TokenWindows
 from mixprec.model.modelmap import ModelMap
+from mixprec.model.streaming import StreamedModel
 from mixprec.quant.variants import Variant
 
 __all__ = ["EngineConfig", "KLEngine", "resolve_device"]
@@ -99,19 +101,23 @@ class _Plan:
 class KLEngine:
     """fp32 reference on fixed windows + evaluation of weight assignments with prefix caching."""
 
-    def __init__(self, model: torch.nn.Module, model_map: ModelMap, windows: TokenWindows,
+    def __init__(self, model: torch.nn.Module | StreamedModel, model_map: ModelMap, windows: TokenWindows,
                  variants: Mapping[int, Variant], device: str | torch.device = "cpu",
                  config: EngineConfig | None = None) -> None:
         self.config = config or EngineConfig()
         self.device = resolve_device(device)
-        self.model = model.to(self.device).eval()
+        self.streamed = model if isinstance(model, StreamedModel) else None
+        if self.streamed is not None and self.streamed.device != self.device:
+            raise MixprecError(f"the streamed model reads weights to {self.streamed.device} but the engine runs on "
+                               f"{self.device}; build StreamedModel(..., device={str(self.device)!r})")
+        self.model = self.streamed.model if self.streamed is not None else model.to(self.device).eval()  # type: ignore[union-attr]
         self.model_map = model_map
         self.windows = windows
         self.variants = dict(variants)
         self.layer_forwards = 0
         self.layer_calls = 0
         self.evaluations = 0
-        self.dtype = next(model.parameters()).dtype
+        self.dtype = next(self.model.parameters()).dtype
         if self.dtype != torch.float32:
             log.warning("model parameters are %s, not float32: the noise floor rises to the bf16 level", self.dtype)
         self._blocks = find_blocks(self.model)
@@ -166,7 +172,8 @@ class KLEngine:
         plan = self._plan(assignment, use_cache=False)
         items = tuple(item for setting in plan.settings.values() for item in setting)
         parts = []
-        with torch.no_grad(), strict_fp32(self.device), self._swapper.swapped(items):
+        with torch.no_grad(), strict_fp32(self.device), self._resident(*self._owners(items)), \
+                self._swapper.swapped(items):
             for c, tokens in enumerate(self._chunks):
                 with torch.autocast(self.device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
                     logits = self.model(input_ids=tokens, use_cache=False).logits
@@ -185,6 +192,15 @@ class KLEngine:
         return {"prefix_hits": self._prefix.hits, "prefix_entries": len(self._prefix),
                 "prefix_mib": self._prefix.bytes / _MIB, "weight_hits": self._swapper.cache.hits,
                 "weight_misses": self._swapper.cache.misses, "weight_mib": self._swapper.cache.bytes / _MIB}
+
+    def _resident(self, *modules: torch.nn.Module) -> AbstractContextManager[None]:
+        """Streamed model: the modules' weights are read in for the block; in memory: nothing to do."""
+        return nullcontext() if self.streamed is None else self.streamed.resident(*modules)
+
+    def _owners(self, setting: Setting) -> list[torch.nn.Module]:
+        """The modules whose parameters a setting swaps (they must be resident while swapped)."""
+        params = {ref.param for name, _ in setting for ref in self.model_map.group(name).weights}
+        return [self.model.get_submodule(param.rpartition(".")[0]) for param in sorted(params)]
 
     # -- planning -----------------------------------------------------------------------------------
 
@@ -240,16 +256,23 @@ class KLEngine:
             self._embed(plans)
             states = [p.state for p in plans]
             for layer in range(min(p.start for p in plans), self.num_layers):
-                for setting, members in self._by_setting(plans, layer).items():
-                    with self._swapper.swapped(setting):
-                        outputs = self._layer(layer, [states[i] for i in members])  # type: ignore[misc]
-                    for i, out in zip(members, outputs, strict=True):
-                        states[i] = out
-                        if store and plans[i].prefix(layer + 1):
-                            self._prefix.put((layer + 1, plans[i].prefix(layer + 1)), out)
-            results = [self._head(plan, state) for plan, state in zip(plans, states, strict=True)]  # type: ignore[arg-type]
+                with self._resident(self._blocks.layers[layer]):  # streamed: read once for every job here
+                    self._run_layer(plans, states, layer, store)
+            with self._resident(self._blocks.norm, self._blocks.head):
+                results = [self._head(plan, state) for plan, state in zip(plans, states, strict=True)]  # type: ignore[arg-type]
         self.evaluations += len(plans)
         return results
+
+    def _run_layer(self, plans: list[_Plan], states: list[list[torch.Tensor] | None], layer: int,
+                   store: bool) -> None:
+        """Push every plan's state through `layer`, grouped by the weights each plan sets there."""
+        for setting, members in self._by_setting(plans, layer).items():
+            with self._swapper.swapped(setting):
+                outputs = self._layer(layer, [states[i] for i in members])  # type: ignore[misc]
+            for i, out in zip(members, outputs, strict=True):
+                states[i] = out
+                if store and plans[i].prefix(layer + 1):
+                    self._prefix.put((layer + 1, plans[i].prefix(layer + 1)), out)
 
     @staticmethod
     def _by_setting(plans: list[_Plan], layer: int) -> dict[Setting, list[int]]:
@@ -264,7 +287,7 @@ class KLEngine:
         for plan in plans:
             if plan.start >= 0:
                 continue
-            with self._swapper.swapped(plan.settings[-1]):
+            with self._resident(self._blocks.embed), self._swapper.swapped(plan.settings[-1]):
                 plan.state = [self._blocks.embed(tokens) for tokens in self._chunks]
             plan.start = 0
 

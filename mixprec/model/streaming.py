@@ -1,0 +1,252 @@
+"""A streamed model: the transformers skeleton on the meta device, each unit's weights read only while it runs.
+
+Why: `load_model` materialises the whole model in fp32, 2x a bf16 checkpoint, so a 30B MoE needs
+hundreds of GB just to be measured. exllamav3 keeps one layer resident at a time; so does this.
+
+How:
+* The skeleton is built by `accelerate.init_empty_weights(include_buffers=False)`: parameters live on
+  the meta device (no memory), buffers are real, so the rotary `inv_freq` is computed exactly as a
+  normal load computes it. Persistent buffers (DeepSeek's `e_score_correction_bias`) are read from
+  the checkpoint once; they are tiny.
+* A unit is a decoder layer (`model.layers.N`) or a top-level module owning parameters outside the
+  layers (embedding, final norm, head). `resident(*modules)` reads a unit's tensors from the
+  safetensors shards (memory-mapped, the shard opened only for that read), converts them to the
+  model dtype, and swaps them into the skeleton's parameter objects (`torch.utils.swap_tensors`, so
+  references held elsewhere, e.g. by the weight swapper, stay valid); on exit they go back to meta.
+* Routed experts are stored per expert on disk and fused in memory (FIELD.md §6.2): the model map's
+  `WeightRef`s say where each expert matrix goes in `gate_up_proj` [E, 2I, H] / `down_proj` [E, H, I].
+* Forward hooks make a plain `model(input_ids=...)` stream too, so whole-model forwards (reference
+  capture, the naive path) run unchanged; a caller that runs a layer many times (the KL engine runs
+  every job of a batch through it) wraps the loop in `resident` so the layer is read once.
+
+The numbers equal the in-memory model's bitwise: the same stored values are converted to the same
+dtype and the same modules run (tests/test_streaming.py checks logits and measured KL).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter, defaultdict
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+
+from mixprec.core.errors import ModelLoadError
+from mixprec.model.arch import family_for
+from mixprec.model.loading import EXPERTS_IMPLEMENTATION, Checkpoint
+from mixprec.model.modelmap import WeightRef
+
+__all__ = ["STREAMING_MODES", "StreamedModel", "build_skeleton", "weight_bytes", "available_memory", "open_model"]
+
+log = logging.getLogger(__name__)
+
+#: `on` always streams, `off` loads the whole model, `auto` streams when the model would not fit comfortably.
+STREAMING_MODES = ("auto", "on", "off")
+#: Under `auto`, the in-memory path (faster: no reads per layer) is kept while the whole model takes at most this
+#: share of the memory budget; the rest is left for hidden states, logits and quantized weights.
+_AUTO_SHARE = 0.5
+
+
+def build_skeleton(checkpoint: Checkpoint, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
+    """The checkpoint's causal LM with parameters on the meta device and real buffers, in eval mode."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(checkpoint.path, local_files_only=True)
+    with init_empty_weights(include_buffers=False):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype, experts_implementation=EXPERTS_IMPLEMENTATION)
+    return model.eval()
+
+
+class _Reader:
+    """Reads tensors by key from the shards, opening each shard only for the reads of one unit."""
+
+    def __init__(self, checkpoint: Checkpoint) -> None:
+        self.checkpoint = checkpoint
+
+    @contextmanager
+    def open(self) -> Iterator[Any]:
+        with ExitStack() as stack:
+            handles: dict[Path, Any] = {}
+
+            def read(key: str) -> torch.Tensor:
+                file = self.checkpoint.key_to_file.get(key)
+                if file is None:
+                    raise ModelLoadError(f"{self.checkpoint.path}: no tensor named {key!r} in the checkpoint")
+                if file not in handles:
+                    handles[file] = stack.enter_context(safe_open(file, "pt"))
+                return handles[file].get_tensor(key)
+
+            yield read
+
+
+class StreamedModel:
+    """A meta-device skeleton whose units are made resident on demand (see the module docstring)."""
+
+    def __init__(self, checkpoint: Checkpoint, dtype: torch.dtype = torch.float32,
+                 device: str | torch.device = "cpu") -> None:
+        self.checkpoint = checkpoint
+        self.dtype = dtype
+        self.device = torch.device(device)
+        self.model = build_skeleton(checkpoint, dtype)
+        self.reads = 0
+        self.bytes_read = 0
+        self._reader = _Reader(checkpoint)
+        self._family = family_for(checkpoint.model_type)
+        self._family_map = checkpoint.model_map("layer")
+        self._experts = self._expert_refs()
+        self._params = dict(self.model.named_parameters())
+        self._names = {id(p): n for n, p in self._params.items()}
+        self._units = self._find_units()
+        self._count: Counter[str] = Counter()
+        self._load_buffers()
+        self._buffers_to(self.device)
+        self._hooks = [h for module in self._units for h in self._hook(module)]
+
+    # -- structure ----------------------------------------------------------------------------------
+
+    def _expert_refs(self) -> dict[str, list[WeightRef]]:
+        refs: dict[str, list[WeightRef]] = defaultdict(list)
+        for group in self._family_map.groups:
+            for ref in group.weights:
+                if ref.expert is not None:
+                    refs[ref.param].append(ref)
+        return dict(refs)
+
+    def _find_units(self) -> dict[torch.nn.Module, tuple[str, ...]]:
+        """Module -> canonical names of the parameters it owns (a tied head owns the embedding's)."""
+        prefix = self._family.layer_prefix.rstrip(".")
+        units: dict[torch.nn.Module, tuple[str, ...]] = {
+            layer: tuple(self._names[id(p)] for p in layer.parameters()) for layer in self.layers}
+        in_layers = {name for names in units.values() for name in names}
+        for name, module in self.model.named_modules():
+            own = list(module.parameters(recurse=False))
+            if own and not name.startswith(prefix + "."):
+                units[module] = tuple(self._names[id(p)] for p in own if self._names[id(p)] not in in_layers)
+        return units
+
+    def _hook(self, module: torch.nn.Module) -> list[Any]:
+        stacks: list[ExitStack] = []
+
+        def enter(*_: Any) -> None:
+            stacks.append(ExitStack())
+            stacks[-1].enter_context(self.resident(module))
+
+        def leave(*_: Any) -> None:
+            stacks.pop().close()
+
+        return [module.register_forward_pre_hook(enter), module.register_forward_hook(leave)]
+
+    def _load_buffers(self) -> None:
+        """Persistent buffers stored in the checkpoint (e.g. DeepSeek's expert-score bias) are read once."""
+        with self._reader.open() as read, torch.no_grad():
+            for name, buffer in self.model.named_buffers():
+                key = self._family.checkpoint_name(name)
+                if key in self.checkpoint.key_to_file:
+                    buffer.copy_(read(key).to(buffer.dtype))
+
+    def _buffers_to(self, device: torch.device) -> None:
+        """Buffers are real and small: they live on the compute device for good (parameters stay meta)."""
+        for module in self.model.modules():
+            for name, buffer in module.named_buffers(recurse=False):
+                module._buffers[name] = buffer.to(device)
+
+    # -- residency ----------------------------------------------------------------------------------
+
+    def unit_bytes(self, module: torch.nn.Module) -> int:
+        """Bytes the unit's parameters take when resident, in the model dtype."""
+        return sum(self._params[n].numel() for n in self._units[module]) * self.dtype.itemsize
+
+    @property
+    def layers(self) -> list[torch.nn.Module]:
+        """The decoder-layer units in order."""
+        return list(self.model.get_submodule(self._family.layer_prefix.rstrip(".")))
+
+    @contextmanager
+    def resident(self, *modules: torch.nn.Module) -> Iterator[None]:
+        """Within the block, the parameters of `modules` (units, or modules inside one) hold real weights."""
+        names = [n for module in modules for n in self._owned(module)]
+        self._acquire(names)
+        try:
+            yield
+        finally:
+            self._release(names)
+
+    def _owned(self, module: torch.nn.Module) -> tuple[str, ...]:
+        if module in self._units:
+            return self._units[module]
+        return tuple(self._names[id(p)] for p in module.parameters())
+
+    def _acquire(self, names: list[str]) -> None:
+        fresh = [n for n in dict.fromkeys(names) if self._count[n] == 0]
+        if fresh:
+            with self._reader.open() as read, torch.no_grad():
+                for name in fresh:
+                    tensor = self._read_param(name, read).to(self.device)
+                    torch.utils.swap_tensors(self._params[name], torch.nn.Parameter(tensor, requires_grad=False))
+        for name in names:
+            self._count[name] += 1
+
+    def _release(self, names: list[str]) -> None:
+        for name in names:
+            self._count[name] -= 1
+        for name in dict.fromkeys(names):
+            if self._count[name] == 0:
+                param = self._params[name]
+                empty = torch.empty(param.shape, dtype=param.dtype, device="meta")
+                torch.utils.swap_tensors(param, torch.nn.Parameter(empty, requires_grad=False))
+
+    def _read_param(self, name: str, read: Any) -> torch.Tensor:
+        """One in-memory parameter from disk: a plain key, or the fused experts assembled per expert."""
+        refs = self._experts.get(name)
+        if refs is None or name in self.checkpoint.key_to_file:
+            key = name if refs is not None else self._family.checkpoint_name(name)
+            tensor = read(key).to(self.dtype)
+        else:
+            tensor = torch.empty(self._params[name].shape, dtype=self.dtype)
+            for ref in refs:
+                ref.slice_memory(tensor).copy_(read(ref.key))
+        self.reads += 1
+        self.bytes_read += tensor.numel() * tensor.element_size()
+        return tensor
+
+    def close(self) -> None:
+        """Remove the forward hooks (the skeleton stays on the meta device)."""
+        for handle in self._hooks:
+            handle.remove()
+        self._hooks = []
+
+
+def weight_bytes(checkpoint: Checkpoint, dtype: torch.dtype = torch.float32) -> int:
+    """Bytes of every parameter of the model in `dtype` (from a meta-device instance: nothing is read)."""
+    return sum(int(torch.Size(shape).numel()) for shape in checkpoint.param_shapes().values()) * dtype.itemsize
+
+
+def available_memory(device: torch.device) -> int:
+    """Memory free for this process now: available RAM, or free memory of the CUDA device."""
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    import psutil
+
+    return int(psutil.virtual_memory().available)
+
+
+def open_model(checkpoint: Checkpoint, streaming: str, device: torch.device,
+               max_memory: int | None = None) -> torch.nn.Module | StreamedModel:
+    """The fp32 model for a stage that runs it: streamed, or loaded whole where that fits (`STREAMING_MODES`)."""
+    from mixprec.model.loading import load_model
+
+    if streaming not in STREAMING_MODES:
+        raise ModelLoadError(f"streaming mode {streaming!r} is unknown; use one of {STREAMING_MODES}")
+    stream = streaming == "on"
+    if streaming == "auto":
+        budget = max_memory if max_memory is not None else available_memory(device)
+        need = weight_bytes(checkpoint)
+        stream = need > _AUTO_SHARE * budget
+        log.info("model weights %.2f GB in fp32 vs memory budget %.2f GB: %s", need / 1e9, budget / 1e9,
+                 "streaming one layer at a time" if stream else "loading the whole model")
+    return StreamedModel(checkpoint, device=device) if stream else load_model(checkpoint, device=device)

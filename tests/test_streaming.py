@@ -1,0 +1,108 @@
+"""Streamed model runner: same numbers as the in-memory model, one layer resident at a time, read once per batch.
+
+Run: .venv/bin/python -m pytest tests/test_streaming.py -q
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+
+from mixprec.measure.engine.core import EngineConfig, KLEngine
+from mixprec.measure.run import run_measure
+from mixprec.measure.table import load_measurement
+from mixprec.model.data import WindowConfig, windows_from_tokens
+from mixprec.model.loading import Checkpoint, load_model
+from mixprec.model.streaming import StreamedModel, open_model, weight_bytes
+from mixprec.quant import QuantConfig
+from mixprec.quant.variants import ensure_variants
+from tests.measure_helpers import model_with_splits, small_config
+from tests.tiny_models import TINY_CONFIGS
+
+
+def _resident(streamed: StreamedModel) -> list[str]:
+    return [name for name, p in streamed.model.named_parameters() if p.device.type != "meta"]
+
+
+@pytest.mark.parametrize("model_type", sorted(TINY_CONFIGS))
+def test_streamed_logits_equal_in_memory_bitwise(tiny_model_dirs: dict[str, Path], model_type: str) -> None:
+    """Every family (per-expert keys fused on read, Mixtral renames, MLA, tied or not): identical logits."""
+    checkpoint = Checkpoint.open(tiny_model_dirs[model_type])
+    streamed = StreamedModel(checkpoint)
+    assert _resident(streamed) == [], "the skeleton holds no weights"
+    resident_during: list[int] = []
+    for layer in streamed.layers:
+        layer.register_forward_pre_hook(lambda *_: resident_during.append(len(_resident(streamed))))
+    tokens = torch.randint(3, 160, (2, 20), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = load_model(checkpoint)(input_ids=tokens, use_cache=False).logits
+        actual = streamed.model(input_ids=tokens, use_cache=False).logits
+    assert torch.equal(actual, expected), f"max diff {(actual - expected).abs().max():.3e}"
+    assert _resident(streamed) == [], "every weight is released after the forward"
+    per_layer = max(len(list(layer.parameters())) for layer in streamed.layers)
+    assert max(resident_during) <= per_layer, "at most one layer is resident while a layer runs"
+
+
+@pytest.fixture(scope="module")
+def qwen(tiny_model_dirs: dict[str, Path], tmp_path_factory: pytest.TempPathFactory):
+    checkpoint = Checkpoint.open(tiny_model_dirs["qwen2_moe"])
+    work = tmp_path_factory.mktemp("stream_work")
+    variants = ensure_variants(checkpoint, checkpoint.model_map("fine"), [QuantConfig(bits=b) for b in (2, 4)], work)
+    stream = torch.randint(3, 160, (2000,), generator=torch.Generator().manual_seed(1))
+    windows = windows_from_tokens(stream, WindowConfig(seq_len=24, num_windows=10), "random", "calibration")
+    return checkpoint, {v.bits: v for v in variants}, windows
+
+
+def test_engine_streamed_equals_in_memory_bitwise(qwen) -> None:
+    """Reference capture, batched candidates, the naive path and the head swap give identical per-token KL."""
+    checkpoint, variants, windows = qwen
+    model_map = checkpoint.model_map("fine")
+    config = EngineConfig(batch_windows=4)
+    memory = KLEngine(load_model(checkpoint), model_map, windows, variants, config=config)
+    streamed = KLEngine(StreamedModel(checkpoint), model_map, windows, variants, config=config)
+    names = [g.name for g in model_map.select()]
+    assignments = [{name: 2} for name in names] + [dict.fromkeys(names, 4)]
+    for got, want in zip(streamed.evaluate_many(assignments), memory.evaluate_many(assignments), strict=True):
+        assert torch.equal(got.kl, want.kl) and float(want.kl.mean()) > 0
+    assert torch.equal(streamed.evaluate_full({"layers.1.experts.down": 2}).kl,
+                       memory.evaluate_full({"layers.1.experts.down": 2}).kl)
+    assert torch.equal(streamed.evaluate({"layers.0.mlp.down": 4}).kl, memory.evaluate({"layers.0.mlp.down": 4}).kl)
+
+
+def test_each_layer_is_read_once_per_batch(qwen) -> None:
+    """All jobs of a batch go through a layer together, so a streamed batch reads layers first..L once each."""
+    checkpoint, variants, windows = qwen
+    model = StreamedModel(checkpoint)
+    engine = KLEngine(model, checkpoint.model_map("fine"), windows, variants, config=EngineConfig(batch_windows=4))
+    layer1 = model.layers[1]
+    per_layer1 = len(list(layer1.parameters()))
+    head_params = len(list(engine.model.lm_head.parameters())) + len(list(engine.model.model.norm.parameters()))
+    before = model.reads
+    engine.evaluate_many([{"layers.1.attn.q": 2}, {"layers.1.experts.down": 4}, {"layers.1.shared.down": 2}])
+    assert model.reads - before == per_layer1 + head_params
+    assert _resident(model) == []
+
+
+def test_measure_table_streamed_equals_in_memory(tiny_model_dirs: dict[str, Path], tmp_path: Path) -> None:
+    """`mixprec measure --streaming on` writes the same table as `--streaming off` (every KL column equal)."""
+    model = model_with_splits(tiny_model_dirs["qwen3_moe"], tmp_path / "tiny")
+    tables = {}
+    for mode in ("off", "on"):
+        folder = run_measure(small_config(model, tmp_path / mode, streaming=mode))
+        assert folder is not None
+        measurement = load_measurement(folder)
+        assert measurement.summary["engine"]["streamed"] is (mode == "on")
+        tables[mode] = measurement.table.sort_values(["group", "bits"]).reset_index(drop=True)
+    columns = ["group", "bits", "kl_mean", "kl_se", "kl_p99", "same_top1", "dkl"]
+    pd.testing.assert_frame_equal(tables["on"][columns], tables["off"][columns], check_exact=True)
+
+
+def test_auto_streams_only_when_the_model_does_not_fit(qwen) -> None:
+    checkpoint = qwen[0]
+    size = weight_bytes(checkpoint)
+    cpu = torch.device("cpu")
+    assert isinstance(open_model(checkpoint, "auto", cpu, max_memory=size), StreamedModel)
+    assert not isinstance(open_model(checkpoint, "auto", cpu, max_memory=4 * size), StreamedModel)
