@@ -20,7 +20,8 @@ from mixprec.cli.common import default_work_dir
 from mixprec.core.fileio import atomic_write_json
 from mixprec.formats.recipe import Budget
 from mixprec.measure.config import MeasureConfig
-from mixprec.search.pipeline import EngineCache, StageConfig, run_stage, run_stages
+from mixprec.search.inputs import StageConfig, measure_missing
+from mixprec.search.pipeline import EngineCache, run_stage, run_stages
 from mixprec.search.study import SearchConfig, quiet_optuna
 
 BASELINES = ("greedy", "hq", "uniform")
@@ -60,6 +61,8 @@ def _one(args: argparse.Namespace, granularity: str, budget: float, engines: Eng
 
     started = time.perf_counter()
     configs = [config(size) for size in sizes]
+    for stage in configs:
+        measure_missing(stage)
     result = run_stage(configs[0], engines=engines) if len(configs) == 1 else run_stages(configs, engines=engines)
     seconds = time.perf_counter() - started
     if granularity == args.save_granularity:

@@ -22,7 +22,8 @@ import torch
 from mixprec.formats.recipe import Budget
 from mixprec.measure.config import MeasureConfig
 from mixprec.measure.engine.core import EngineConfig
-from mixprec.search.pipeline import StageConfig, run_stage
+from mixprec.search.inputs import StageConfig, measure_missing
+from mixprec.search.pipeline import run_stage
 from mixprec.search.study import SearchConfig, quiet_optuna
 from tests.measure_helpers import model_with_splits
 from tests.tiny_models import save_tiny_model
@@ -50,7 +51,9 @@ def build_work_folder(tiny_model: Path, root: Path) -> Path:
     torch.set_num_threads(1)  # tiny matrices: one thread is as fast and kinder to a shared machine
     try:
         for budget in BUDGETS:
-            result = run_stage(_stage_config(model, work, budget))
+            config = _stage_config(model, work, budget)
+            measure_missing(config)
+            result = run_stage(config)
             result.recipe.save(work / "recipes" / f"tiny-{budget:g}bpw.yaml")
     finally:
         torch.set_num_threads(threads)

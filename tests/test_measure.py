@@ -12,9 +12,10 @@ import pandas as pd
 import pytest
 
 from mixprec.core.errors import FingerprintMismatchError, MixprecError
+from mixprec.core.storage import open_storage
 from mixprec.measure.config import MeasureConfig
 from mixprec.measure.run import Worker, run_measure
-from mixprec.measure.store import Job, JobStore, open_storage
+from mixprec.measure.store import Job, JobStore
 from mixprec.measure.table import load_measurement
 from tests.measure_helpers import model_with_splits, small_config, work_with_variants
 
@@ -193,7 +194,8 @@ def test_cli_prints_table_and_files(model_dir: Path, work: Path, capsys: pytest.
     from mixprec.cli import main
 
     code = main(["measure", str(model_dir), "--work", str(work), "--bits", "2", "8", "--mode", "raise",
-                 "--base-bits", "2", "--windows", "4", "--seq-len", "16", "--device", "cpu", "--no-quantize"])
+                 "--base-bits", "2", "--windows", "4", "--seq-len", "16", "--device", "cpu", "--no-quantize",
+                 "--granularity", "layer"])
     out = capsys.readouterr().out
     assert code == 0
     assert "raising one group from 2 bits" in out and "layers.1.experts" in out and "8b" in out

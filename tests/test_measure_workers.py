@@ -50,7 +50,8 @@ def _states(config) -> dict[str, int]:
     """Trial counts per state, read straight from the journal (cheap enough to poll)."""
     import optuna
 
-    from mixprec.measure.store import STUDY_NAME, open_storage
+    from mixprec.core.storage import open_storage
+    from mixprec.measure.store import STUDY_NAME
 
     storage = open_storage(None, config.folder)
     counts: dict[str, int] = {}

@@ -20,7 +20,7 @@ import torch
 from safetensors.torch import save_file
 
 from mixprec.cli import main
-from mixprec.core.errors import FingerprintMismatchError
+from mixprec.core.errors import FingerprintMismatchError, MixprecError
 from mixprec.formats.exl3 import Exl3Overrides, exl3_to_groups, source_bits
 from mixprec.formats.recipe import Budget, Recipe
 from mixprec.measure.config import MeasureConfig
@@ -30,7 +30,15 @@ from mixprec.model.loading import Checkpoint, load_model
 from mixprec.quant import QuantConfig, storage_bits
 from mixprec.quant.variants import ensure_variants
 from mixprec.search.costs import Constraints, CostTable, budget_limit_bits
-from mixprec.search.inputs import StageConfig, baselines, nearest_uniform, prepare, seeds, uniform_grid
+from mixprec.search.inputs import (
+    StageConfig,
+    baselines,
+    measure_missing,
+    nearest_uniform,
+    prepare,
+    seeds,
+    uniform_grid,
+)
 from mixprec.search.moves import blocks, fill, mutate, repair, total_cost
 from mixprec.search.pipeline import run_stage
 from mixprec.search.solve import Problem, Solution, greedy, hq_at_budget, pareto_front, uniform
@@ -232,6 +240,12 @@ def test_cli_search_end_to_end(tiny_model_dirs: dict[str, Path], tmp_path: Path,
     assert not (tmp_path / "work" / "measure").exists(), "an infeasible budget must fail before measuring"
     code, _, err = mixprec("search", *common, "--budget", "3", "--floor", "atention=4", capsys=capsys)
     assert code == 2 and "nearest: attention" in err, err
+    code, _, err = mixprec("search", *common, "--budget", "3", "--no-measure", capsys=capsys)
+    assert code == 2 and "holds no finished measurement" in err, err
+    code, _, err = mixprec("search", *common, "--budget", "3", "--export-exl3", "x.yaml", "--exl3-source", "4",
+                           capsys=capsys)
+    assert code == 2 and "--exl3-source" in err, err
+    assert not (tmp_path / "work" / "measure").exists(), "bad flags must fail before the explicit measure step"
     out, exl3 = tmp_path / "r.yaml", tmp_path / "exl3.yaml"
     code, stdout, err = mixprec("search", *common, "--budget", "3", "--trials", "6", "--floor", "attention=3",
                                 "--out", str(out), "--export-exl3", str(exl3), capsys=capsys)
@@ -291,6 +305,9 @@ def test_uniform_baseline_is_the_nearest_quant_over_widths_and_group_sizes(
                             num_windows=4, seq_len=32)
     config = StageConfig(work=tmp_path / "work", budget=Budget(bpw=2.5), model=str(model), granularity="layer",
                          measure=measure)
+    with pytest.raises(MixprecError, match="holds no finished measurement"):
+        prepare(config)  # loading never measures: that is the explicit step below
+    measure_missing(config)
     inputs = prepare(config)
     grid = uniform_grid(inputs, (32, 64, 128))
     groups = [inputs.model_map.group(n) for n in inputs.table.names]
@@ -324,6 +341,7 @@ def test_a_uniform_quant_within_the_budget_that_beats_the_search_is_shipped(
                             num_windows=4, seq_len=32)
     probe = StageConfig(work=tmp_path / "work", budget=Budget(bpw=4.0), model=str(model), granularity="layer",
                         measure=measure)
+    measure_missing(probe)
     inputs = prepare(probe)
     g32 = next(u for u in uniform_grid(inputs, (32,)) if u.config.group_size == 32)
     budget = Budget(bpw=math.ceil(g32.cost / inputs.table.params * 1e6) / 1e6)

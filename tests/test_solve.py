@@ -252,7 +252,7 @@ def test_measurement_losses_are_monotone_in_bits(tmp_path: Path) -> None:
     import pandas as pd
 
     from mixprec.measure.table import Measurement
-    from mixprec.search.pipeline import measurement_losses
+    from mixprec.search.estimate import measurement_losses
 
     drop = pd.DataFrame({"group": ["a"] * 4 + ["b"] * 4, "bits": [2, 3, 4, 8] * 2, "mode": "drop", "base_bits": 16,
                          "dkl": [1e-1, 1e-2, 2e-5, 3e-5, 5e-2, 6e-3, 1e-3, 1e-4],

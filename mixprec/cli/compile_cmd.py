@@ -30,7 +30,7 @@ from mixprec.checkpoint.shards import parse_size
 from mixprec.cli.common import add_work_argument, default_work_dir, print_table
 from mixprec.formats.recipe import ModelRef, QuantSettings, Recipe
 from mixprec.model.loading import Checkpoint
-from mixprec.model.modelmap import Granularity
+from mixprec.model.modelmap import DEFAULT_GRANULARITY, Granularity
 from mixprec.quant.variants import Variant
 
 __all__ = ["register", "read_recipe", "recipe_from_exl3", "size_rows"]
@@ -51,8 +51,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="largest shard, e.g. 2GB, 500MB, 64KiB (default 2GB)")
     parser.add_argument("--base-bits", type=int, default=None, metavar="B",
                         help="override YAML only: bits of tensors that no override key matches")
-    parser.add_argument("--granularity", choices=[g.value for g in Granularity], default="layer",
-                        help="override YAML only: group granularity to read it at (default layer)")
+    parser.add_argument("--granularity", choices=[g.value for g in Granularity], default=DEFAULT_GRANULARITY,
+                        help=f"override YAML only: group granularity to read it at (default {DEFAULT_GRANULARITY})")
     parser.set_defaults(run=run)
 
 

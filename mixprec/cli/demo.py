@@ -31,8 +31,9 @@ from mixprec.measure.config import MeasureConfig
 from mixprec.measure.run import run_measure
 from mixprec.model.data import WindowConfig
 from mixprec.model.loading import Checkpoint
-from mixprec.model.modelmap import Granularity
-from mixprec.search.pipeline import StageConfig, run_stage
+from mixprec.model.modelmap import DEFAULT_GRANULARITY, Granularity
+from mixprec.search.inputs import StageConfig
+from mixprec.search.pipeline import run_stage
 from mixprec.search.study import SearchConfig
 
 __all__ = ["DemoConfig", "run_demo", "summary_rows"]
@@ -48,7 +49,7 @@ class DemoConfig:
     model: str | None = None
     bits: tuple[int, ...] = (2, 3, 4, 5, 6, 8)
     budgets: tuple[float, ...] = (2.5, 3.0, 3.5, 4.0)
-    granularity: str = "fine"
+    granularity: str = DEFAULT_GRANULARITY
     measure_windows: int = 16
     eval_windows: int = 32
     seq_len: int = 256

@@ -13,7 +13,7 @@ import json
 from mixprec.cli.common import add_model_argument, print_table
 from mixprec.model.arch import DEFAULT_QUANTIZED_KINDS
 from mixprec.model.loading import Checkpoint
-from mixprec.model.modelmap import Granularity, ModelMap
+from mixprec.model.modelmap import DEFAULT_GRANULARITY, Granularity, ModelMap
 
 __all__ = ["register", "group_rows"]
 
@@ -22,9 +22,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("inspect", help="list the model's weight groups",
                                    description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_argument(parser)
-    parser.add_argument("--granularity", choices=[g.value for g in Granularity], default="layer",
+    parser.add_argument("--granularity", choices=[g.value for g in Granularity], default=DEFAULT_GRANULARITY,
                         help="layer: attn|mlp|shared|experts per layer; fine: q|kv|o, gate_up|down; "
-                             "expert: fine with one group per routed expert")
+                             "expert: fine with one group per routed expert (default fine)")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
     parser.set_defaults(run=run)
 

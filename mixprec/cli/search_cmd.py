@@ -34,9 +34,11 @@ from mixprec.formats.exl3 import recipe_to_exl3
 from mixprec.formats.recipe import Budget
 from mixprec.measure.config import MeasureConfig
 from mixprec.model.loading import resolve_model_path
+from mixprec.model.modelmap import DEFAULT_GRANULARITY
 from mixprec.quant import SUPPORTED_GROUP_SIZES, QuantConfig, quantizer_names
 from mixprec.search.costs import Constraints, parse_settings
-from mixprec.search.pipeline import StageConfig, prepare, run_stage, run_stages
+from mixprec.search.inputs import StageConfig, check, measure_missing, prepare
+from mixprec.search.pipeline import run_stage, run_stages
 from mixprec.search.study import SAMPLERS, SearchConfig, quiet_optuna
 
 __all__ = ["register", "config_from_args", "configs_from_args"]
@@ -64,7 +66,7 @@ def _add_basic(parser: argparse.ArgumentParser) -> None:
 
 def _add_advanced(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("advanced")
-    group.add_argument("--granularity", choices=["layer", "fine", "expert"], default="fine",
+    group.add_argument("--granularity", choices=["layer", "fine", "expert"], default=DEFAULT_GRANULARITY,
                        help="search granularity; the measurement must be at the same one (default fine)")
     group.add_argument("--mode", choices=["drop", "raise"], default="drop", help="which measurement table to read")
     group.add_argument("--base-bits", type=int, default=2, help="raise-mode measurement base width (default 2)")
@@ -137,7 +139,6 @@ def config_from_args(args: argparse.Namespace, group_size: int | None = None) ->
     return StageConfig(work=work, budget=budget, model=args.model, granularity=args.granularity, measure=measure,
                        constraints=constraints, search=search, eval_windows=args.eval_windows,
                        eval_seq_len=args.seq_len, eval_files=tuple(args.eval_data or ()), device=args.device,
-                       measure_if_missing=not args.no_measure,
                        uniform_group_sizes=tuple(dict.fromkeys(args.uniform_group_sizes)))
 
 
@@ -177,8 +178,13 @@ def run(args: argparse.Namespace) -> int:
     configs = configs_from_args(args)
     if not args.verbose:
         quiet_optuna()
+    sources = _exl3_sources(args.exl3_source)  # every flag is validated before the long part
+    for config in configs:
+        check(config)
+    if not args.no_measure:
+        for config in configs:
+            measure_missing(config)  # the explicit measure step (`mixprec measure` with the same settings)
     inputs = [prepare(c) for c in configs]
-    sources = _exl3_sources(args.exl3_source)  # validated before the long part
     result = run_stage(configs[0], inputs[0]) if len(configs) == 1 else run_stages(configs, inputs)
     _print(result.comparison, configs[0].budget)
     checkpoint = inputs[0].checkpoint

@@ -15,7 +15,7 @@ from mixprec.core.errors import MixprecError
 from mixprec.measure.engine.core import EngineConfig
 from mixprec.model.arch import DEFAULT_QUANTIZED_KINDS, GroupKind
 from mixprec.model.data import WindowConfig
-from mixprec.model.modelmap import Granularity
+from mixprec.model.modelmap import DEFAULT_GRANULARITY, Granularity
 from mixprec.model.streaming import STREAMING_MODES
 from mixprec.quant import QuantConfig
 
@@ -35,7 +35,7 @@ class MeasureConfig:
     mode: str = "drop"
     bits: tuple[int, ...] = (2, 3, 4, 5, 6, 8)
     base_bits: int = 2
-    granularity: str = "layer"
+    granularity: str = DEFAULT_GRANULARITY
     kinds: tuple[str, ...] = tuple(k.value for k in DEFAULT_QUANTIZED_KINDS)
     num_windows: int = 32
     seq_len: int = 256

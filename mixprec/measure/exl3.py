@@ -14,7 +14,7 @@ from typing import Any
 
 import pandas as pd
 
-__all__ = ["exl3_measurement", "read_exl3_measurement"]
+__all__ = ["exl3_measurement"]
 
 
 def _bpw(table: pd.DataFrame, bits: int) -> float:
@@ -57,13 +57,3 @@ def exl3_measurement(table: pd.DataFrame, summary: dict[str, Any]) -> dict[str, 
                     "drop-one numbers re-based on the lowest width (additive approximation); base_kld unknown"},
     }
     return result
-
-
-def read_exl3_measurement(obj: dict[str, Any]) -> pd.DataFrame:
-    """One row per (group idx, alternative) from an exllamav3 measurement.json object."""
-    rows = []
-    for group in obj["groups"]:
-        for alt, candidate in zip(obj["alts"], group["candidates"], strict=True):
-            rows.append({"idx": group["idx"], "modules": len(group["layers"]), "alt_dir": alt["dir"],
-                         "alt_bpw": alt["bpw"], "dkld": candidate["dkld"], "dbits": candidate["dbits"]})
-    return pd.DataFrame(rows)

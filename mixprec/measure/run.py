@@ -32,10 +32,11 @@ import torch
 from mixprec.core.errors import MixprecError
 from mixprec.core.kl import TokenComparison, paired_difference, summarize
 from mixprec.core.progress import progress
+from mixprec.core.storage import open_storage
 from mixprec.measure.config import MeasureConfig
 from mixprec.measure.engine.core import KLEngine, resolve_device
 from mixprec.measure.inputs import check_disjoint, measure_variants, measurement_fingerprint
-from mixprec.measure.store import Job, JobStore, open_storage
+from mixprec.measure.store import Job, JobStore
 from mixprec.measure.table import reference_bits, write_outputs
 from mixprec.model.arch import GroupKind
 from mixprec.model.data import WindowConfig, load_windows
@@ -197,6 +198,18 @@ def _worker_process(config: MeasureConfig, threads: int) -> None:
     Worker(config).run()
 
 
+def _run_with_threads(worker: Worker, threads: int | None) -> None:
+    """Run `worker` here with `threads` intra-op threads, restoring the caller's setting afterwards (a library
+    call must not leave the caller's torch configured differently)."""
+    before = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        worker.run()
+    finally:
+        torch.set_num_threads(before)
+
+
 def run_measure(config: MeasureConfig, workers: int = 1) -> Path | None:
     """Measure every job of the table (with `workers` processes on this machine) and write the outputs.
 
@@ -204,6 +217,7 @@ def run_measure(config: MeasureConfig, workers: int = 1) -> Path | None:
     """
     worker = Worker(config)  # validates inputs, quantizes missing variants and enqueues before any fork
     processes = []
+    threads: int | None = None
     if workers > 1:
         import multiprocessing
 
@@ -212,8 +226,7 @@ def run_measure(config: MeasureConfig, workers: int = 1) -> Path | None:
         processes = [context.Process(target=_worker_process, args=(config, threads)) for _ in range(workers - 1)]
         for process in processes:
             process.start()
-        torch.set_num_threads(threads)
-    worker.run()
+    _run_with_threads(worker, threads)
     for process in processes:
         process.join()
         if process.exitcode != 0:

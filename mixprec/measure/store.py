@@ -32,7 +32,7 @@ from typing import Any
 
 from mixprec.core.errors import FingerprintMismatchError
 
-__all__ = ["Job", "JobStore", "open_storage", "process_owner", "owner_is_dead"]
+__all__ = ["Job", "JobStore", "process_owner", "owner_is_dead"]
 
 log = logging.getLogger(__name__)
 
@@ -82,20 +82,6 @@ def owner_is_dead(owner: Mapping[str, Any], other_hosts_dead: bool = False) -> b
         return other_hosts_dead
     start = _start_time(int(owner["pid"]))
     return start is None or start != owner.get("start")
-
-
-def open_storage(url: str | None, folder: Path) -> Any:
-    """An Optuna storage: a journal file in `folder` by default, else any Optuna storage URL."""
-    import optuna
-    from optuna.storages.journal import JournalFileBackend
-
-    if url is None:
-        folder.mkdir(parents=True, exist_ok=True)
-        return optuna.storages.JournalStorage(JournalFileBackend(str(folder / "journal.log")))
-    if "://" not in url:  # a path: a journal file somewhere else
-        Path(url).parent.mkdir(parents=True, exist_ok=True)
-        return optuna.storages.JournalStorage(JournalFileBackend(url))
-    return optuna.storages.get_storage(url)
 
 
 @contextmanager

@@ -35,8 +35,8 @@ if TYPE_CHECKING:
     from mixprec.model.data import TokenWindows
     from mixprec.quant.variants import Variant
 
-__all__ = ["MEASUREMENT_SCHEMA_VERSION", "TABLE_COLUMNS", "Measurement", "load_measurement", "write_outputs",
-           "reference_bits", "format_table"]
+__all__ = ["MEASUREMENT_SCHEMA_VERSION", "TABLE_COLUMNS", "Measurement", "is_finished", "load_measurement",
+           "write_outputs", "reference_bits", "format_table"]
 
 MEASUREMENT_SCHEMA_VERSION = 1
 
@@ -61,11 +61,16 @@ class Measurement:
         return self.table.pivot(index="group", columns="bits", values=value).loc[order]
 
 
+def is_finished(folder: str | Path) -> bool:
+    """Whether `folder` holds a finished table: table.csv and summary.json are written only when every job is done."""
+    return (Path(folder) / "summary.json").exists() and (Path(folder) / "table.csv").exists()
+
+
 def load_measurement(folder: str | Path) -> Measurement:
     """Read table.csv and summary.json written by `mixprec measure`."""
     folder = Path(folder)
     summary_path, table_path = folder / "summary.json", folder / "table.csv"
-    if not summary_path.exists() or not table_path.exists():
+    if not is_finished(folder):
         raise MixprecError(f"{folder} holds no finished measurement (table.csv and summary.json are written when "
                            "every job is done); run or resume `mixprec measure`")
     summary = read_json(summary_path)

@@ -20,13 +20,12 @@ import torch
 from mixprec.core.errors import MixprecError, UnsupportedArchitectureError
 from mixprec.model.arch import DEFAULT_QUANTIZED_KINDS, ArchFamily, GroupKind, ParamRule, family_for
 
-__all__ = [
+__all__ = ["DEFAULT_GRANULARITY",
     "Granularity",
     "WeightRef",
     "Group",
     "ModelMap",
     "build_model_map",
-    "weight_view",
     "nearest_names",
 ]
 
@@ -47,6 +46,11 @@ class Granularity(StrEnum):
     LAYER = "layer"
     FINE = "fine"
     EXPERT = "expert"
+
+
+#: the one default of every stage (inspect, measure, search, compile, demo): q | kv | o and gate+up | down per
+#: layer is where sensitivities differ most, at a measuring cost of a few groups per layer
+DEFAULT_GRANULARITY = Granularity.FINE.value
 
 
 @dataclass(frozen=True)
@@ -87,11 +91,6 @@ class WeightRef:
     def slice_disk(self, tensor: torch.Tensor) -> torch.Tensor:
         """This matrix inside the tensor stored under `key` on disk."""
         return self.slice_memory(tensor) if self.fused_on_disk else tensor
-
-
-def weight_view(params: Mapping[str, torch.Tensor], ref: WeightRef) -> torch.Tensor:
-    """The writable view of `ref` in a `named_parameters()`-style mapping."""
-    return ref.slice_memory(params[ref.param])
 
 
 @dataclass(frozen=True)

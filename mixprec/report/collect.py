@@ -27,12 +27,13 @@ import pandas as pd
 
 from mixprec.core.errors import MixprecError
 from mixprec.core.fileio import read_json
+from mixprec.core.storage import open_storage
 from mixprec.formats.recipe import Recipe
 from mixprec.measure.table import Measurement, load_measurement
 from mixprec.quant.variants import Variant
 
-__all__ = ["RecipeRun", "StudyTrials", "StudyAccess", "WorkFolder", "collect", "resolve_storage", "open_storage",
-           "read_study", "split_group", "budget_label"]
+__all__ = ["RecipeRun", "StudyTrials", "StudyAccess", "WorkFolder", "collect", "resolve_storage", "read_study",
+           "split_group", "budget_label"]
 
 log = logging.getLogger(__name__)
 
@@ -228,18 +229,6 @@ def resolve_storage(url: str, work_dir: Path, access: StudyAccess | None = None)
     return None
 
 
-def open_storage(url: str) -> Any:
-    import optuna
-
-    if "://" not in url:
-        from optuna.storages.journal import JournalFileBackend
-
-        return optuna.storages.JournalStorage(JournalFileBackend(url))
-    if url.startswith("sqlite:///"):  # read as the dashboard does: never create or migrate tables
-        return optuna.storages.RDBStorage(url, skip_compatibility_check=True, skip_table_creation=True)
-    return optuna.storages.get_storage(url)
-
-
 _TRIAL_COLUMNS = ["number", "seed", "bpw", "kl", "kl_se", "predicted", "dkl_vs_ref", "dkl_vs_ref_se", "feasible"]
 
 
@@ -262,7 +251,7 @@ def read_study(name: str, url: str) -> StudyTrials:
     from optuna.trial import TrialState
 
     try:
-        storage = open_storage(url)
+        storage = open_storage(url, create=False)
         trials = storage.get_all_trials(storage.get_study_id_from_name(name), deepcopy=False,
                                         states=(TrialState.COMPLETE,))
     except KeyError as exc:
@@ -278,7 +267,7 @@ def read_study(name: str, url: str) -> StudyTrials:
 
 def _study_names(url: str) -> list[str]:
     try:
-        return [s.study_name for s in open_storage(url).get_all_studies()]
+        return [s.study_name for s in open_storage(url, create=False).get_all_studies()]
     except Exception as exc:  # sqlalchemy / journal / driver errors: one line naming the storage
         raise MixprecError(f"cannot list the studies in {url} ({type(exc).__name__}: {str(exc).splitlines()[0]}); "
                            "is it a reachable Optuna storage?") from exc

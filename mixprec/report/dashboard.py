@@ -92,9 +92,9 @@ class DashboardConfig:
 
 
 def _storage(storage: str) -> Any:
-    from mixprec.report.collect import open_storage
+    from mixprec.core.storage import open_storage
 
-    return open_storage(storage)
+    return open_storage(storage, create=False)
 
 
 def study_urls(config: DashboardConfig) -> dict[str, str]:

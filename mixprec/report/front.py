@@ -15,7 +15,7 @@ import pandas as pd
 from mixprec.measure.table import Measurement
 from mixprec.model.arch import GroupKind
 from mixprec.search.costs import CostTable, GroupCost
-from mixprec.search.pipeline import measurement_losses
+from mixprec.search.estimate import measurement_losses
 from mixprec.search.solve import Problem, pareto_front
 
 __all__ = ["cost_table", "additive_front", "base_kl"]

@@ -16,28 +16,28 @@ from mixprec.core.errors import FingerprintMismatchError, MixprecError
 from mixprec.formats.recipe import Budget
 from mixprec.measure.config import MeasureConfig
 from mixprec.measure.run import run_measure
-from mixprec.measure.table import Measurement, load_measurement
+from mixprec.measure.table import Measurement, is_finished, load_measurement
 from mixprec.model.arch import GroupKind
 from mixprec.model.data import WindowConfig
 from mixprec.model.loading import Checkpoint
-from mixprec.model.modelmap import Granularity, ModelMap
+from mixprec.model.modelmap import DEFAULT_GRANULARITY, Granularity, ModelMap
 from mixprec.quant import SUPPORTED_GROUP_SIZES, QuantConfig, quantizer_class, storage_bits
 from mixprec.quant.variants import Variant
 from mixprec.search.costs import Constraints, CostTable, Option, budget_limit_bits, check_feasible
+from mixprec.search.estimate import measurement_losses
 from mixprec.search.solve import (
     Problem,
     Solution,
     compressed_solutions,
     greedy,
     hq_at_budget,
-    isotonic_decreasing,
     pareto_front,
     tied_solutions,
     uniform,
 )
 from mixprec.search.study import SearchConfig
 
-__all__ = ["StageConfig", "Inputs", "UniformQuant", "measurement_losses", "prepare", "baselines", "uniform_grid",
+__all__ = ["StageConfig", "Inputs", "UniformQuant", "check", "measure_missing", "prepare", "baselines", "uniform_grid",
            "nearest_uniform", "seeds"]
 
 log = logging.getLogger(__name__)
@@ -50,7 +50,7 @@ class StageConfig:
     work: Path
     budget: Budget
     model: str | None = None
-    granularity: str = "fine"
+    granularity: str = DEFAULT_GRANULARITY
     measure: MeasureConfig | None = None
     constraints: Constraints = field(default_factory=Constraints)
     search: SearchConfig = field(default_factory=SearchConfig)
@@ -58,7 +58,6 @@ class StageConfig:
     eval_seq_len: int = 256
     eval_files: tuple[Path, ...] = ()
     device: str = "auto"
-    measure_if_missing: bool = True
     uniform_group_sizes: tuple[int, ...] = SUPPORTED_GROUP_SIZES
 
     def __post_init__(self) -> None:
@@ -92,25 +91,6 @@ class Inputs:
     others: dict[str, Problem] = field(default_factory=dict)
 
 
-def measurement_losses(measurement: Measurement) -> dict[str, dict[int, float]]:
-    """Per group and width, the additive loss: drop-mode KL, or raise-mode ΔKL (0 at the base width).
-
-    Each group's row is made non-increasing in bits by a 1/SE²-weighted isotonic fit: KL that
-    rises with more bits is noise at the floor (FIELD.md §9.4).
-    """
-    frame = measurement.table.sort_values(["group", "bits"])
-    losses: dict[str, dict[int, float]] = {}
-    for group, rows in frame.groupby("group", sort=False):
-        bits = [int(b) for b in rows["bits"]]
-        values = [float(v) for v in rows["dkl"]]
-        weights = [1.0 / max(float(se), 1e-12) ** 2 if se == se else 1.0 for se in rows["dkl_se"]]
-        if str(rows["mode"].iloc[0]) == "raise":
-            base = int(rows["base_bits"].iloc[0])
-            bits, values, weights = [base, *bits], [0.0, *values], [max(weights) * 10, *weights]
-        losses[str(group)] = dict(zip(bits, isotonic_decreasing(values, weights), strict=True))
-    return losses
-
-
 def _check_settings(measurement: Measurement, measure: MeasureConfig) -> Measurement:
     """Refuse a table measured with other quantizer settings than asked for (its folder name does not say)."""
     recorded = measurement.summary["settings"]
@@ -123,21 +103,21 @@ def _check_settings(measurement: Measurement, measure: MeasureConfig) -> Measure
     return measurement
 
 
-def _ensure_measurement(config: StageConfig) -> Measurement:
+def measure_missing(config: StageConfig) -> Path:
+    """The search command's explicit measure step: measure the table `config` needs unless it is finished.
+
+    A separate step, taken after every flag is validated (`check`), rather than a side effect of loading:
+    `prepare` only reads a finished table and says how to make one when it is missing.
+    """
     measure = config.measure_config()
-    try:
-        return _check_settings(load_measurement(measure.folder), measure)
-    except FingerprintMismatchError:
-        raise
-    except MixprecError:
-        if not config.measure_if_missing:
-            raise
+    if is_finished(measure.folder):
+        return measure.folder
     log.info("no finished measurement in %s: measuring it now (as `mixprec measure --granularity %s`)",
              measure.folder, measure.granularity)
     folder = run_measure(measure)
     if folder is None:
         raise MixprecError(f"other workers still hold jobs of {measure.folder}; re-run when they finish")
-    return load_measurement(folder)
+    return folder
 
 
 def _variants(measurement: Measurement, checkpoint: Checkpoint) -> dict[int, Variant]:
@@ -162,18 +142,26 @@ def _check_budget(table: CostTable, config: StageConfig) -> tuple[dict[str, tupl
     return options, limit
 
 
-def prepare(config: StageConfig) -> Inputs:
-    """Validate and assemble the inputs (measuring first if the table is missing and allowed).
-
-    Constraints and the budget are checked against costs computed from the quantizer settings
-    before anything is measured, then again against the variants' manifests.
-    """
+def check(config: StageConfig) -> tuple[Checkpoint, ModelMap]:
+    """Everything checkable before measuring: the model opens, and the constraints and the budget are
+    feasible at costs computed from the quantizer settings (so bad input fails in a second)."""
     checkpoint = Checkpoint.open(config.model)
     model_map = checkpoint.model_map(config.granularity)
     measure = config.measure_config()
     planned = {b: measure.quant_config(b) for b in measure.bits}
     _check_budget(CostTable.from_configs(model_map, planned, [GroupKind(k) for k in measure.kinds]), config)
-    measurement = _ensure_measurement(config)
+    return checkpoint, model_map
+
+
+def prepare(config: StageConfig) -> Inputs:
+    """Validate and assemble the inputs from a finished measurement (`measure_missing` makes one).
+
+    Constraints and the budget are checked against costs computed from the quantizer settings
+    before anything is measured, then again against the variants' manifests.
+    """
+    checkpoint, model_map = check(config)
+    measure = config.measure_config()
+    measurement = _check_settings(load_measurement(measure.folder), measure)
     variants = _variants(measurement, checkpoint)
     table = CostTable.from_variants(model_map, variants)
     options, limit = _check_budget(table, config)

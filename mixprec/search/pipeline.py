@@ -48,7 +48,6 @@ from mixprec.search.inputs import (
     StageConfig,
     UniformQuant,
     baselines,
-    measurement_losses,
     nearest_uniform,
     prepare,
     seeds,
@@ -57,8 +56,7 @@ from mixprec.search.inputs import (
 from mixprec.search.solve import Solution
 from mixprec.search.study import SearchResult, run_search
 
-__all__ = ["StageConfig", "Inputs", "StageResult", "EngineCache", "measurement_losses", "prepare", "baselines",
-           "run_stage", "run_stages"]
+__all__ = ["StageResult", "EngineCache", "run_stage", "run_stages"]
 
 log = logging.getLogger(__name__)
 

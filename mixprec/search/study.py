@@ -43,6 +43,7 @@ from mixprec.core.errors import FingerprintMismatchError, MixprecError
 from mixprec.core.fileio import sha256_text
 from mixprec.core.kl import bootstrap_se, paired_difference
 from mixprec.core.progress import progress
+from mixprec.core.storage import open_storage
 from mixprec.formats.recipe import Recipe
 from mixprec.measure.store import owner_is_dead, process_owner
 from mixprec.search.costs import Option
@@ -106,18 +107,6 @@ class SearchResult:
 def quiet_optuna() -> None:
     """Keep Optuna's per-trial INFO lines (with every parameter) out of the CLI's output."""
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-
-
-def _storage(config: SearchConfig) -> Any:
-    url = config.storage_url
-    if "://" not in url:  # a journal file path
-        from optuna.storages.journal import JournalFileBackend
-
-        Path(url).parent.mkdir(parents=True, exist_ok=True)
-        return optuna.storages.JournalStorage(JournalFileBackend(url))
-    if url.startswith("sqlite:///"):
-        Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
-    return url
 
 
 class _Objective:
@@ -198,8 +187,9 @@ def _fingerprint(problem: Problem, limit_bits: int, config: SearchConfig, contex
 
 def _open_study(problem: Problem, limit_bits: int, config: SearchConfig, context: Mapping[str, Any]) -> optuna.Study:
     directions = ["minimize", "minimize"] if config.multi_objective else ["minimize"]
-    study = optuna.create_study(study_name=config.study_name, storage=_storage(config), directions=directions,
-                                sampler=_make_sampler(problem, limit_bits, config), load_if_exists=True)
+    study = optuna.create_study(study_name=config.study_name, storage=open_storage(config.storage_url),
+                                directions=directions, sampler=_make_sampler(problem, limit_bits, config),
+                                load_if_exists=True)
     fingerprint = _fingerprint(problem, limit_bits, config, context)
     recorded = study.user_attrs.get(_STUDY_ATTR)
     if recorded is None:

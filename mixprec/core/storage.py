@@ -1,0 +1,48 @@
+"""The one place an Optuna storage is opened, for the measure job store, the search study and the report.
+
+Every stage accepts the same storage forms: a plain path (an Optuna journal file, safe for several
+processes on one host through file locks), or an Optuna storage URL (`sqlite:///x.db`, an RDB server
+such as `postgresql://...`, shared by machines). Writers create the folder a file-based storage needs;
+readers (the report, the dashboard) open an existing SQLite database without creating or migrating
+tables, as optuna-dashboard does, so reading never changes what it reads.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+__all__ = ["JOURNAL_FILE", "open_storage"]
+
+#: the journal file a stage keeps in its own folder when no storage is given
+JOURNAL_FILE = "journal.log"
+
+
+def _journal(path: Path, create: bool) -> Any:
+    import optuna
+    from optuna.storages.journal import JournalFileBackend
+
+    if create:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    return optuna.storages.JournalStorage(JournalFileBackend(str(path)))
+
+
+def open_storage(url: str | None, folder: Path | None = None, create: bool = True) -> Any:
+    """An Optuna storage for `url`: a journal file path, or any Optuna storage URL.
+
+    `url=None` means the stage's own journal, `folder/journal.log`. With `create=False` nothing is
+    created: a SQLite database is opened read-only in spirit (no table creation, no schema check).
+    """
+    import optuna
+
+    if url is None:
+        if folder is None:
+            raise ValueError("open_storage needs a folder when no storage URL is given")
+        return _journal(Path(folder) / JOURNAL_FILE, create)
+    if "://" not in url:
+        return _journal(Path(url), create)
+    if url.startswith("sqlite:///"):
+        if not create:
+            return optuna.storages.RDBStorage(url, skip_compatibility_check=True, skip_table_creation=True)
+        Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+    return optuna.storages.get_storage(url)
