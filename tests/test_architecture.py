@@ -68,3 +68,13 @@ def test_no_function_is_longer_than_the_style_limit() -> None:
                 if lines > MAX_FUNCTION_LINES:
                     long.append(f"{path.relative_to(ROOT)}:{node.lineno} {node.name} ({lines} lines)")
     assert not long, f"functions over {MAX_FUNCTION_LINES} lines (split them): {long}"
+
+
+def test_readme_file_tree_lists_every_module() -> None:
+    """The README's file tree is the newcomer's map: every module has its line (add one with each new module)."""
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    tree = readme[readme.index("## File structure"):]
+    listed = {line.split()[0] for line in tree.splitlines() if line.startswith("mixprec/")}
+    modules = {p.relative_to(ROOT).as_posix() for p in (ROOT / "mixprec").rglob("*.py")}
+    assert not modules - listed, f"modules missing from README's File structure: {sorted(modules - listed)}"
+    assert not {m for m in listed if m.endswith(".py")} - modules, "README lists modules that do not exist"
