@@ -54,3 +54,34 @@ def test_eval_and_calibration_seq_len_are_checked(tiny_model: Path, tmp_path: Pa
     assert not (tmp_path / "w").exists()
     with pytest.raises(MixprecError, match="max_position_embeddings"):
         load_windows(tiny_model, "calibration", WindowConfig(seq_len=129, num_windows=2))
+
+
+BAD_STORAGES = {
+    "postgresql://user:secret@127.0.0.1:9/none": "cannot open --storage",  # nothing listens on port 9
+    "mysql://127.0.0.1/none": "driver",
+    "redis://x": "scheme 'redis' is not an Optuna storage",
+    "sqlite:/x.db": "no '//'",
+    "not a url": "neither a storage URL nor a journal file path",
+    "/dev/null/journal.log": "/dev/null is not a folder",
+    "sqlite:////dev/null/x.db": "/dev/null is not a folder",
+}
+
+
+@pytest.mark.parametrize("url", list(BAD_STORAGES))
+@pytest.mark.parametrize("command", ["measure", "search"])
+def test_bad_storage_is_one_line_and_writes_nothing(url: str, command: str, tiny_model: Path, tmp_path: Path,
+                                                    monkeypatch: pytest.MonkeyPatch,
+                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.chdir(tmp_path)
+    argv = [command, str(tiny_model), "--work", "w", "--storage", url, "--windows", "2", "--seq-len", "16"]
+    line = _fails(argv + (["--budget", "3"] if command == "search" else []), capsys, BAD_STORAGES[url])
+    assert "secret" not in line, "a password must not be printed"
+    assert list(tmp_path.iterdir()) == [], "a typo must not become a journal file (or anything else) here"
+
+
+def test_storage_forms_that_are_accepted(tmp_path: Path) -> None:
+    from mixprec.core.storage_url import check_storage
+
+    for url in (f"sqlite:///{tmp_path}/new/folder/s.db", str(tmp_path / "j.log"), "postgresql+psycopg://u@h/db"):
+        check_storage(url)  # a missing sqlite/journal folder is created when the storage is opened
+    assert list(tmp_path.iterdir()) == []

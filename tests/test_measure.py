@@ -220,3 +220,17 @@ def test_damaged_variant_is_refused_or_rebuilt(model_dir: Path, work: Path) -> N
     assert measurement.table["dkl"].notna().all() and (measurement.table["dkl"].abs() < 1e3).all()
     manifest = json.loads((weights.parent / "manifest.json").read_text())
     assert sha256_file(weights) == manifest["file_sha256"], "the damaged variant is quantized again"
+
+
+def test_another_storage_does_not_overwrite_a_finished_table(model_dir: Path, drop_table, tmp_path: Path) -> None:
+    import shutil
+
+    config, _ = drop_table
+    work = tmp_path / "work"
+    shutil.copytree(config.work, work)
+    folder = small_config(model_dir, work).folder
+    before = (folder / "table.csv").read_bytes()
+    with pytest.raises(MixprecError, match="already holds a finished table"):
+        run_measure(small_config(model_dir, work, storage=str(tmp_path / "other.log")))
+    assert (folder / "table.csv").read_bytes() == before and not (tmp_path / "other.log").exists()
+    assert run_measure(small_config(model_dir, work)) == folder, "the table's own storage still reuses it"

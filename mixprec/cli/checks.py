@@ -9,10 +9,11 @@ only move the failure to the start.
 from __future__ import annotations
 
 from mixprec.core.errors import MixprecError
+from mixprec.core.storage_url import check_storage, describe_open_error, storage_path
 from mixprec.model.data import check_seq_len
 from mixprec.model.loading import resolve_model_path
 
-__all__ = ["check_windows"]
+__all__ = ["check_windows", "check_storage_arg"]
 
 
 def check_windows(model: str | None, seq_len: int, flag: str = "--seq-len") -> None:
@@ -20,3 +21,23 @@ def check_windows(model: str | None, seq_len: int, flag: str = "--seq-len") -> N
     if seq_len < 2:
         raise MixprecError(f"{flag} {seq_len} is too short; a window needs at least 2 tokens (e.g. {flag} 256)")
     check_seq_len(resolve_model_path(model), seq_len, flag)
+
+
+def check_storage_arg(url: str | None, flag: str = "--storage") -> None:
+    """A supported storage form (`mixprec.core.storage_url`) and, for a database server, one that answers:
+    an unreachable server fails here, not after the variants were quantized."""
+    if url is None:
+        return
+    check_storage(url, flag)
+    if storage_path(url) is not None:
+        return
+    from sqlalchemy import create_engine
+    from sqlalchemy.pool import NullPool
+
+    try:
+        engine = create_engine(url, poolclass=NullPool)
+        with engine.connect():
+            pass
+        engine.dispose()
+    except Exception as exc:  # driver / network / authentication errors
+        raise describe_open_error(url, exc, flag) from exc

@@ -27,7 +27,7 @@ import argparse
 from pathlib import Path
 
 from mixprec.checkpoint.shards import parse_size
-from mixprec.cli.checks import check_windows
+from mixprec.cli.checks import check_storage_arg, check_windows
 from mixprec.cli.common import add_model_argument, add_work_argument, default_work_dir, print_table
 from mixprec.measure.config import MeasureConfig
 from mixprec.measure.engine.core import EngineConfig
@@ -112,6 +112,7 @@ def config_from_args(args: argparse.Namespace) -> MeasureConfig:
 
 def run(args: argparse.Namespace) -> int:
     check_windows(args.model, args.seq_len)
+    check_storage_arg(args.storage)
     config = config_from_args(args)
     folder = run_measure(config, workers=args.workers)
     if folder is None:

@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from mixprec.cli.checks import check_storage_arg
 from mixprec.cli.common import add_model_argument, add_work_argument, default_work_dir
 from mixprec.report import build_report
 from mixprec.report.collect import StudyAccess
@@ -55,6 +56,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    for url in args.storage:
+        check_storage_arg(url)
     work = default_work_dir(args.model, args.work)
     page = build_report(work, tuple(args.recipe), args.out, studies=not args.no_studies,
                         attach=not args.no_attach, dpi=args.dpi,

@@ -27,7 +27,7 @@ import argparse
 from pathlib import Path
 
 from mixprec.checkpoint.compile import open_variants
-from mixprec.cli.checks import check_windows
+from mixprec.cli.checks import check_storage_arg, check_windows
 from mixprec.cli.common import add_model_argument, add_work_argument, default_work_dir, print_table
 from mixprec.core.errors import MixprecError
 from mixprec.formats.exl3 import recipe_to_exl3
@@ -175,6 +175,7 @@ def _exl3_sources(items: list[str]) -> dict[int, str]:
 
 def run(args: argparse.Namespace) -> int:
     check_windows(args.model, args.seq_len)
+    check_storage_arg(args.storage)
     configs = configs_from_args(args)
     if not args.verbose:
         quiet_optuna()

@@ -12,6 +12,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from mixprec.core.errors import MixprecError
+from mixprec.core.storage_url import check_storage, describe_open_error
+
 __all__ = ["JOURNAL_FILE", "open_storage"]
 
 #: the journal file a stage keeps in its own folder when no storage is given
@@ -32,13 +35,26 @@ def open_storage(url: str | None, folder: Path | None = None, create: bool = Tru
 
     `url=None` means the stage's own journal, `folder/journal.log`. With `create=False` nothing is
     created: a SQLite database is opened read-only in spirit (no table creation, no schema check).
+    A writer's URL is checked first (`mixprec.core.storage_url.check_storage`), and a storage that cannot
+    be opened (server down, wrong password) is a one-line `StorageError`, not a driver traceback.
     """
-    import optuna
-
     if url is None:
         if folder is None:
             raise ValueError("open_storage needs a folder when no storage URL is given")
         return _journal(Path(folder) / JOURNAL_FILE, create)
+    if create:
+        check_storage(url)
+    try:
+        return _open_url(url, create)
+    except MixprecError:
+        raise
+    except Exception as exc:  # sqlalchemy / driver / OS errors
+        raise describe_open_error(url, exc) from exc
+
+
+def _open_url(url: str, create: bool) -> Any:
+    import optuna
+
     if "://" not in url:
         return _journal(Path(url), create)
     if url.startswith("sqlite:///"):

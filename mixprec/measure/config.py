@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from mixprec.core.errors import MixprecError
+from mixprec.core.storage_url import check_storage
 from mixprec.measure.engine.core import EngineConfig
 from mixprec.model.arch import DEFAULT_QUANTIZED_KINDS, GroupKind
 from mixprec.model.data import WindowConfig
@@ -75,6 +76,8 @@ class MeasureConfig:
             raise MixprecError(f"streaming={self.streaming!r} is unknown; use one of {STREAMING_MODES}")
         if self.max_memory is not None and self.max_memory <= 0:
             raise MixprecError(f"max_memory={self.max_memory} bytes must be positive")
+        if self.storage is not None:
+            check_storage(self.storage)
 
     @property
     def folder(self) -> Path:

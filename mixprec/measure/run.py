@@ -30,9 +30,11 @@ from typing import Any
 import torch
 
 from mixprec.core.errors import MixprecError
+from mixprec.core.fileio import read_json
 from mixprec.core.kl import TokenComparison, paired_difference, summarize
 from mixprec.core.progress import progress
 from mixprec.core.storage import open_storage
+from mixprec.core.storage_url import redact, storage_path
 from mixprec.measure.config import MeasureConfig
 from mixprec.measure.engine.core import KLEngine, resolve_device
 from mixprec.measure.inputs import check_disjoint, measure_variants, measurement_fingerprint
@@ -44,9 +46,34 @@ from mixprec.model.loading import Checkpoint
 from mixprec.model.modelmap import ModelMap
 from mixprec.model.streaming import open_model
 
-__all__ = ["Worker", "run_measure", "measurement_jobs"]
+__all__ = ["Worker", "run_measure", "measurement_jobs", "refuse_foreign_table"]
 
 log = logging.getLogger(__name__)
+
+
+def _same_storage(a: str, b: str) -> bool:
+    path_a, path_b = storage_path(a), storage_path(b)
+    if path_a is not None and path_b is not None:
+        return path_a.resolve() == path_b.resolve()
+    return a == b
+
+
+def refuse_foreign_table(config: MeasureConfig) -> None:
+    """Refuse to write over a finished table that another storage's jobs made: its table.csv would be replaced
+    by this run's (one folder, two measurements). The same storage reuses and rewrites its own table."""
+    summary_path = config.folder / "summary.json"
+    if not summary_path.is_file():
+        return
+    recorded = read_json(summary_path).get("storage")
+    mine = config.storage or str(config.folder / "journal.log")
+    # Note: the default journal is recorded as a path relative to where that run started; any folder's own
+    # journal.log counts as this folder's when this run uses the default too.
+    default = config.storage is None and isinstance(recorded, str) and Path(recorded).name == "journal.log" \
+        and Path(recorded).parent.name == config.folder.name
+    if isinstance(recorded, str) and not default and not _same_storage(recorded, mine):
+        raise MixprecError(f"{config.folder} already holds a finished table measured with storage "
+                           f"{redact(recorded)}; this run uses {redact(mine)}. Pass --storage {redact(recorded)} "
+                           "to continue that measurement, or use another --work folder")
 
 def measurement_jobs(model_map: ModelMap, config: MeasureConfig) -> list[Job]:
     """Every (group, bits) job in layer order, so jobs claimed together share their first layer."""
@@ -65,16 +92,18 @@ class Worker:
 
     def __init__(self, config: MeasureConfig) -> None:
         self.config = config
+        refuse_foreign_table(config)
         self.checkpoint = Checkpoint.open(config.model)
         self.model_map = self.checkpoint.model_map(config.granularity)
+        storage = open_storage(config.storage, config.folder)  # an unreachable one fails before quantizing
         self.variants = measure_variants(config, self.checkpoint)
         self.windows = load_windows(self.checkpoint.path, config.split,
                                     WindowConfig(config.seq_len, config.num_windows), list(config.data_files) or None)
         check_disjoint(self.variants, self.windows)
         self.jobs = measurement_jobs(self.model_map, config)
         lock = config.folder / ".enqueue.lock" if config.storage is None else None
-        self.store = JobStore(open_storage(config.storage, config.folder),
-                              measurement_fingerprint(self.checkpoint, self.variants, self.windows, config), lock)
+        fingerprint = measurement_fingerprint(self.checkpoint, self.variants, self.windows, config)
+        self.store = JobStore(storage, fingerprint, lock)
         self.store.enqueue(self.jobs)
         self.store.recover_stale(config.reset_stale)
         self.engine: KLEngine | None = None

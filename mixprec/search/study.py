@@ -44,6 +44,7 @@ from mixprec.core.fileio import sha256_text
 from mixprec.core.kl import bootstrap_se, paired_difference
 from mixprec.core.progress import progress
 from mixprec.core.storage import open_storage
+from mixprec.core.storage_url import check_storage, describe_open_error
 from mixprec.formats.recipe import Recipe
 from mixprec.measure.store import owner_is_dead, process_owner
 from mixprec.search.costs import Option
@@ -87,6 +88,8 @@ class SearchConfig:
             raise MixprecError("front_seeds, max_moves and explore_top must be at least 1")
         if not self.study_name or "/" in self.study_name:
             raise MixprecError(f"study name {self.study_name!r} must be non-empty and contain no '/'")
+        if self.storage is not None:
+            check_storage(self.storage)
 
     @property
     def storage_url(self) -> str:
@@ -187,9 +190,14 @@ def _fingerprint(problem: Problem, limit_bits: int, config: SearchConfig, contex
 
 def _open_study(problem: Problem, limit_bits: int, config: SearchConfig, context: Mapping[str, Any]) -> optuna.Study:
     directions = ["minimize", "minimize"] if config.multi_objective else ["minimize"]
-    study = optuna.create_study(study_name=config.study_name, storage=open_storage(config.storage_url),
-                                directions=directions, sampler=_make_sampler(problem, limit_bits, config),
-                                load_if_exists=True)
+    try:
+        storage = open_storage(config.storage_url)
+        study = optuna.create_study(study_name=config.study_name, storage=storage, directions=directions,
+                                    sampler=_make_sampler(problem, limit_bits, config), load_if_exists=True)
+    except (MixprecError, ValueError):  # ours, and Optuna's own "directions differ" message
+        raise
+    except Exception as exc:  # sqlalchemy / driver / OS errors: one line naming the storage
+        raise describe_open_error(config.storage_url, exc) from exc
     fingerprint = _fingerprint(problem, limit_bits, config, context)
     recorded = study.user_attrs.get(_STUDY_ATTR)
     if recorded is None:
