@@ -234,3 +234,22 @@ def test_another_storage_does_not_overwrite_a_finished_table(model_dir: Path, dr
         run_measure(small_config(model_dir, work, storage=str(tmp_path / "other.log")))
     assert (folder / "table.csv").read_bytes() == before and not (tmp_path / "other.log").exists()
     assert run_measure(small_config(model_dir, work)) == folder, "the table's own storage still reuses it"
+
+
+def test_torn_last_journal_record_is_dropped_and_the_run_finishes(model_dir: Path, work: Path, drop_table,
+                                                                  caplog: pytest.LogCaptureFixture) -> None:
+    """Power loss mid-write leaves half a record; the next run must not append onto it (JSONDecodeError forever)."""
+    _, reference = drop_table
+    first = Worker(small_config(model_dir, work, max_jobs=7))
+    assert first.run() == 7
+    journal = first.config.folder / "journal.log"
+    whole = journal.read_bytes()
+    journal.write_bytes(whole + b'{"op_code":5,"worker_id":"x","trial_id":3,"state":1,"val')
+    with caplog.at_level("WARNING"):
+        resumed = Worker(small_config(model_dir, work))
+    assert "torn journal records" in caplog.text
+    assert resumed.run() == 36 - 7, "every complete record (7 finished jobs) is kept"
+    table = load_measurement(resumed.write()).table
+    cols = ["group", "bits", "kl_mean", "storage_bits"]
+    pd.testing.assert_frame_equal(table[cols], reference.table[cols], rtol=1e-4)
+    assert Worker(small_config(model_dir, work)).run() == 0, "and the journal reads cleanly afterwards"

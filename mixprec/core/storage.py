@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from mixprec.core.errors import MixprecError
+from mixprec.core.journal import repair_journal
 from mixprec.core.storage_url import check_storage, describe_open_error
 
 __all__ = ["JOURNAL_FILE", "open_storage"]
@@ -27,6 +28,7 @@ def _journal(path: Path, create: bool) -> Any:
 
     if create:
         path.parent.mkdir(parents=True, exist_ok=True)
+        repair_journal(path)  # a torn last record would make the next append unreadable
     return optuna.storages.JournalStorage(JournalFileBackend(str(path)))
 
 
