@@ -32,6 +32,7 @@ from mixprec.checkpoint.qformat import CompileError
 from mixprec.checkpoint.shards import checkpoint_shards
 from mixprec.cli import main
 from mixprec.formats.recipe import ModelRef, QuantSettings, Recipe
+from mixprec.model.arch import GroupKind
 from mixprec.model.loading import Checkpoint
 from mixprec.quant import SUPPORTED_BITS, SUPPORTED_GROUP_SIZES
 from mixprec.quant.variants import ensure_variants
@@ -47,11 +48,13 @@ def wide_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return save_tiny_model("qwen2_moe", tmp_path_factory.mktemp("wide") / "qwen2_moe", **WIDE)
 
 
-def all_widths_recipe(checkpoint: Checkpoint, settings: QuantSettings) -> Recipe:
-    """Expert granularity, widths 2..8 cycling over the default kinds' groups (every width used)."""
+def all_widths_recipe(checkpoint: Checkpoint, settings: QuantSettings, nulls: tuple[str, ...] = ()) -> Recipe:
+    """Expert granularity, widths 2..8 cycling over the default kinds' groups (every width used), `nulls`
+    kept at original precision."""
     groups = [g.name for g in checkpoint.model_map("expert").select()]
-    assert len(groups) >= len(SUPPORTED_BITS)
-    bits = dict(zip(groups, itertools.cycle(SUPPORTED_BITS), strict=False))
+    assert len(groups) >= len(SUPPORTED_BITS) + len(nulls)
+    bits: dict[str, int | None] = dict(zip(groups, itertools.cycle(SUPPORTED_BITS), strict=False))
+    bits.update(dict.fromkeys(nulls))
     return Recipe(ModelRef("wide", checkpoint.model_type, checkpoint.fingerprint), checkpoint.model_map("expert")
                   .granularity, settings, dict(bits))
 
@@ -65,40 +68,58 @@ def dequantized_by_ct(folder: Path) -> dict[str, torch.Tensor]:
     return tensors
 
 
+def assert_ct_rebuilds_mixprec_load(checkpoint: Checkpoint, recipe: Recipe, root: Path) -> dict:
+    """Compile `recipe` in both formats under `root`; compressed-tensors' reader of one must give exactly
+    `mixprec.load` of the other (fp16) for every quantized matrix and the source for every other tensor."""
+    settings = recipe.quantizer
+    widths = sorted({b for b in recipe.groups.values() if b is not None})
+    ensure_variants(checkpoint, checkpoint.model_map(recipe.granularity), [settings.config(b) for b in widths],
+                    root / "work")
+    compile_recipe(recipe, checkpoint, root / "work", root / "mixprec", SHARDS)
+    report = compile_ctensors(recipe, checkpoint, root / "work", root / "ct", SHARDS)
+    assert len(report["shards"]) > 1 and report["compressed_tensors_validated"] == ct.__version__
+    decompressed = dequantized_by_ct(root / "ct")
+    params = dict(load(root / "mixprec", dtype=torch.float16).named_parameters())
+    model_map = checkpoint.model_map(recipe.granularity)
+    for name, bits in recipe.groups.items():
+        for ref in model_map.group(name).weights if bits is not None else ():
+            got = decompressed.pop(ref.key)
+            assert got.dtype == torch.float16 and torch.equal(got, ref.slice_memory(params[ref.param])), \
+                f"{ref.key} at {bits} bits"
+    assert decompressed, "the unquantized tensors are missing"
+    for key, tensor in decompressed.items():
+        assert torch.equal(tensor, checkpoint.read(key)), key
+    return report
+
+
 @pytest.mark.parametrize(("group_size", "symmetric"), list(itertools.product(SUPPORTED_GROUP_SIZES, (True, False))))
 def test_ct_decompressor_rebuilds_what_mixprec_load_reads(wide_model: Path, tmp_path: Path, group_size: int,
                                                           symmetric: bool) -> None:
     checkpoint = Checkpoint.open(wide_model)
-    settings = QuantSettings(group_size=group_size, symmetric=symmetric)
-    recipe = all_widths_recipe(checkpoint, settings)
-    ensure_variants(checkpoint, checkpoint.model_map("expert"), [settings.config(b) for b in SUPPORTED_BITS],
-                    tmp_path / "work")
-    compile_recipe(recipe, checkpoint, tmp_path / "work", tmp_path / "mixprec", SHARDS)
-    report = compile_ctensors(recipe, checkpoint, tmp_path / "work", tmp_path / "ct", SHARDS)
-    assert len(report["shards"]) > 1 and report["compressed_tensors_validated"] == ct.__version__
+    recipe = all_widths_recipe(checkpoint, QuantSettings(group_size=group_size, symmetric=symmetric))
+    assert set(recipe.groups.values()) == set(SUPPORTED_BITS)
+    assert_ct_rebuilds_mixprec_load(checkpoint, recipe, tmp_path)
 
-    decompressed = dequantized_by_ct(tmp_path / "ct")
-    model = load(tmp_path / "mixprec", dtype=torch.float16)
-    params = dict(model.named_parameters())
-    model_map = checkpoint.model_map("expert")
-    seen_bits = set()
-    for name, bits in recipe.groups.items():
-        for ref in model_map.group(name).weights:
-            expected = ref.slice_memory(params[ref.param])
-            got = decompressed.pop(ref.key)
-            assert got.dtype == torch.float16 and torch.equal(got, expected), f"{ref.key} at {bits} bits"
-            seen_bits.add(bits)
-    assert seen_bits == set(SUPPORTED_BITS)
-    assert decompressed, "the unquantized tensors are missing"
-    for key, tensor in decompressed.items():
-        assert torch.equal(tensor, checkpoint.read(key)), key
+
+def test_experts_sharing_a_width_get_one_target(wide_model: Path, tmp_path: Path) -> None:
+    checkpoint = Checkpoint.open(wide_model)
+    model_map = checkpoint.model_map("layer")
+    widths = {GroupKind.ATTENTION: 8, GroupKind.ROUTED_EXPERTS: 2, GroupKind.SHARED_EXPERTS: 5, GroupKind.DENSE_MLP: 3}
+    recipe = Recipe(ModelRef("wide", checkpoint.model_type, checkpoint.fingerprint), model_map.granularity,
+                    QuantSettings(group_size=32, symmetric=False), {g.name: widths[g.kind] for g in model_map.select()})
+    assert_ct_rebuilds_mixprec_load(checkpoint, recipe, tmp_path)
+    qconfig = json.loads((tmp_path / "ct" / "config.json").read_text())["quantization_config"]
+    targets = {s["weights"]["num_bits"]: s["targets"] for s in qconfig["config_groups"].values()}
+    assert targets[2] == [rf"re:^model\.layers\.1\.mlp\.experts\.\d+\.{p}$" for p in ("down_proj", "gate_proj",
+                                                                                         "up_proj")]
+    assert all(t.startswith("re:^model") for t in targets[8]) and len(targets[8]) == 8  # q, k, v, o of 2 layers
 
 
 def test_config_is_valid_for_compressed_tensors(wide_model: Path, tmp_path: Path) -> None:
     checkpoint = Checkpoint.open(wide_model)
     settings = QuantSettings(group_size=64, symmetric=False)
-    recipe = all_widths_recipe(checkpoint, settings)
-    recipe.groups["layers.1.experts.2"] = None  # stays unquantized: must be in ignore, in no target
+    # layers.1.experts.2 stays unquantized: it must be in ignore and in no target
+    recipe = all_widths_recipe(checkpoint, settings, nulls=("layers.1.experts.2",))
     ensure_variants(checkpoint, checkpoint.model_map("expert"), [settings.config(b) for b in SUPPORTED_BITS],
                     tmp_path / "work")
     compile_ctensors(recipe, checkpoint, tmp_path / "work", tmp_path / "ct")

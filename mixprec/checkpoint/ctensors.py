@@ -26,8 +26,9 @@ cannot be made positive losslessly in b bits. vLLM's opt-in 8-bit-activation Mar
 report counts negative scales so a user can tell.
 
 config.json gains `quantization_config` with one config group per bit width (the recipe has one group size
-and symmetry), each targeting its modules by anchored `re:^<module>$` patterns, and `ignore` listing every
-weight matrix left unquantized (embeddings, head, routers, null groups). Checked before writing: the
+and symmetry), each targeting its modules by anchored `re:^<module>$` patterns (all experts of a layer and
+projection that share a width by one `re:^...experts\\.\\d+\\.<proj>$`), and `ignore` listing every weight
+matrix left unquantized (embeddings, head, routers, null groups). Checked before writing: the
 source stores experts per expert, no embedding, head or router is quantized, and G divides every quantized
 in-features (compressed-tensors' group dequantization requires it). After writing, every header is re-read
 and checked against the plan, and the targets must select exactly the quantized modules.
@@ -60,8 +61,8 @@ from mixprec.quant import QuantizedWeight
 from mixprec.quant.variants import Variant
 
 __all__ = ["QUANT_METHOD", "PACK_FORMAT", "SUFFIXES", "module_name", "module_target", "packed_nbytes",
-           "pack_int32", "ct_tensors", "quantization_config", "verify_ctensors", "vllm_fusion_conflicts",
-           "compile_ctensors"]
+           "pack_int32", "ct_tensors", "config_targets", "quantization_config", "verify_ctensors",
+           "vllm_fusion_conflicts", "compile_ctensors"]
 
 log = logging.getLogger(__name__)
 
@@ -137,21 +138,53 @@ def _check_exportable(recipe: Recipe, model_map: ModelMap) -> None:
                                    "a group size dividing every quantized in-features, or set that group to null")
 
 
-def quantization_config(recipe: Recipe, plan: CompilePlan, model_map: ModelMap) -> dict[str, Any]:
-    """config.json's `quantization_config`: one config group per width, anchored per-module targets."""
-    q = recipe.quantizer
+def _expert_target(module: str, expert: int) -> str | None:
+    """A target selecting every expert of `module`'s layer and projection (its expert index becomes `\\d+`).
+
+    The expert index is the last path segment equal to it (`...experts.5.gate_proj`, Mixtral's
+    `...experts.5.w1`); None when there is none.
+    """
+    parts = module.split(".")
+    at = max((i for i, part in enumerate(parts) if part == str(expert)), default=None)
+    if at is None:
+        return None
+    return "re:^" + r"\.".join(r"\d+" if i == at else re.escape(part) for i, part in enumerate(parts)) + "$"
+
+
+def config_targets(bits_map: dict[str, int], model_map: ModelMap) -> dict[int, list[str]]:
+    """bits -> targets: one `re:^<module>$` per quantized module, except that all experts of a layer and
+    projection sharing one width get one `\\d+` target (a few hundred targets for a large MoE rather than
+    tens of thousands, which every loader matches each module against)."""
+    families: dict[str, dict[str, int | None]] = {}
+    for group in model_map.groups:
+        for ref in group.weights:
+            target = None if ref.expert is None else _expert_target(module_name(ref.key), ref.expert)
+            if target is not None:
+                families.setdefault(target, {})[module_name(ref.key)] = bits_map.get(module_name(ref.key))
     by_bits: dict[int, list[str]] = {}
-    for base, bits in plan.bits_map.items():
-        by_bits.setdefault(bits, []).append(module_target(base))
-    quantized = {module_name(ref.key) for ref in (e.ref for e in plan.entries()) if ref is not None}
+    covered: set[str] = set()
+    for target, members in families.items():
+        widths = set(members.values())
+        if len(widths) == 1 and None not in widths:
+            by_bits.setdefault(int(widths.pop()), []).append(target)  # type: ignore[arg-type]
+            covered.update(members)
+    for module, bits in bits_map.items():
+        if module not in covered:
+            by_bits.setdefault(bits, []).append(module_target(module))
+    return {bits: sorted(targets) for bits, targets in sorted(by_bits.items())}
+
+
+def quantization_config(recipe: Recipe, plan: CompilePlan, model_map: ModelMap) -> dict[str, Any]:
+    """config.json's `quantization_config`: one config group per width, anchored targets, the rest ignored."""
+    q = recipe.quantizer
     ignore = [module_name(key) for group in model_map.groups for key in group.keys
-              if module_name(key) not in quantized]
-    groups = {f"group_{i}": {"targets": sorted(targets), "format": PACK_FORMAT, "input_activations": None,
+              if module_name(key) not in plan.bits_map]
+    groups = {f"group_{i}": {"targets": targets, "format": PACK_FORMAT, "input_activations": None,
                              "output_activations": None,
                              "weights": {"num_bits": bits, "type": "int", "symmetric": q.symmetric,
                                          "strategy": "group", "group_size": q.group_size, "dynamic": False,
                                          "actorder": None}}
-              for i, (bits, targets) in enumerate(sorted(by_bits.items()))}
+              for i, (bits, targets) in enumerate(config_targets(plan.bits_map, model_map).items())}
     return {"quant_method": QUANT_METHOD, "format": PACK_FORMAT, "quantization_status": "compressed",
             "config_groups": groups, "ignore": sorted(dict.fromkeys(ignore)), "kv_cache_scheme": None,
             "global_compression_ratio": None}
@@ -199,16 +232,32 @@ def _check_entry(folder: Path, entry: PlanEntry, plan: CompilePlan, tensors: dic
     return len(suffixes)
 
 
+def _selected(targets: list[str], modules: set[str], literal: dict[str, str]) -> list[str]:
+    """Modules the targets select under compressed-tensors' rule (`re:` -> re.match). A fully escaped,
+    anchored target selects only its own name, so it is looked up rather than matched against every module."""
+    found = []
+    for target in targets:
+        if target in literal:
+            found.append(literal[target])
+        else:
+            pattern = re.compile(target.removeprefix("re:"))
+            found.extend(m for m in modules if pattern.match(m))
+    return found
+
+
 def _check_targets(folder: Path, qconfig: dict[str, Any], plan: CompilePlan, modules: set[str]) -> None:
-    """Each config group must select exactly its width's modules (re.match, as compressed-tensors applies
-    `re:` targets), and `ignore` none of the quantized ones."""
+    """Each config group must select exactly its width's modules, no module twice, and `ignore` none of them."""
+    literal = {module_target(m): m for m in modules}
+    seen: list[str] = []
     for group in qconfig["config_groups"].values():
-        patterns = [re.compile(t.removeprefix("re:")) for t in group["targets"]]
-        selected = {m for m in modules if any(p.match(m) for p in patterns)}
+        selected = _selected(group["targets"], modules, literal)
         wanted = {base for base, bits in plan.bits_map.items() if bits == group["weights"]["num_bits"]}
-        if selected != wanted:
+        if set(selected) != wanted:
             raise _fail(folder, f"the {group['weights']['num_bits']}-bit targets select "
-                                f"{sorted(selected ^ wanted)[:3]} wrongly")
+                                f"{sorted(set(selected) ^ wanted)[:3]} wrongly")
+        seen.extend(selected)
+    if len(seen) != len(set(seen)):
+        raise _fail(folder, "a module is selected by more than one target")
     if set(qconfig["ignore"]) & set(plan.bits_map):
         raise _fail(folder, "quantization_config.ignore lists quantized modules")
 
