@@ -182,6 +182,7 @@ def test_cli_writes_compressed_tensors_and_flags_vllm_fusions(wide_model: Path, 
     assert "model.layers.1.mlp.experts" in report["vllm_fusion_conflicts"]
     assert 0 < report["negative_scales"] < report["scales"]  # signed RTN scales are written as they are
     assert (tmp_path / "ct" / "tokenizer.json").exists() == (wide_model / "tokenizer.json").exists()
+    assert main(["eval", str(tmp_path / "ct"), "--reference", str(wide_model)]) == 2  # refused up front
     same = {name: 4 for name in recipe.groups}
     assert vllm_fusion_conflicts(checkpoint.model_map("expert"), {}) == []
     assert not vllm_fusion_conflicts(checkpoint.model_map("expert"),

@@ -23,8 +23,8 @@ from typing import Any
 import torch
 
 from mixprec.checkpoint.load import CompiledCheckpoint, is_mixprec_checkpoint, load
-from mixprec.core.errors import FingerprintMismatchError, MixprecError
-from mixprec.core.fileio import atomic_write_json
+from mixprec.core.errors import FingerprintMismatchError, MixprecError, ModelLoadError
+from mixprec.core.fileio import atomic_write_json, read_json
 from mixprec.core.kl import CONFIDENCE_BINS, KLSummary, TokenComparison, compare_logits, summarize
 from mixprec.core.progress import progress
 from mixprec.model.data import DataSpec, TokenWindows, WindowConfig, load_windows
@@ -78,10 +78,20 @@ class EvalResult:
                 "confidence_bins": list(CONFIDENCE_BINS[:-1]) + [1.0], "timings_s": self.timings}
 
 
+def _refuse_compressed_tensors(path: Path) -> None:
+    """transformers cannot run a mixed-width compressed-tensors MoE (it crashes mid-forward); say so up front."""
+    qconfig = read_json(path / "config.json").get("quantization_config") if (path / "config.json").is_file() else None
+    if isinstance(qconfig, dict) and qconfig.get("quant_method") == "compressed-tensors":
+        raise ModelLoadError(f"{path} is a compressed-tensors checkpoint (for vLLM), which mixprec eval does not "
+                             "read; evaluate the same recipe compiled with --format mixprec: compressed-tensors "
+                             "decompresses the compressed-tensors folder to exactly its weights (README)")
+
+
 def load_candidate(path: str | Path, dtype: torch.dtype = torch.float32) -> tuple[torch.nn.Module, str]:
     """The model in a folder and its format: `mixprec` (compiled, dequantized on load) or `hf`."""
     if is_mixprec_checkpoint(path):
         return load(path, dtype=dtype), "mixprec"
+    _refuse_compressed_tensors(Path(path))
     return load_model(path, dtype=dtype), "hf"
 
 
@@ -120,6 +130,7 @@ def evaluate(candidate: str | Path, reference: str | Path | None = None, config:
     """Score `candidate` against `reference` (default: the bundled model) on its evaluation windows."""
     config = config or EvalConfig()
     candidate = Path(candidate)
+    _refuse_compressed_tensors(candidate)
     reference_checkpoint = Checkpoint.open(reference)
     if is_mixprec_checkpoint(candidate) and not allow_other_reference:
         _check_reference(candidate, reference_checkpoint)
