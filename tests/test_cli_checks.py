@@ -85,3 +85,27 @@ def test_storage_forms_that_are_accepted(tmp_path: Path) -> None:
     for url in (f"sqlite:///{tmp_path}/new/folder/s.db", str(tmp_path / "j.log"), "postgresql+psycopg://u@h/db"):
         check_storage(url)  # a missing sqlite/journal folder is created when the storage is opened
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("flag", ["--out", "--export-exl3"])
+def test_search_does_not_overwrite_a_file_it_did_not_write(flag: str, tiny_model: Path, tmp_path: Path,
+                                                           capsys: pytest.CaptureFixture[str]) -> None:
+    target = tmp_path / "mine.yaml"
+    target.write_text("my notes\n")
+    base = ["search", str(tiny_model), "--budget", "3", "--work", str(tmp_path / "w"), "--seq-len", "32"]
+    _fails([*base, flag, str(target)], capsys, flag, "--force")
+    assert target.read_text() == "my notes\n" and not (tmp_path / "w").exists()
+    _fails([*base, flag, str(tmp_path)], capsys, "is a folder")
+
+
+def test_files_mixprec_wrote_may_be_replaced(tmp_path: Path) -> None:
+    from mixprec.cli.checks import check_out_file, is_override_file, is_recipe_file
+
+    recipe, override = tmp_path / "r.yaml", tmp_path / "o.yaml"
+    recipe.write_text("schema_version: 1\nkind: mixprec.recipe\ngroups: {}\n")
+    override.write_text("sources: []\noverrides: []\n")
+    check_out_file(recipe, "--out", is_recipe_file)
+    check_out_file(override, "--export-exl3", is_override_file)
+    with pytest.raises(MixprecError, match="not a file mixprec wrote"):
+        check_out_file(override, "--out", is_recipe_file)
+    check_out_file(override, "--out", is_recipe_file, force=True)

@@ -279,3 +279,23 @@ def test_cli_compiles_an_exllamav3_override_yaml(compiled: tuple, tiny_model_dir
     assert main([*args, "--base-bits", "4"]) == 0
     compiled_groups = json.loads((tmp_path / "out" / "config.json").read_text())["quantization_config"]["groups"]
     assert compiled_groups == recipe.groups
+
+
+def test_earlier_output_with_user_files_is_not_replaced(compiled: tuple, tiny_model_dirs: dict, tmp_path: Path,
+                                                        capsys: pytest.CaptureFixture[str]) -> None:
+    """Recompiling into an earlier output replaces it whole: only when it holds nothing else, or with --force."""
+    recipe, work, out = compiled
+    shutil.copytree(out, tmp_path / "out")
+    recipe.save(tmp_path / "recipe.yaml")
+    argv = ["compile", str(tmp_path / "recipe.yaml"), "--out", str(tmp_path / "out"), "--model",
+            str(tiny_model_dirs["qwen2_moe"]), "--work", str(work)]
+    assert main(argv) == 0, "an earlier output holding only what compile wrote is ours to replace"
+    (tmp_path / "out" / "NOTES.md").write_text("keep me")
+    (tmp_path / "out" / "results").mkdir()
+    assert main(argv) == 2
+    assert "NOTES.md" in capsys.readouterr().err and (tmp_path / "out" / "NOTES.md").read_text() == "keep me"
+    assert (tmp_path / "out" / "results").is_dir()
+    assert main([*argv, "--force"]) == 0 and not (tmp_path / "out" / "NOTES.md").exists()
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(CompileError, match="existing file"):
+        compile_recipe(recipe, Checkpoint.open(tiny_model_dirs["qwen2_moe"]), work, tmp_path / "file")

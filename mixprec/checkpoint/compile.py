@@ -56,8 +56,8 @@ from mixprec.checkpoint.qformat import (
 )
 from mixprec.checkpoint.shards import INDEX_FILE, checkpoint_shards, plan_shards, shard_names, write_index
 from mixprec.checkpoint.verify import CompilePlan, PlanEntry, build_report, verify_output
-from mixprec.core.errors import FingerprintMismatchError
-from mixprec.core.fileio import atomic_dir, atomic_write_json, sha256_text
+from mixprec.core.errors import FingerprintMismatchError, MixprecError
+from mixprec.core.fileio import atomic_dir, atomic_write_json, read_json, sha256_text
 from mixprec.core.progress import progress
 from mixprec.core.version import __version__
 from mixprec.formats.recipe import Recipe
@@ -79,10 +79,12 @@ _WEIGHT_SUFFIXES = {".bin", ".pt", ".pth", ".gguf", ".ckpt", ".h5", ".msgpack"}
 
 @dataclass(frozen=True)
 class CompileConfig:
-    """How the checkpoint is written: shard size limit (bytes of tensor data) and post-write verification."""
+    """How the checkpoint is written: shard size limit (bytes of tensor data), post-write verification, and
+    `force`: replace an existing output folder even when it holds files an earlier compile did not write."""
 
     max_shard_bytes: int = _DEFAULT_MAX_SHARD
     verify: bool = True
+    force: bool = False
 
     def __post_init__(self) -> None:
         if self.max_shard_bytes <= 0:
@@ -238,24 +240,46 @@ def copy_side_files(source: Path, folder: Path, weight_files: set[Path]) -> list
     return copied
 
 
-def _check_target(out_dir: Path, checkpoint: Checkpoint, work_dir: Path) -> None:
+def _foreign_entries(out: Path) -> list[str]:
+    """Entries of an existing output folder that no compile wrote there (user notes, results folders)."""
+    try:
+        report = read_json(out / REPORT_FILE)
+    except MixprecError:
+        report = None
+    if not isinstance(report, dict):
+        return sorted(p.name for p in out.iterdir())
+    ours = {REPORT_FILE, "config.json", INDEX_FILE, *(report.get("shards") or {}), *(report.get("side_files") or [])}
+    return sorted(p.name + ("/" if p.is_dir() else "") for p in out.iterdir() if p.name not in ours or p.is_dir())
+
+
+def _check_target(out_dir: Path, checkpoint: Checkpoint, work_dir: Path, force: bool = False) -> None:
+    """The output folder may be replaced whole only when it is new, empty, or an earlier compile output that
+    holds nothing else (or with `force`): replacing it deletes everything inside."""
     out = out_dir.resolve()
     for protected in (checkpoint.path, Path(work_dir).resolve()):
         if out == protected or protected.is_relative_to(out):
             raise CompileError(f"output folder {out_dir} would replace {protected}; choose a new folder")
-    if out.exists() and any(out.iterdir()) and not (out / REPORT_FILE).exists():
+    if out.exists() and not out.is_dir():
+        raise CompileError(f"--out {out_dir} is an existing file; give a folder path for the checkpoint")
+    if force or not out.exists() or not any(out.iterdir()):
+        return
+    if not (out / REPORT_FILE).exists():
         raise CompileError(f"output folder {out_dir} exists and is not a mixprec compile output; "
                            "remove it or choose another folder (it would be replaced)")
+    foreign = _foreign_entries(out)
+    if foreign:
+        raise CompileError(f"output folder {out_dir} is an earlier compile output but also holds {foreign[:5]}, "
+                           "which replacing it would delete; move them out, choose another --out, or pass --force")
 
 
-def prepare_compile(recipe: Recipe, checkpoint: Checkpoint, work_dir: Path,
-                    out_dir: Path) -> tuple[ModelMap, dict[int, Variant]]:
+def prepare_compile(recipe: Recipe, checkpoint: Checkpoint, work_dir: Path, out_dir: Path,
+                    force: bool = False) -> tuple[ModelMap, dict[int, Variant]]:
     """Validate everything a compile needs before writing anything: an unquantized source, a safe output
     folder, a recipe for this model, and every variant present and intact. Shared by all compiled formats."""
     if "quantization_config" in checkpoint.config:
         raise CompileError(f"{checkpoint.path}/config.json already has a quantization_config; compile from the "
                            "unquantized model the variants were made from")
-    _check_target(out_dir, checkpoint, work_dir)
+    _check_target(out_dir, checkpoint, work_dir, force)
     model_map = checkpoint.model_map(recipe.granularity)
     try:
         recipe.check_model(model_map, checkpoint.fingerprint)
@@ -275,7 +299,7 @@ def compile_recipe(recipe: Recipe, checkpoint: Checkpoint, work_dir: str | Path,
     config = config or CompileConfig()
     started = time.perf_counter()
     work_dir, out_dir = Path(work_dir), Path(out_dir)
-    model_map, variants = prepare_compile(recipe, checkpoint, work_dir, out_dir)
+    model_map, variants = prepare_compile(recipe, checkpoint, work_dir, out_dir, config.force)
     plan = build_plan(recipe, model_map, checkpoint, variants, config.max_shard_bytes)
     recipe_yaml = recipe.to_yaml()
     with atomic_dir(out_dir) as tmp:

@@ -353,7 +353,7 @@ def compile_ctensors(recipe: Recipe, checkpoint: Checkpoint, work_dir: str | Pat
     config = config or CompileConfig()
     started = time.perf_counter()
     work_dir, out_dir = Path(work_dir), Path(out_dir)
-    model_map, variants = prepare_compile(recipe, checkpoint, work_dir, out_dir)
+    model_map, variants = prepare_compile(recipe, checkpoint, work_dir, out_dir, config.force)
     _check_exportable(recipe, model_map)
     plan = build_plan(recipe, model_map, checkpoint, variants, config.max_shard_bytes, packed_nbytes, SUFFIXES)
     signs = _ScaleSigns()

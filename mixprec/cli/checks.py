@@ -8,12 +8,16 @@ only move the failure to the start.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
 from mixprec.core.errors import MixprecError
 from mixprec.core.storage_url import check_storage, describe_open_error, storage_path
 from mixprec.model.data import check_seq_len
 from mixprec.model.loading import resolve_model_path
 
-__all__ = ["check_windows", "check_storage_arg"]
+__all__ = ["check_windows", "check_storage_arg", "check_out_file", "is_recipe_file", "is_override_file"]
 
 
 def check_windows(model: str | None, seq_len: int, flag: str = "--seq-len") -> None:
@@ -41,3 +45,42 @@ def check_storage_arg(url: str | None, flag: str = "--storage") -> None:
         engine.dispose()
     except Exception as exc:  # driver / network / authentication errors
         raise describe_open_error(url, exc, flag) from exc
+
+
+def _yaml_mapping(path: Path) -> dict[str, Any] | None:
+    import yaml
+
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError, yaml.YAMLError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def is_recipe_file(path: Path) -> bool:
+    """A recipe mixprec wrote (`kind: mixprec.recipe`), which a new search may replace."""
+    data = _yaml_mapping(path)
+    return data is not None and data.get("kind") == "mixprec.recipe"
+
+
+def is_override_file(path: Path) -> bool:
+    """An exllamav3 override YAML (`sources` + `overrides`), which a new export may replace."""
+    data = _yaml_mapping(path)
+    return data is not None and {"sources", "overrides"} <= set(data)
+
+
+def check_out_file(path: Path | None, flag: str, ours: Callable[[Path], bool], force: bool = False) -> None:
+    """An output file path that can be written: not a folder, its folder creatable, and no existing file
+    replaced unless it is one of ours (`ours`) or `force` is given."""
+    if path is None:
+        return
+    if path.is_dir():
+        raise MixprecError(f"{flag} {path} is a folder; give a file path")
+    ancestor = path.parent
+    while not ancestor.exists() and ancestor != ancestor.parent:
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise MixprecError(f"{flag} {path}: {ancestor} is not a folder, so the file cannot be written")
+    if path.exists() and not force and not ours(path):
+        raise MixprecError(f"{flag} {path} exists and is not a file mixprec wrote; it would be overwritten: "
+                           "choose another path or pass --force")

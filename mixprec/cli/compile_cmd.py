@@ -53,6 +53,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="override YAML only: bits of tensors that no override key matches")
     parser.add_argument("--granularity", choices=[g.value for g in Granularity], default=DEFAULT_GRANULARITY,
                         help=f"override YAML only: group granularity to read it at (default {DEFAULT_GRANULARITY})")
+    parser.add_argument("--force", action="store_true",
+                        help="replace --out even if it holds files an earlier compile did not write (they are deleted)")
     parser.set_defaults(run=run)
 
 
@@ -111,7 +113,7 @@ def size_rows(report: dict[str, object]) -> list[dict[str, object]]:
 
 
 def run(args: argparse.Namespace) -> int:
-    config = CompileConfig(max_shard_bytes=parse_size(args.max_shard_size))
+    config = CompileConfig(max_shard_bytes=parse_size(args.max_shard_size), force=args.force)
     checkpoint = Checkpoint.open(args.model)
     recipe, work = read_recipe(args, checkpoint)
     report = compiled_format(args.format).writer()(recipe, checkpoint, work, args.out, config)

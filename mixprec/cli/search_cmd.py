@@ -27,7 +27,7 @@ import argparse
 from pathlib import Path
 
 from mixprec.checkpoint.compile import open_variants
-from mixprec.cli.checks import check_storage_arg, check_windows
+from mixprec.cli.checks import check_out_file, check_storage_arg, check_windows, is_override_file, is_recipe_file
 from mixprec.cli.common import add_model_argument, add_work_argument, default_work_dir, print_table
 from mixprec.core.errors import MixprecError
 from mixprec.formats.exl3 import recipe_to_exl3
@@ -62,6 +62,8 @@ def _add_basic(parser: argparse.ArgumentParser) -> None:
                         help="recipe YAML to write (default recipes/<model>-<budget>.yaml)")
     parser.add_argument("--export-exl3", type=Path, default=None, metavar="FILE",
                         help="also write an exllamav3 override YAML")
+    parser.add_argument("--force", action="store_true",
+                        help="overwrite --out / --export-exl3 even if they are files mixprec did not write")
 
 
 def _add_advanced(parser: argparse.ArgumentParser) -> None:
@@ -110,6 +112,12 @@ def _budget(args: argparse.Namespace) -> Budget:
     if (args.budget is None) == (args.budget_gib is None):
         raise MixprecError("give exactly one of --budget BPW or --budget-gib GIB")
     return Budget(bpw=args.budget) if args.budget is not None else Budget(gib=args.budget_gib)
+
+
+def _out_path(args: argparse.Namespace) -> Path:
+    """`--out`, else recipes/<model>-<budget>.yaml."""
+    name = resolve_model_path(args.model).resolve().name
+    return args.out or Path("recipes") / f"{name}-{_label(_budget(args))}.yaml"
 
 
 def _label(budget: Budget) -> str:
@@ -176,6 +184,8 @@ def _exl3_sources(items: list[str]) -> dict[int, str]:
 def run(args: argparse.Namespace) -> int:
     check_windows(args.model, args.seq_len)
     check_storage_arg(args.storage)
+    check_out_file(_out_path(args), "--out", is_recipe_file, args.force)
+    check_out_file(args.export_exl3, "--export-exl3", is_override_file, args.force)
     configs = configs_from_args(args)
     if not args.verbose:
         quiet_optuna()
@@ -189,7 +199,7 @@ def run(args: argparse.Namespace) -> int:
     result = run_stage(configs[0], inputs[0]) if len(configs) == 1 else run_stages(configs, inputs)
     _print(result.comparison, configs[0].budget)
     checkpoint = inputs[0].checkpoint
-    out = args.out or Path("recipes") / f"{checkpoint.path.name}-{_label(configs[0].budget)}.yaml"
+    out = _out_path(args)
     result.recipe.save(out)
     print(f"wrote {out} (group size {result.recipe.quantizer.group_size}; study {result.search.study_name} in "
           f"{result.search.storage_url})")
