@@ -1,12 +1,17 @@
-"""Held-out KL of mixprec's searched recipe vs exllamav3 greedy, the --hq rule and uniform, at several budgets.
+"""Held-out KL of mixprec's searched recipes vs exllamav3 greedy, the --hq rule and uniform, at several budgets.
 
-For every granularity and budget it runs the search stage exactly as `mixprec search` does (same
-measurement, study, held-out evaluation), then prints one table: held-out KL ± SE per recipe with
-its achieved bpw, the ratio baseline KL / mixprec KL, and the paired difference with its SE (same
-evaluation tokens). Uniform is the smallest uniform variant at or above the budget, so it gets
-*more* bits than the others. Results also go to a JSON file; recipes of one granularity to recipes/.
+For one granularity and quantizer family it runs the search stage as `mixprec search --budget B1 B2 ...`
+does (a linked sweep: each budget seeded with its neighbours' recipes, the shipped recipe never worse
+than the smaller budget's; `--independent` runs one unlinked stage per budget as before), then prints
+per budget: held-out KL ± SE with achieved bpw, the **equivalent uniform bpw gain** (the bpw at which
+the same family's uniform curve, measured on the same held-out tokens, reaches that KL, minus the
+recipe's bpw; `>` marks an extrapolated value), the ratio baseline KL / mixprec KL with its paired
+bootstrap SE, the paired margin of the study's own decision, and the calibration cost in token-layers
+(tokens x decoder layers run) beside the measurement's. Uniform is the nearest uniform quant at or
+above the budget over every group size (more bits than the others, usually).
 
-Run: .venv/bin/python benchmarks/search_budgets.py [MODEL] --budgets 2.5 3.0 3.5 4.0 --granularity layer fine
+Run: .venv/bin/python benchmarks/search_budgets.py [MODEL] --budgets 2.5 3.0 3.5 4.0 --granularity fine
+     (--method gptq for the GPTQ family; --data/--eval-data FILES for another text; --no-correct to ablate)
 """
 
 from __future__ import annotations
@@ -15,14 +20,16 @@ import argparse
 import logging
 import time
 from pathlib import Path
+from typing import Any
 
 from mixprec.cli.common import default_work_dir
 from mixprec.core.fileio import atomic_write_json
 from mixprec.formats.recipe import Budget
 from mixprec.measure.config import MeasureConfig
-from mixprec.search.inputs import StageConfig, measure_missing
-from mixprec.search.pipeline import EngineCache, run_stage, run_stages
+from mixprec.search.inputs import Inputs, StageConfig, measure_missing, prepare
+from mixprec.search.pipeline import EngineCache, StageResult, run_stage, run_stages
 from mixprec.search.study import SearchConfig, quiet_optuna
+from mixprec.search.sweep import run_budgets
 
 BASELINES = ("greedy", "hq", "uniform")
 
@@ -32,70 +39,122 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("model", nargs="?", default=None, help="model folder (default: the bundled model)")
     p.add_argument("--work", type=Path, default=None)
     p.add_argument("--budgets", type=float, nargs="+", default=[2.5, 3.0, 3.5, 4.0])
-    p.add_argument("--granularity", nargs="+", default=["layer", "fine"], choices=["layer", "fine", "expert"])
+    p.add_argument("--granularity", default="fine", choices=["layer", "fine", "expert"])
     p.add_argument("--trials", type=int, default=40)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--method", default="rtn", help="quantizer family (rtn, gptq)")
     p.add_argument("--group-size", type=int, nargs="+", default=[64],
-                   help="group size(s) of the searched variants (default 64); several run `run_stages`, which "
-                        "ships the one with the lowest calibration KL")
-    p.add_argument("--eval-windows", type=int, default=32, help="held-out windows of 256 tokens (default 32)")
+                   help="group size(s) of the searched variants (default 64); several run `run_stages` per budget")
+    p.add_argument("--independent", action="store_true", help="one unlinked stage per budget (the old behaviour)")
+    p.add_argument("--no-correct", action="store_true", help="no interaction correction of the estimate")
+    p.add_argument("--windows", type=int, default=32, help="calibration windows of the measurement (default 32)")
+    p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--data", type=Path, nargs="+", default=None, help="calibration text files (default: shipped)")
+    p.add_argument("--eval-data", type=Path, nargs="+", default=None, help="held-out text files")
+    p.add_argument("--eval-windows", type=int, default=32, help="held-out windows (default 32)")
     p.add_argument("--studies-dir", type=Path, default=Path("studies"))
-    p.add_argument("--recipes", type=Path, default=Path("recipes"), help="where recipes of --save-granularity go")
-    p.add_argument("--save-granularity", default="fine")
+    p.add_argument("--recipes", type=Path, default=None, help="folder to save the shipped recipes in")
     p.add_argument("--json", type=Path, default=Path("benchmarks/results/search_budgets.json"))
     return p
 
 
-def _one(args: argparse.Namespace, granularity: str, budget: float, engines: EngineCache) -> dict[str, object]:
+def _config(args: argparse.Namespace, budget: float, size: int) -> StageConfig:
     work = default_work_dir(args.model, args.work)
     name = (args.model and Path(args.model).name) or "stdlib-moe"
+    suffix = "" if (size, args.method) == (64, "rtn") else f"-{args.method}-g{size}"
+    mode = "ind" if args.independent else "sweep"
+    measure = MeasureConfig(work=work, model=args.model, granularity=args.granularity, group_size=size,
+                            method=args.method, num_windows=args.windows, seq_len=args.seq_len,
+                            data_files=tuple(args.data or ()))
+    search = SearchConfig(trials=args.trials, seed=args.seed, studies_dir=args.studies_dir,
+                          correct=not args.no_correct,
+                          study_name=f"{name}-{args.granularity}{suffix}-{budget:g}bpw-{mode}"
+                                     f"{'-nocorr' if args.no_correct else ''}-s{args.seed}")
+    return StageConfig(work=work, budget=Budget(bpw=budget), model=args.model, granularity=args.granularity,
+                       measure=measure, eval_windows=args.eval_windows, eval_seq_len=args.seq_len,
+                       eval_files=tuple(args.eval_data or ()), search=search, gain_curve=True)
+
+
+def _measurement_token_layers(inputs: Inputs) -> float:
+    """Token-layers the sensitivity table cost: each row reruns the layers from its group's layer onwards."""
+    summary = inputs.measurement.summary
+    layers = inputs.checkpoint.num_layers
+    per_group = sum(layers - (g.layer or 0) for g in inputs.table.groups)
+    return float(per_group * len(summary["settings"]["measured_bits"]) * summary["data"]["num_tokens"])
+
+
+def _run(args: argparse.Namespace, engines: EngineCache) -> tuple[list[StageResult], list[float], float]:
     sizes = list(dict.fromkeys(args.group_size))
-
-    def config(size: int) -> StageConfig:
-        suffix = "" if size == 64 else f"-g{size}"
-        measure = MeasureConfig(work=work, model=args.model, granularity=granularity, group_size=size)
-        search = SearchConfig(trials=args.trials, seed=args.seed, studies_dir=args.studies_dir,
-                              study_name=f"{name}-{granularity}{suffix}-{budget:g}bpw-s{args.seed}")
-        return StageConfig(work=work, budget=Budget(bpw=budget), model=args.model, granularity=granularity,
-                           measure=measure, eval_windows=args.eval_windows, search=search)
-
+    for size in sizes:
+        measure_missing(_config(args, args.budgets[0], size))
     started = time.perf_counter()
-    configs = [config(size) for size in sizes]
-    for stage in configs:
-        measure_missing(stage)
-    result = run_stage(configs[0], engines=engines) if len(configs) == 1 else run_stages(configs, engines=engines)
-    seconds = time.perf_counter() - started
-    if granularity == args.save_granularity:
-        label = "" if sizes == [64] else "-g" + "+".join(map(str, sizes))
-        result.recipe.save(args.recipes / f"{name}{label}-{budget}bpw.yaml")
-    return {"granularity": granularity, "budget": budget, "group_size": result.recipe.quantizer.group_size,
-            "seconds": round(seconds, 1), "rows": result.comparison}
+    if len(sizes) > 1:
+        results = [run_stages([_config(args, b, s) for s in sizes], engines=engines) for b in args.budgets]
+        return results, [time.perf_counter() - started] * len(results), 0.0
+    configs = [_config(args, b, sizes[0]) for b in args.budgets]
+    inputs = [prepare(c) for c in configs]
+    if args.independent:
+        results, seconds = [], []
+        for config, prepared in zip(configs, inputs, strict=True):
+            t = time.perf_counter()
+            results.append(run_stage(config, prepared, engines))
+            seconds.append(time.perf_counter() - t)
+    else:
+        results = run_budgets(configs, inputs, engines)
+        seconds = [(time.perf_counter() - started) / len(results)] * len(results)
+    return results, seconds, _measurement_token_layers(inputs[0])
 
 
-def _print(results: list[dict[str, object]]) -> None:
-    head = f"{'gran':6} {'budget':>6}  {'mixprec KL (bpw)':>26}" + "".join(f"  {b + ' KL (bpw), ratio, diff':>48}"
-                                                                       for b in BASELINES)
-    print(head)
+def _summary(budget: float, result: StageResult, seconds: float) -> dict[str, Any]:
+    best = result.search.best.extra
+    return {"budget": budget, "group_size": result.recipe.quantizer.group_size, "seconds": round(seconds, 1),
+            "shipped": result.cost.get("shipped"), "cost": {k: v for k, v in result.cost.items() if k != "shipped"},
+            "decision": {k: best[k] for k in ("decision_margin", "decision_se") if k in best},
+            "correction": result.search.correction, "rows": result.comparison,
+            "curve": result.curve.to_dict() if result.curve else None}
+
+
+def _gain(row: dict[str, Any]) -> str:
+    if "gain" not in row:
+        return ""
+    mark = ">" if row["extrapolated"] and row["gain"] > 0 else ""
+    return f"gain {mark}{row['gain']:+.2f}±{row['gain_se']:.2f}"
+
+
+def _print(results: list[dict[str, Any]], measurement_cost: float) -> None:
     for r in results:
-        rows = {row["recipe"]: row for row in r["rows"]}  # type: ignore[attr-defined]
+        rows = {row["recipe"]: row for row in r["rows"]}
         m = rows["mixprec"]
-        line = f"{r['granularity']:6} {r['budget']:6.2f}  {m['evaluation_kl']:.3e}±{m['evaluation_se']:.0e} " \
-               f"({m['bpw']:.3f}, g{r['group_size']})"
-        for b in BASELINES:
-            x = rows[b]
-            line += (f"  {x['evaluation_kl']:.3e}±{x['evaluation_se']:.0e} ({x['bpw']:.3f}) "
-                     f"{x['ratio_vs_mixprec']:5.2f}x {x['diff_vs_mixprec']:+.1e}±{x['diff_se']:.0e}")
-        print(line)
+        shipped = f" (shipped: {r['shipped']})" if r["shipped"] != "mixprec" else ""
+        print(f"budget {r['budget']:.2f}: mixprec {m['evaluation_kl']:.3e}±{m['evaluation_se']:.0e} "
+              f"({m['bpw']:.3f} bpw, g{r['group_size']}) {_gain(m)}{shipped}")
+        for b in (*BASELINES, "smaller-budget"):
+            if b in rows:
+                x = rows[b]
+                print(f"  {b:15} {x['evaluation_kl']:.3e} ({x['bpw']:.3f}) ratio {x['ratio_vs_mixprec']:.3f}"
+                      f"±{x['ratio_se']:.3f}  diff {x['diff_vs_mixprec']:+.1e}±{x['diff_se']:.0e}  {_gain(x)}")
+        d, c = r["decision"], r["cost"]
+        if d:
+            print(f"  decision margin {d['decision_margin']:.1e}±{d['decision_se']:.0e}; study "
+                  f"{c.get('study_token_layers', 0):.3g} token-layers in {c.get('study_trials', 0):.0f} trials "
+                  f"(measurement {measurement_cost:.3g}, shared by all budgets)")
 
 
 def main() -> None:
     args = _parser().parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     quiet_optuna()
-    engines = EngineCache()  # one reference capture per granularity and split, shared by every budget
-    results = [_one(args, g, b, engines) for g in args.granularity for b in args.budgets]
-    atomic_write_json(args.json, results)
-    _print(results)
+    engines = EngineCache()  # one reference capture per split, shared by every budget
+    results, seconds, measurement_cost = _run(args, engines)
+    summaries = [_summary(b, r, s) for b, r, s in zip(args.budgets, results, seconds, strict=True)]
+    if args.recipes is not None:
+        for budget, result in zip(args.budgets, results, strict=True):
+            result.recipe.save(args.recipes / f"{Path(args.model or 'stdlib-moe').name}-{budget}bpw.yaml")
+    settings = {k: [str(x) for x in v] if isinstance(v, list) and v and isinstance(v[0], Path)
+                else str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
+    atomic_write_json(args.json, {"args": settings,
+                                  "measurement_token_layers": measurement_cost, "budgets": summaries})
+    _print(summaries, measurement_cost)
     print(f"wrote {args.json}")
 
 

@@ -40,9 +40,10 @@ from mixprec.search.inputs import (
     uniform_grid,
 )
 from mixprec.search.moves import blocks, fill, mutate, repair, total_cost
-from mixprec.search.pipeline import run_stage
+from mixprec.search.pipeline import SMALLER_BUDGET, run_stage
 from mixprec.search.solve import Problem, Solution, greedy, hq_at_budget, pareto_front, uniform
 from mixprec.search.study import SearchConfig, run_search
+from mixprec.search.sweep import neighbour_seeds, run_budgets
 from tests.test_solve import random_problem
 
 BITS = (2, 3, 4, 8)
@@ -386,3 +387,64 @@ def test_cli_search_over_group_sizes_ships_the_better_one(tiny_model_dirs: dict[
     assert studies == {"tiny-layer-3.2bpw-s0-g64.db", "tiny-layer-3.2bpw-s0-g32.db"}, studies
     sizes = {source_bits(s.model_dir): s.model_dir for s in Exl3Overrides.load(exl3).sources}
     assert all(f"-g{recipe.quantizer.group_size}-" in d for d in sizes.values()), sizes
+
+
+def test_neighbour_seeds_fit_and_use_the_budget() -> None:
+    rng = random.Random(3)
+    for _ in range(50):
+        problem = random_problem(rng, rng.randint(2, 8), 6, costly=True)
+        lo = total_cost(problem, [0] * len(problem.names))
+        hi = total_cost(problem, [len(c) - 1 for c in problem.costs])
+        small, large = sorted(rng.randint(lo, hi) for _ in range(2))
+        recipe = problem.assignment(repair(problem, [0] * len(problem.names), small))
+        up = neighbour_seeds(problem, large, "smaller-budget", recipe)
+        assert up[0].assignment == recipe and up[0].solver == "smaller-budget", "a smaller recipe fits as is"
+        assert all(s.cost <= large for s in up)
+        assert up[-1].assignment == problem.assignment(repair(problem, problem.indices(recipe), large))
+        down = neighbour_seeds(problem, small, "larger-budget", pareto_front(problem).best_under(large).assignment)
+        assert down and all(s.cost <= small for s in down)
+    assert neighbour_seeds(problem, hi, "other", {n: 7 for n in problem.names}) == [], "unknown widths are skipped"
+
+
+@pytest.mark.slow
+def test_budget_sweep_is_consistent_and_never_loses_to_a_fitting_uniform(
+        tiny_model_dirs: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`run_budgets`: the shipped calibration KL never rises with the budget, the smaller budget's recipe is a
+    candidate (and a seed) of the larger one, no shipped recipe loses to a uniform quant that fits, the
+    decision's paired SE and the equivalent-uniform gain are reported."""
+    model = _tiny_model(tiny_model_dirs, tmp_path, monkeypatch)
+    measure = MeasureConfig(work=tmp_path / "work", model=str(model), bits=(2, 3, 4), granularity="layer",
+                            num_windows=4, seq_len=32)
+
+    def config(bpw: float) -> StageConfig:
+        search = SearchConfig(trials=7, studies_dir=tmp_path / "studies", study_name=f"sweep-{bpw}",
+                              correct_after=3)
+        return StageConfig(work=tmp_path / "work", budget=Budget(bpw=bpw), model=str(model), granularity="layer",
+                           measure=measure, eval_windows=4, eval_seq_len=32, search=search, gain_curve=True,
+                           uniform_group_sizes=(64, 128))
+
+    budgets = [3.4, 2.6, 3.0]
+    measure_missing(config(3.0))
+    results = run_budgets([config(b) for b in budgets])
+    by_budget = sorted(zip(budgets, results, strict=True))
+    shipped = [r.recipe.kl["calibration"] for _, r in by_budget]
+    assert shipped == sorted(shipped, reverse=True), f"more bits got worse on calibration data: {shipped}"
+    for budget, result in by_budget:
+        rows = {r["recipe"]: r for r in result.comparison}
+        assert result.recipe.achieved["bpw"] <= budget
+        fitting = [r for n, r in rows.items() if n.startswith("uniform") and r["bpw"] <= budget]
+        assert all(result.recipe.kl["calibration"] <= r["calibration_kl"] for r in fitting), rows
+        assert {"gain", "equivalent_bpw", "gain_se"} <= set(rows["mixprec"]), rows["mixprec"]
+        assert rows["uniform"]["gain"] == pytest.approx(0.0, abs=0.05) or rows["uniform"]["extrapolated"]
+        assert result.cost["study_token_layers"] > 0
+        assert "decision_se" in result.search.best.extra
+        study = optuna.load_study(study_name=f"sweep-{budget}", storage=result.search.storage_url)
+        evaluated = [t.user_attrs["assignment"] for t in study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))]
+        inputs = prepare(config(budget))
+        for other, label in ((budget - 0.4, "smaller-budget"), (budget + 0.4, "larger-budget")):
+            if round(other, 1) in budgets:
+                neighbour = next(r for b, r in by_budget if b == round(other, 1)).search.best.assignment
+                moved = neighbour_seeds(inputs.problem, inputs.limit_bits, label, neighbour)
+                assert moved and all(s.assignment in evaluated for s in moved), f"{label} recipe not tried at {budget}"
+        assert (SMALLER_BUDGET in rows) == (budget != 2.6)
+    assert results[0].curve is results[1].curve, "the uniform curve is measured once per sweep"

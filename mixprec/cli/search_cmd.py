@@ -37,9 +37,10 @@ from mixprec.model.loading import resolve_model_path
 from mixprec.model.modelmap import DEFAULT_GRANULARITY
 from mixprec.quant import SUPPORTED_GROUP_SIZES, QuantConfig, quantizer_names
 from mixprec.search.costs import Constraints, parse_settings
-from mixprec.search.inputs import StageConfig, check, measure_missing, prepare
-from mixprec.search.pipeline import run_stage, run_stages
+from mixprec.search.inputs import Inputs, StageConfig, check, measure_missing, prepare
+from mixprec.search.pipeline import StageResult, run_stage, run_stages
 from mixprec.search.study import SAMPLERS, SearchConfig, quiet_optuna
+from mixprec.search.sweep import run_budgets
 
 __all__ = ["register", "config_from_args", "configs_from_args"]
 
@@ -47,8 +48,10 @@ __all__ = ["register", "config_from_args", "configs_from_args"]
 def _add_basic(parser: argparse.ArgumentParser) -> None:
     add_model_argument(parser)
     add_work_argument(parser)
-    parser.add_argument("--budget", type=float, default=None, metavar="BPW",
-                        help="average bits per quantized weight, scales counted (e.g. 3.0)")
+    parser.add_argument("--budget", type=float, nargs="+", default=None, metavar="BPW",
+                        help="average bits per quantized weight, scales counted (e.g. 3.0); several budgets "
+                             "(e.g. 2.5 3.0 3.5) run one linked sweep: each seeded with its neighbours' recipes, "
+                             "and a larger budget never ships a recipe worse than a smaller one's")
     parser.add_argument("--budget-gib", type=float, default=None, metavar="GIB",
                         help="total size of the quantized weights in GiB (instead of --budget)")
     parser.add_argument("--trials", type=int, default=40, help="completed real-KL trials in the study (default 40)")
@@ -59,11 +62,15 @@ def _add_basic(parser: argparse.ArgumentParser) -> None:
                         help="fix groups to a width (or null: keep original precision, counted at 16 bits/weight)")
     parser.add_argument("--seed", type=int, default=0, help="random seed of the study (default 0)")
     parser.add_argument("--out", type=Path, default=None, metavar="FILE",
-                        help="recipe YAML to write (default recipes/<model>-<budget>.yaml)")
+                        help="recipe YAML to write (default recipes/<model>-<budget>.yaml; a folder with several "
+                             "budgets)")
     parser.add_argument("--export-exl3", type=Path, default=None, metavar="FILE",
-                        help="also write an exllamav3 override YAML")
+                        help="also write an exllamav3 override YAML (a folder with several budgets)")
     parser.add_argument("--force", action="store_true",
                         help="overwrite --out / --export-exl3 even if they are files mixprec did not write")
+    parser.add_argument("--gain", action="store_true",
+                        help="also measure every uniform quant on the held-out text and report each recipe's "
+                             "equivalent uniform bpw gain")
 
 
 def _add_advanced(parser: argparse.ArgumentParser) -> None:
@@ -108,31 +115,43 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(run=run)
 
 
-def _budget(args: argparse.Namespace) -> Budget:
+def _budgets(args: argparse.Namespace) -> list[Budget]:
     if (args.budget is None) == (args.budget_gib is None):
         raise MixprecError("give exactly one of --budget BPW or --budget-gib GIB")
-    return Budget(bpw=args.budget) if args.budget is not None else Budget(gib=args.budget_gib)
+    if args.budget is None:
+        return [Budget(gib=args.budget_gib)]
+    budgets = [Budget(bpw=b) for b in dict.fromkeys(args.budget)]
+    if len(budgets) > 1 and len(dict.fromkeys(args.group_size)) > 1:
+        raise MixprecError("several --budget values run one linked sweep at one --group-size; give one group size")
+    return budgets
 
 
-def _out_path(args: argparse.Namespace) -> Path:
-    """`--out`, else recipes/<model>-<budget>.yaml."""
-    name = resolve_model_path(args.model).resolve().name
-    return args.out or Path("recipes") / f"{name}-{_label(_budget(args))}.yaml"
+def _out_paths(args: argparse.Namespace, budget: Budget) -> tuple[Path, Path | None]:
+    """Recipe and exllamav3 files of one budget: `--out` / `--export-exl3` (folders holding
+    <model>-<budget>.yaml / .exl3.yaml with several budgets), else recipes/<model>-<budget>.yaml."""
+    name = f"{resolve_model_path(args.model).resolve().name}-{_label(budget)}"
+    sweep = len(_budgets(args)) > 1
+    out = (args.out / f"{name}.yaml" if sweep else args.out) if args.out else Path("recipes") / f"{name}.yaml"
+    exl3 = args.export_exl3 / f"{name}.exl3.yaml" if sweep and args.export_exl3 else args.export_exl3
+    return out, exl3
 
 
 def _label(budget: Budget) -> str:
     return f"{budget.bpw}bpw" if budget.bpw is not None else f"{budget.gib}gib"
 
 
-def config_from_args(args: argparse.Namespace, group_size: int | None = None) -> StageConfig:
-    """Validated stage configuration for one group size (default: the first given); raises MixprecError on
-    bad values, before any model is loaded."""
-    budget = _budget(args)
+def config_from_args(args: argparse.Namespace, group_size: int | None = None,
+                     budget: Budget | None = None) -> StageConfig:
+    """Validated stage configuration for one group size and budget (default: the first given); raises
+    MixprecError on bad values, before any model is loaded."""
+    budget = budget or _budgets(args)[0]
     sizes = list(dict.fromkeys(args.group_size))
     size = sizes[0] if group_size is None else group_size
     work = default_work_dir(args.model, args.work)
     name = resolve_model_path(args.model).name
     study = args.study or f"{name}-{args.granularity}-{_label(budget)}-s{args.seed}"
+    if args.study and len(_budgets(args)) > 1:
+        study = f"{args.study}-{_label(budget)}"  # one study per budget of a sweep
     if len(sizes) > 1 or (size != 64 and not args.study):
         study = f"{study}-g{size}"  # one study per group size
     measure = MeasureConfig(work=work, model=args.model, mode=args.mode, bits=tuple(args.bits),
@@ -147,11 +166,14 @@ def config_from_args(args: argparse.Namespace, group_size: int | None = None) ->
     return StageConfig(work=work, budget=budget, model=args.model, granularity=args.granularity, measure=measure,
                        constraints=constraints, search=search, eval_windows=args.eval_windows,
                        eval_seq_len=args.seq_len, eval_files=tuple(args.eval_data or ()), device=args.device,
-                       uniform_group_sizes=tuple(dict.fromkeys(args.uniform_group_sizes)))
+                       uniform_group_sizes=tuple(dict.fromkeys(args.uniform_group_sizes)), gain_curve=args.gain)
 
 
 def configs_from_args(args: argparse.Namespace) -> list[StageConfig]:
-    """One stage configuration per requested group size, in the order given."""
+    """One stage configuration per requested group size (one budget) or per budget (one group size)."""
+    budgets = _budgets(args)
+    if len(budgets) > 1:
+        return [config_from_args(args, budget=b) for b in budgets]
     return [config_from_args(args, size) for size in dict.fromkeys(args.group_size)]
 
 
@@ -167,7 +189,9 @@ def _print(rows: list[dict[str, object]], budget: Budget) -> None:
               "cal. diff": f"{r['calibration_diff']:+.2e} ± {r['calibration_diff_se']:.1e}",
               "evaluation": _fmt(r["evaluation_kl"], r["evaluation_se"]),  # type: ignore[arg-type]
               "diff vs mixprec": f"{r['diff_vs_mixprec']:+.2e} ± {r['diff_se']:.1e}",
-              "ratio": f"{r['ratio_vs_mixprec']:.2f}x"} for r in rows]
+              "ratio": f"{r['ratio_vs_mixprec']:.2f}x",
+              **({"gain": f"{r['gain']:+.2f} ± {r['gain_se']:.2f}{' (extrap.)' if r['extrapolated'] else ''}"}
+                 if "gain" in r else {})} for r in rows]
     print_table(table, list(table[0]))
 
 
@@ -184,8 +208,10 @@ def _exl3_sources(items: list[str]) -> dict[int, str]:
 def run(args: argparse.Namespace) -> int:
     check_windows(args.model, args.seq_len)
     check_storage_arg(args.storage)
-    check_out_file(_out_path(args), "--out", is_recipe_file, args.force)
-    check_out_file(args.export_exl3, "--export-exl3", is_override_file, args.force)
+    for budget in _budgets(args):
+        out, exl3 = _out_paths(args, budget)
+        check_out_file(out, "--out", is_recipe_file, args.force)
+        check_out_file(exl3, "--export-exl3", is_override_file, args.force)
     configs = configs_from_args(args)
     if not args.verbose:
         quiet_optuna()
@@ -196,16 +222,26 @@ def run(args: argparse.Namespace) -> int:
         for config in configs:
             measure_missing(config)  # the explicit measure step (`mixprec measure` with the same settings)
     inputs = [prepare(c) for c in configs]
-    result = run_stage(configs[0], inputs[0]) if len(configs) == 1 else run_stages(configs, inputs)
-    _print(result.comparison, configs[0].budget)
-    checkpoint = inputs[0].checkpoint
-    out = _out_path(args)
-    result.recipe.save(out)
-    print(f"wrote {out} (group size {result.recipe.quantizer.group_size}; study {result.search.study_name} in "
-          f"{result.search.storage_url})")
-    if args.export_exl3 is not None:
-        variants = open_variants(result.recipe, checkpoint, configs[0].work)
-        dirs = sources or {b: str(v.path) for b, v in variants.items()}
-        recipe_to_exl3(result.recipe.groups, inputs[0].model_map, dirs).save(args.export_exl3)
-        print(f"wrote {args.export_exl3}")
+    sweep = len({c.budget for c in configs}) > 1
+    if sweep:
+        results = run_budgets(configs, inputs)
+    else:
+        results = [run_stage(configs[0], inputs[0]) if len(configs) == 1 else run_stages(configs, inputs)]
+    for config, prepared, result in zip(configs, inputs, results, strict=False):
+        _write(args, config, prepared, result, sources)
     return 0
+
+
+def _write(args: argparse.Namespace, config: StageConfig, inputs: Inputs, result: StageResult,
+           sources: dict[int, str]) -> None:
+    """Print one budget's comparison and write its recipe (and exllamav3 overrides)."""
+    _print(result.comparison, config.budget)
+    out, exl3 = _out_paths(args, config.budget)
+    result.recipe.save(out)
+    print(f"wrote {out} (group size {result.recipe.quantizer.group_size}; shipped {result.cost.get('shipped')}; "
+          f"study {result.search.study_name} in {result.search.storage_url})")
+    if exl3 is not None:
+        variants = open_variants(result.recipe, inputs.checkpoint, config.work)
+        dirs = sources or {b: str(v.path) for b, v in variants.items()}
+        recipe_to_exl3(result.recipe.groups, inputs.model_map, dirs).save(exl3)
+        print(f"wrote {exl3}")

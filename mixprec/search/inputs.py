@@ -59,6 +59,7 @@ class StageConfig:
     eval_files: tuple[Path, ...] = ()
     device: str = "auto"
     uniform_group_sizes: tuple[int, ...] = SUPPORTED_GROUP_SIZES
+    gain_curve: bool = False
 
     def __post_init__(self) -> None:
         Granularity(self.granularity)

@@ -27,7 +27,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -41,8 +41,10 @@ from mixprec.measure.engine.core import KLEngine
 from mixprec.model.arch import GroupKind
 from mixprec.model.data import TokenWindows, WindowConfig, load_windows, require_disjoint
 from mixprec.model.loading import load_model
+from mixprec.quant import QuantConfig
 from mixprec.quant.variants import Variant, ensure_variants
 from mixprec.search.costs import CostTable
+from mixprec.search.gain import UniformCurve, UniformPoint
 from mixprec.search.inputs import (
     Inputs,
     StageConfig,
@@ -56,16 +58,34 @@ from mixprec.search.inputs import (
 from mixprec.search.solve import Solution
 from mixprec.search.study import SearchResult, run_search
 
-__all__ = ["StageResult", "EngineCache", "run_stage", "run_stages"]
+__all__ = ["StageResult", "EngineCache", "SMALLER_BUDGET", "paired_ratio_se", "uniform_curve", "run_stage",
+           "run_stages"]
 
 log = logging.getLogger(__name__)
+
+#: Name of the candidate that is the recipe shipped at the next smaller budget of a sweep (`run_budgets`).
+SMALLER_BUDGET = "smaller-budget"
+
+
+@dataclass
+class _Candidate:
+    """A compared recipe and the variants it runs on (None: the measured ones of the stage)."""
+
+    solution: Solution
+    variants: dict[int, Variant] | None = None
 
 
 @dataclass
 class StageResult:
+    """The shipped recipe, the held-out comparison rows, the study, and (when asked) the uniform curve and
+    the calibration cost of the study in token-layers (tokens x decoder layers run)."""
+
     recipe: Recipe
     comparison: list[dict[str, Any]]
     search: SearchResult
+    shipped: _Candidate | None = None
+    curve: UniformCurve | None = None
+    cost: dict[str, float] = field(default_factory=dict)
 
 
 def _calibration_windows(inputs: Inputs) -> TokenWindows:
@@ -88,12 +108,25 @@ def _compare(engine_for: Callable[[str], KLEngine], solutions: dict[str, Solutio
     out = {}
     for name, kl in kls.items():
         diff, diff_se = paired_difference(kl, kls[chosen], n)
-        out[name] = {"kl": float(kl.double().mean()), "se": _sequence_se(kl, n), "diff": diff, "diff_se": diff_se}
+        out[name] = {"kl": float(kl.double().mean()), "se": _sequence_se(kl, n), "diff": diff, "diff_se": diff_se,
+                     "ratio_se": paired_ratio_se(kl, kls[chosen], n)}
     return out
 
 
 def _sequence_se(kl: torch.Tensor, num_sequences: int) -> float:
     return bootstrap_se(kl.double().view(num_sequences, -1).mean(dim=1))
+
+
+def paired_ratio_se(kl_a: torch.Tensor, kl_b: torch.Tensor, num_sequences: int, n_boot: int = 1000,
+                    seed: int = 0) -> float:
+    """Bootstrap SE of mean(KL_a) / mean(KL_b) on the same tokens, resampling whole sequences for both at once
+    (so what the two share, e.g. hard sequences, cancels as in `paired_difference`)."""
+    a = kl_a.double().view(num_sequences, -1).mean(dim=1)
+    b = kl_b.double().view(num_sequences, -1).mean(dim=1)
+    if num_sequences < 2:
+        return float("nan")
+    picks = torch.randint(0, num_sequences, (n_boot, num_sequences), generator=torch.Generator().manual_seed(seed))
+    return float((a[picks].mean(dim=1) / b[picks].mean(dim=1)).std())
 
 
 def _recipe(inputs: Inputs, config: StageConfig, solution: Solution, kl: dict[str, float],
@@ -135,6 +168,8 @@ class EngineCache:
     def __init__(self) -> None:
         self._engines: dict[tuple[str, str, str, tuple[str, ...]], KLEngine] = {}
         self._models: dict[str, torch.nn.Module] = {}
+        self._variant_sets: dict[tuple[str, str], dict[int, Variant]] = {}
+        self.curves: dict[tuple[Any, ...], UniformCurve] = {}
 
     def get(self, inputs: Inputs, windows: TokenWindows, device: str,
             variants: dict[int, Variant] | None = None) -> KLEngine:
@@ -149,25 +184,27 @@ class EngineCache:
             self._engines[key] = KLEngine(self._models[fingerprint], inputs.model_map, windows, variants, device)
         return self._engines[key]
 
+    def variant_set(self, inputs: Inputs, config: StageConfig, quant: QuantConfig) -> dict[int, Variant]:
+        """Every measured width at `quant`'s settings (e.g. another group size), built on demand, one dict
+        per setting so their engine is shared."""
+        key = (inputs.checkpoint.fingerprint, replace(quant, bits=2).variant_id)
+        if key not in self._variant_sets:
+            kinds = tuple(GroupKind(k) for k in next(iter(inputs.variants.values())).manifest["kinds"])
+            configs = [replace(quant, bits=b) for b in sorted(inputs.variants)]
+            built = ensure_variants(inputs.checkpoint, inputs.model_map, configs, config.work, kinds)
+            self._variant_sets[key] = {v.config.bits: v for v in built}
+        return self._variant_sets[key]
 
-@dataclass
-class _Candidate:
-    """A compared recipe and the variants it runs on (None: the measured ones of the stage)."""
 
-    solution: Solution
-    variants: dict[int, Variant] | None = None
-
-
-def _nearest_uniform(inputs: Inputs, config: StageConfig) -> tuple[UniformQuant, _Candidate]:
-    quant = nearest_uniform(uniform_grid(inputs, config.uniform_group_sizes), inputs.limit_bits)
+def _uniform_candidate(inputs: Inputs, config: StageConfig, quant: UniformQuant,
+                       engines: EngineCache) -> _Candidate:
+    """A uniform quant as a candidate; another group size than measured runs on its own variant set (every
+    width of that size, built on demand and shared, so one engine per group size serves them all)."""
     bits = quant.config.bits
     solution = Solution({name: bits for name in inputs.table.names}, quant.cost, math.nan, quant.label)
-    measured = inputs.variants[bits]
-    if measured.config == quant.config:
-        return quant, _Candidate(solution)
-    kinds = tuple(GroupKind(k) for k in measured.manifest["kinds"])
-    variant = ensure_variants(inputs.checkpoint, inputs.model_map, [quant.config], config.work, kinds)[0]
-    return quant, _Candidate(solution, {bits: variant})
+    if inputs.variants[bits].config == quant.config:
+        return _Candidate(solution)
+    return _Candidate(solution, engines.variant_set(inputs, config, quant.config))
 
 
 @dataclass
@@ -181,16 +218,34 @@ class _Searched:
     calibration: TokenWindows
     uniform: UniformQuant
     candidates: dict[str, _Candidate]
+    cost: dict[str, float] = field(default_factory=dict)
 
     @property
     def group_size(self) -> int:
         return next(iter(self.inputs.variants.values())).config.group_size
 
 
-def _study(config: StageConfig, inputs: Inputs, engines: EngineCache) -> _Searched:
-    """Baselines, the nearest uniform quant, and the study on the measurement's calibration windows."""
+def _uniform_candidates(inputs: Inputs, config: StageConfig, engines: EngineCache,
+                        compared: dict[str, Solution]) -> tuple[UniformQuant, dict[str, _Candidate]]:
+    """The nearest uniform quant at or above the budget (`uniform`) and, per group size, the largest uniform
+    quant that fits (`uniform-fit-g<size>`): every uniform option the shipped recipe must not lose to."""
+    grid = uniform_grid(inputs, config.uniform_group_sizes)
+    nearest = nearest_uniform(grid, inputs.limit_bits)
+    found = {"uniform": _uniform_candidate(inputs, config, nearest, engines)}
+    measured = next(iter(inputs.variants.values())).config.group_size
+    for size in sorted({u.config.group_size for u in grid} - ({measured} if "uniform-fit" in compared else set())):
+        fitting = [u for u in grid if u.config.group_size == size and u.cost <= inputs.limit_bits]
+        if fitting and fitting[-1].label != nearest.label:
+            found[f"uniform-fit-g{size}"] = _uniform_candidate(inputs, config, fitting[-1], engines)
+    return nearest, found
+
+
+def _study(config: StageConfig, inputs: Inputs, engines: EngineCache,
+           extra_seeds: Sequence[Solution] = ()) -> _Searched:
+    """Baselines, the uniform quants, and the study on the measurement's calibration windows (seeded also
+    with `extra_seeds`, e.g. the recipes of neighbouring budgets, moved to this budget)."""
     compared = {k: v for k, v in baselines(inputs).items() if k != "dp"}
-    quant, uniform = _nearest_uniform(inputs, config)
+    quant, uniforms = _uniform_candidates(inputs, config, engines, compared)
     calibration = _calibration_windows(inputs)
     engine = engines.get(inputs, calibration, config.device)
     provenance = _provenance(inputs, config, calibration)
@@ -200,13 +255,29 @@ def _study(config: StageConfig, inputs: Inputs, engines: EngineCache) -> _Search
                        {**provenance, "solver": solution.solver})
 
     starts = seeds(inputs, compared, config.search.front_seeds)
+    starts = starts[:1] + list(extra_seeds) + starts[1:]  # the DP point stays first: the paired reference
     context = {"model": inputs.checkpoint.fingerprint, "measurement": provenance["measurement"]["table_sha256"],
                "budget": asdict(config.budget), "constraints": provenance["constraints"]}
+    before = engine.layer_forwards
     result = run_search(inputs.problem, inputs.limit_bits, lambda a: engine.evaluate(a).kl, engine.num_sequences,
                         starts, config.search, recipe_for, context)
-    candidates = {"mixprec": _Candidate(result.best), **{k: _Candidate(v) for k, v in compared.items()},
-                  "uniform": uniform}
-    return _Searched(config, inputs, result, provenance, calibration, quant, candidates)
+    cost = {"study_token_layers": float((engine.layer_forwards - before) * engine.num_tokens),
+            "study_trials": float(len(result.history))}
+    candidates = {"mixprec": _Candidate(result.best), **{k: _Candidate(v) for k, v in compared.items()}, **uniforms}
+    return _Searched(config, inputs, result, provenance, calibration, quant, candidates, cost)
+
+
+def _shippable(name: str) -> bool:
+    """Candidates the stage may ship: the study's pick, a uniform quant, or the smaller budget's recipe."""
+    return name == "mixprec" or name.startswith("uniform") or name == SMALLER_BUDGET
+
+
+def _ship(candidates: dict[str, _Candidate], calib: dict[str, dict[str, float]], limit_bits: int) -> str:
+    """The shippable candidate within the budget with the lowest calibration KL (ties keep the study's pick):
+    never a recipe that a uniform quant that fits beats (FIELD.md §3 row 1), never worse than the recipe
+    shipped at a smaller budget (it fits this one too)."""
+    names = [n for n, c in candidates.items() if _shippable(n) and c.solution.cost <= limit_bits]
+    return min(names, key=lambda n: (calib[n]["kl"], n != "mixprec"))
 
 
 def _finish(searched: _Searched, engines: EngineCache, extra: dict[str, _Candidate] | None = None) -> StageResult:
@@ -223,25 +294,41 @@ def _finish(searched: _Searched, engines: EngineCache, extra: dict[str, _Candida
                             WindowConfig(config.eval_seq_len, config.eval_windows), list(config.eval_files) or None)
     require_disjoint(searched.calibration.spec, held_out.spec)
     evaluation = _compare(engine_for(held_out), solutions, "mixprec")
-    rows = _rows(inputs, solutions, calib, evaluation)
+    curve = uniform_curve(inputs, config, engines, held_out) if config.gain_curve else None
+    rows = _rows(inputs, solutions, calib, evaluation, curve)
     provenance = {**searched.provenance, "study": {"name": result.study_name, "storage": result.storage_url},
                   "evaluation": held_out.spec.to_dict(), "comparison": rows}
-    best, shipped = result.best, "mixprec"
+    shipped = _ship(candidates, calib, inputs.limit_bits)
+    best = candidates[shipped].solution
     provenance["solver"] = f"search (best trial {best.extra.get('trial')}, from {best.solver})"
-    uniform = candidates["uniform"]
-    if uniform.solution.cost <= inputs.limit_bits and calib["uniform"]["kl"] < calib["mixprec"]["kl"]:
-        # FIELD.md §3 row 1: never ship a recipe that a uniform quant within the budget beats.
-        log.warning("the uniform quant %s beats the searched recipe on calibration data; shipping it",
-                    searched.uniform.label)
-        best, shipped = uniform.solution, "uniform"
-        provenance["solver"] = f"{searched.uniform.label} (it beat the study's best trial on calibration data)"
-        provenance["variants"] = _variant_provenance(uniform.variants or inputs.variants)
+    if shipped != "mixprec":
+        log.warning("%s (%s) beats the searched recipe on calibration data; shipping it", shipped, best.solver)
+        provenance["solver"] = f"{best.solver} ({shipped}: it beat the study's best trial on calibration data)"
+        provenance["variants"] = _variant_provenance(candidates[shipped].variants or inputs.variants)
     kl = {"calibration": calib[shipped]["kl"], "calibration_se": calib[shipped]["se"],
           "evaluation": evaluation[shipped]["kl"], "evaluation_se": evaluation[shipped]["se"]}
     if not math.isnan(best.loss):
         kl["predicted"] = best.loss
     recipe = _recipe(inputs, config, best, kl, provenance, candidates[shipped].variants)
-    return StageResult(recipe, rows, result)
+    return StageResult(recipe, rows, result, _Candidate(best, candidates[shipped].variants), curve,
+                       {**searched.cost, "shipped": shipped})  # type: ignore[dict-item]
+
+
+def uniform_curve(inputs: Inputs, config: StageConfig, engines: EngineCache, windows: TokenWindows) -> UniformCurve:
+    """Held-out KL of every uniform quant of the grid (every measured width x `uniform_group_sizes`), as the
+    curve the equivalent-uniform-bpw gain is read from; computed once per model, windows and grid."""
+    grid = uniform_grid(inputs, config.uniform_group_sizes)
+    key = (inputs.checkpoint.fingerprint, windows.spec.sha256, tuple(u.label for u in grid),
+           next(iter(inputs.variants.values())).config.variant_id)
+    if key not in engines.curves:
+        points = []
+        for quant in grid:
+            candidate = _uniform_candidate(inputs, config, quant, engines)
+            engine = engines.get(inputs, windows, config.device, candidate.variants)
+            kl = float(engine.evaluate(candidate.solution.assignment).kl.double().mean())
+            points.append(UniformPoint(quant.label, quant.cost / inputs.table.params, kl))
+        engines.curves[key] = UniformCurve.from_points(points)
+    return engines.curves[key]
 
 
 def run_stage(config: StageConfig, inputs: Inputs | None = None, engines: EngineCache | None = None) -> StageResult:
@@ -269,16 +356,28 @@ def run_stages(configs: Sequence[StageConfig], inputs: Sequence[Inputs] | None =
     return _finish(chosen, engines, extra)
 
 
+def _gain(curve: UniformCurve | None, kl: float, se: float, bpw: float) -> dict[str, Any]:
+    """Equivalent uniform bpw gain of a row, with an SE from the row's own KL SE (delta method: the curve's
+    points are measured on the same tokens, so their noise is not added again)."""
+    if curve is None:
+        return {}
+    gain = curve.gain(kl, bpw)
+    lo, hi = curve.gain(kl + se, bpw).gain, curve.gain(max(kl - se, kl * 1e-3), bpw).gain
+    return {**gain.to_dict(), "gain_se": round((hi - lo) / 2, 4)}
+
+
 def _rows(inputs: Inputs, compared: dict[str, Solution], calib: dict[str, dict[str, float]],
-          evaluation: dict[str, dict[str, float]]) -> list[dict[str, Any]]:
+          evaluation: dict[str, dict[str, float]], curve: UniformCurve | None = None) -> list[dict[str, Any]]:
     rows = []
     for name, solution in compared.items():
         e, c = evaluation[name], calib[name]
-        rows.append({"recipe": name, "solver": solution.solver, "bpw": round(solution.cost / inputs.table.params, 4),
+        bpw = solution.cost / inputs.table.params
+        rows.append({"recipe": name, "solver": solution.solver, "bpw": round(bpw, 4),
+                     **_gain(curve, e["kl"], e["se"], bpw),
                      "predicted": None if math.isnan(solution.loss) else solution.loss,
                      "calibration_kl": c["kl"], "calibration_se": c["se"],
                      "calibration_diff": c["diff"], "calibration_diff_se": c["diff_se"],
                      "evaluation_kl": e["kl"], "evaluation_se": e["se"],
                      "diff_vs_mixprec": e["diff"], "diff_se": e["diff_se"],
-                     "ratio_vs_mixprec": e["kl"] / evaluation["mixprec"]["kl"]})
+                     "ratio_vs_mixprec": e["kl"] / evaluation["mixprec"]["kl"], "ratio_se": e["ratio_se"]})
     return rows

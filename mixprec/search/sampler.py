@@ -14,6 +14,7 @@ import optuna
 from optuna.distributions import BaseDistribution, IntDistribution
 from optuna.trial import FrozenTrial, TrialState
 
+from mixprec.search.correct import fit
 from mixprec.search.moves import blocks, fill, lower_until_fits, mutate, total_cost
 from mixprec.search.solve import COMPRESSION_POWERS, Problem, compressed
 
@@ -53,8 +54,10 @@ class LocalMoveSampler(optuna.samplers.BaseSampler):
     """
 
     def __init__(self, problem: Problem, limit_bits: int, seed: int = 0, max_moves: int = 3, top: int = 3,
-                 multi_objective: bool = False, candidates: int = 24, exploit: float = 0.7) -> None:
+                 multi_objective: bool = False, candidates: int = 24, exploit: float = 0.7,
+                 correct: bool = True) -> None:
         self.problem = problem
+        self.correct = correct
         self.candidates = candidates
         self.exploit = exploit
         self.limit_bits = limit_bits
@@ -106,14 +109,21 @@ class LocalMoveSampler(optuna.samplers.BaseSampler):
         return list(ranked[0] if rng.random() < self.exploit else rng.choice(ranked))
 
     def _proxy(self, done: list[FrozenTrial]) -> Problem:
-        """The estimate (plain or compressed) whose ranking of the measured trials agrees best with their KL."""
+        """The estimate whose ranking of the measured trials agrees best with their KL: plain, compressed, or
+        corrected for the measured interaction (`mixprec.search.correct`, judged on leave-one-out predictions
+        so its fit to the same trials gives it no unfair advantage)."""
+        measured = [t.values[0] for t in done]
         best, best_score = self.problem, -2.0
         for power in sorted(self._proxies, reverse=True):
             proxy = self._proxies[power]
             predicted = [sum(proxy.losses[i][k] for i, k in enumerate(t.user_attrs["levels"])) for t in done]
-            score = _concordance(predicted, [t.values[0] for t in done])
+            score = _concordance(predicted, measured)
             if score > best_score + 1e-12:
                 best, best_score = proxy, score
+        if self.correct and len(done) >= 3 and all(v > 0 for v in measured):
+            correction = fit(self.problem, [t.user_attrs["levels"] for t in done], measured)
+            if _concordance(list(correction.loo), measured) > best_score + 1e-12:
+                best = correction.apply(self.problem)
         return best
 
     def _parent(self, study: optuna.Study, done: list[FrozenTrial], rng: random.Random) -> tuple[list[int], int]:

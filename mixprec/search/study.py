@@ -37,7 +37,7 @@ from typing import Any
 
 import optuna
 import torch
-from optuna.trial import TrialState
+from optuna.trial import FrozenTrial, TrialState
 
 from mixprec.core.errors import FingerprintMismatchError, MixprecError
 from mixprec.core.fileio import sha256_text
@@ -47,10 +47,11 @@ from mixprec.core.storage import open_storage
 from mixprec.core.storage_url import check_storage, describe_open_error
 from mixprec.formats.recipe import Recipe
 from mixprec.measure.store import owner_is_dead, process_owner
+from mixprec.search.correct import fit
 from mixprec.search.costs import Option
 from mixprec.search.moves import repair, total_cost
 from mixprec.search.sampler import LocalMoveSampler, feasible
-from mixprec.search.solve import Problem, Solution
+from mixprec.search.solve import Problem, Solution, pareto_front
 
 __all__ = ["SAMPLERS", "SearchConfig", "SearchResult", "LocalMoveSampler", "run_search", "quiet_optuna"]
 
@@ -78,12 +79,16 @@ class SearchConfig:
     max_moves: int = 3
     explore_top: int = 3
     artifacts: bool = True
+    correct: bool = True
+    correct_after: int = 6
 
     def __post_init__(self) -> None:
         if self.trials < 1:
             raise MixprecError(f"trials={self.trials} must be at least 1")
         if self.sampler not in SAMPLERS:
             raise MixprecError(f"sampler {self.sampler!r} is unknown; use one of {SAMPLERS}")
+        if self.correct_after < 3:
+            raise MixprecError(f"correct_after={self.correct_after} must be at least 3 (the fit needs three recipes)")
         if min(self.front_seeds, self.max_moves, self.explore_top) < 1:
             raise MixprecError("front_seeds, max_moves and explore_top must be at least 1")
         if not self.study_name or "/" in self.study_name:
@@ -105,6 +110,8 @@ class SearchResult:
     study_name: str
     storage_url: str
     pareto: list[dict[str, Any]] = field(default_factory=list)
+    correction: dict[str, Any] = field(default_factory=dict)
+    waiting: int = 0
 
 
 def quiet_optuna() -> None:
@@ -132,7 +139,8 @@ class _Objective:
         picks = raw if raw_cost <= self.limit_bits else repair(self.problem, raw, self.limit_bits)
         solution = self.problem.solution(self.problem.assignment(picks), str(trial.user_attrs.get("seed", "search")))
         kl = self.evaluate(solution.assignment).double()
-        mean, se = float(kl.mean()), bootstrap_se(kl.view(self.num_sequences, -1).mean(dim=1))
+        per_sequence = kl.view(self.num_sequences, -1).mean(dim=1)
+        mean, se = float(kl.mean()), bootstrap_se(per_sequence)
         diff, diff_se = paired_difference(kl, self._reference(solution, kl), self.num_sequences)
         params = self.problem.total_params
         bpw = solution.cost / params
@@ -143,6 +151,7 @@ class _Objective:
         trial.set_user_attr("levels", picks)
         trial.set_user_attr("assignment", solution.assignment)
         trial.set_user_attr("metrics", metrics)
+        trial.set_user_attr("seq_kl", [float(v) for v in per_sequence])  # paired decisions between trials
         trial.set_constraint("bpw_excess", (solution.cost - self.limit_bits) / params)
         self._attach(trial, solution, mean, se)
         log.info("trial %d (%s): %.4f bpw, KL %.4e ± %.1e, vs %s %+.2e ± %.1e", trial.number, solution.solver, bpw,
@@ -179,7 +188,7 @@ def _make_sampler(problem: Problem, limit_bits: int, config: SearchConfig) -> op
     if config.sampler == "random":
         return optuna.samplers.RandomSampler(seed=config.seed)
     return LocalMoveSampler(problem, limit_bits, config.seed, config.max_moves, config.explore_top,
-                            config.multi_objective)
+                            config.multi_objective, correct=config.correct)
 
 
 def _fingerprint(problem: Problem, limit_bits: int, config: SearchConfig, context: Mapping[str, Any]) -> str:
@@ -260,7 +269,46 @@ def _choose(study: optuna.Study, problem: Problem, limit_bits: int) -> Solution:
     m = best.user_attrs["metrics"]
     return Solution(dict(best.user_attrs["assignment"]), int(m["storage_bits"]), float(m["predicted"]),
                     str(best.user_attrs.get("seed", "search")),
-                    {"calibration": best.values[0], "calibration_se": m["kl_se"], "trial": best.number})
+                    {"calibration": best.values[0], "calibration_se": m["kl_se"], "trial": best.number,
+                     **_decision(best, done)})
+
+
+def _decision(best: FrozenTrial, done: Sequence[FrozenTrial]) -> dict[str, float]:
+    """The paired margin of the choice: runner-up KL minus chosen KL on the same calibration sequences, with
+    its standard error (a margin under ~2 SE means the two were not told apart)."""
+    rivals = [t for t in done if t.number != best.number and "seq_kl" in t.user_attrs
+              and t.user_attrs["levels"] != best.user_attrs["levels"]]
+    if not rivals or "seq_kl" not in best.user_attrs:
+        return {}
+    runner = min(rivals, key=lambda t: (t.values[0], t.number))
+    diff = torch.tensor(runner.user_attrs["seq_kl"], dtype=torch.float64) - torch.tensor(best.user_attrs["seq_kl"],
+                                                                                           dtype=torch.float64)
+    return {"decision_margin": float(diff.mean()), "decision_se": bootstrap_se(diff),
+            "runner_up_trial": float(runner.number)}
+
+
+def _measured(study: optuna.Study) -> list[FrozenTrial]:
+    return [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)) if feasible(t)]
+
+
+def _enqueue_corrected(study: optuna.Study, problem: Problem, limit_bits: int, config: SearchConfig) -> None:
+    """When the queue is empty, refit the interaction correction on every measured recipe and enqueue the
+    exact DP solutions of the corrected estimate nearest the budget that were not measured yet."""
+    if not config.correct or config.multi_objective:
+        return
+    if study.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
+        return
+    done = _measured(study)
+    if len(done) < config.correct_after:
+        return
+    correction = fit(problem, [t.user_attrs["levels"] for t in done], [t.values[0] for t in done])
+    if not correction.helps:
+        return
+    seen = {tuple(t.user_attrs.get("levels", ())) for t in study.get_trials(deepcopy=False)}
+    front = pareto_front(correction.apply(problem)).near(limit_bits, 2)
+    fresh = [s for s in front if tuple(problem.indices(s.assignment)) not in seen]
+    labelled = [problem.solution(s.assignment, f"corrected-{s.solver}") for s in fresh]
+    _enqueue_seeds(study, problem, labelled)
 
 
 def run_search(problem: Problem, limit_bits: int, evaluate: Evaluator, num_sequences: int,
@@ -284,8 +332,13 @@ def run_search(problem: Problem, limit_bits: int, evaluate: Evaluator, num_seque
     objective = _Objective(problem, limit_bits, evaluate, num_sequences, config, seeds[0], recipe_for)
     remaining = config.trials - len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
     for _ in progress(range(max(remaining, 0)), desc=f"study {config.study_name}", unit="trial"):
+        _enqueue_corrected(study, problem, limit_bits, config)
         study.optimize(objective, n_trials=1)  # one at a time, so the bar moves per finished trial
     pareto = ([{"number": t.number, "kl": t.values[0], "bpw": t.values[1]} for t in study.best_trials]
               if config.multi_objective else [])
+    done = _measured(study)
+    correction = (fit(problem, [t.user_attrs["levels"] for t in done], [t.values[0] for t in done]).to_dict()
+                  if len(done) >= 3 else {})
+    waiting = len(study.get_trials(deepcopy=False, states=(TrialState.WAITING,)))
     return SearchResult(_choose(study, problem, limit_bits), _history(study), config.study_name,
-                        config.storage_url, sorted(pareto, key=lambda r: r["bpw"]))
+                        config.storage_url, sorted(pareto, key=lambda r: r["bpw"]), correction, waiting)
