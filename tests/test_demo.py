@@ -44,6 +44,8 @@ def test_demo_runs_every_stage_and_writes_its_outputs(demo_run: Path) -> None:
     searched = {f"rtn-b{b}-g64-sym" for b in (2, 3, 4, 8)}
     uniform = [row["comparison"]["uniform"]["solver"].split("-") for row in summary["budgets"]]
     assert all(label[0] == "uniform" and label[1].endswith("b") for label in uniform), uniform
+    uniform += [row["comparison"][name]["solver"].split("-") for row in summary["budgets"]
+                for name in row["comparison"] if name.startswith("uniform-fit-g")]  # the largest that fits, per size
     nearest = {f"rtn-b{label[1][:-1]}-{label[2]}-sym" for label in uniform}
     assert {p.name for p in (demo_run / "variants").iterdir()} == searched | nearest
 

@@ -168,7 +168,7 @@ class EngineCache:
     def __init__(self) -> None:
         self._engines: dict[tuple[str, str, str, tuple[str, ...]], KLEngine] = {}
         self._models: dict[str, torch.nn.Module] = {}
-        self._variant_sets: dict[tuple[str, str], dict[int, Variant]] = {}
+        self._variant_sets: dict[tuple[str, str, tuple[int, ...]], dict[int, Variant]] = {}
         self.curves: dict[tuple[Any, ...], UniformCurve] = {}
 
     def get(self, inputs: Inputs, windows: TokenWindows, device: str,
@@ -184,27 +184,28 @@ class EngineCache:
             self._engines[key] = KLEngine(self._models[fingerprint], inputs.model_map, windows, variants, device)
         return self._engines[key]
 
-    def variant_set(self, inputs: Inputs, config: StageConfig, quant: QuantConfig) -> dict[int, Variant]:
-        """Every measured width at `quant`'s settings (e.g. another group size), built on demand, one dict
-        per setting so their engine is shared."""
-        key = (inputs.checkpoint.fingerprint, replace(quant, bits=2).variant_id)
+    def variant_set(self, inputs: Inputs, config: StageConfig, quant: QuantConfig,
+                    widths: tuple[int, ...]) -> dict[int, Variant]:
+        """`widths` at `quant`'s settings (e.g. another group size), built on demand (only what is asked: a
+        variant is as big as the model's quantized weights), one shared dict per request so its engine is."""
+        key = (inputs.checkpoint.fingerprint, replace(quant, bits=2).variant_id, widths)
         if key not in self._variant_sets:
             kinds = tuple(GroupKind(k) for k in next(iter(inputs.variants.values())).manifest["kinds"])
-            configs = [replace(quant, bits=b) for b in sorted(inputs.variants)]
+            configs = [replace(quant, bits=b) for b in widths]
             built = ensure_variants(inputs.checkpoint, inputs.model_map, configs, config.work, kinds)
             self._variant_sets[key] = {v.config.bits: v for v in built}
         return self._variant_sets[key]
 
 
-def _uniform_candidate(inputs: Inputs, config: StageConfig, quant: UniformQuant,
-                       engines: EngineCache) -> _Candidate:
-    """A uniform quant as a candidate; another group size than measured runs on its own variant set (every
-    width of that size, built on demand and shared, so one engine per group size serves them all)."""
+def _uniform_candidate(inputs: Inputs, config: StageConfig, quant: UniformQuant, engines: EngineCache,
+                       widths: tuple[int, ...] | None = None) -> _Candidate:
+    """A uniform quant as a candidate; another group size than measured runs on its own variants (its own
+    width, or `widths` of that size so that one engine serves a whole curve), built on demand."""
     bits = quant.config.bits
     solution = Solution({name: bits for name in inputs.table.names}, quant.cost, math.nan, quant.label)
     if inputs.variants[bits].config == quant.config:
         return _Candidate(solution)
-    return _Candidate(solution, engines.variant_set(inputs, config, quant.config))
+    return _Candidate(solution, engines.variant_set(inputs, config, quant.config, widths or (bits,)))
 
 
 @dataclass
@@ -323,7 +324,7 @@ def uniform_curve(inputs: Inputs, config: StageConfig, engines: EngineCache, win
     if key not in engines.curves:
         points = []
         for quant in grid:
-            candidate = _uniform_candidate(inputs, config, quant, engines)
+            candidate = _uniform_candidate(inputs, config, quant, engines, tuple(sorted(inputs.variants)))
             engine = engines.get(inputs, windows, config.device, candidate.variants)
             kl = float(engine.evaluate(candidate.solution.assignment).kl.double().mean())
             points.append(UniformPoint(quant.label, quant.cost / inputs.table.params, kl))
