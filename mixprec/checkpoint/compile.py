@@ -63,7 +63,8 @@ from mixprec.core.version import __version__
 from mixprec.formats.recipe import Recipe
 from mixprec.model.loading import Checkpoint
 from mixprec.model.modelmap import ModelMap, WeightRef
-from mixprec.quant import QuantConfig
+from mixprec.quant import QuantConfig, quantizer_class
+from mixprec.quant.ggml import GGMLQuantizer
 from mixprec.quant.variants import Variant
 
 __all__ = ["CompileError", "CompileConfig", "open_variants", "prepare_compile", "build_plan", "write_shards",
@@ -276,6 +277,9 @@ def prepare_compile(recipe: Recipe, checkpoint: Checkpoint, work_dir: Path, out_
                     force: bool = False) -> tuple[ModelMap, dict[int, Variant]]:
     """Validate everything a compile needs before writing anything: an unquantized source, a safe output
     folder, a recipe for this model, and every variant present and intact. Shared by all compiled formats."""
+    if issubclass(quantizer_class(recipe.quantizer.method), GGMLQuantizer):
+        raise CompileError(f"recipe quantizer {recipe.quantizer.method!r} holds ggml blocks, which only a GGUF "
+                           "can hold; compile it with --format gguf")
     if "quantization_config" in checkpoint.config:
         raise CompileError(f"{checkpoint.path}/config.json already has a quantization_config; compile from the "
                            "unquantized model the variants were made from")

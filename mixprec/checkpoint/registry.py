@@ -55,6 +55,8 @@ COMPILED_FORMATS: dict[str, CompiledFormat] = {
                        "mixprec.checkpoint.compile", "compile_recipe"),
         CompiledFormat("compressed-tensors", "vLLM's compressed-tensors pack-quantized safetensors (int32-packed "
                        "codes, one config group per width)", "mixprec.checkpoint.ctensors", "compile_ctensors"),
+        CompiledFormat("gguf", "one llama.cpp GGUF file (--out FILE), every tensor in its ggml type; recipes of "
+                       "--method gguf / gguf-imatrix / gguf-iq", "mixprec.checkpoint.gguf", "compile_gguf"),
     )
 }
 DEFAULT_FORMAT = next(iter(COMPILED_FORMATS))

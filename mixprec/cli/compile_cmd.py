@@ -10,10 +10,15 @@ Usage:
     mixprec compile recipe.yaml --out out/q --model path/to/model --work work/model --max-shard-size 500MB
     mixprec compile overrides.yaml --base-bits 4 --out out/q
     mixprec compile recipe.yaml --format compressed-tensors --out out/q-vllm
+    mixprec compile gguf-recipe.yaml --format gguf --out out/model.gguf --export-llama-quantize out/types.txt
 
 Basic:    RECIPE, --out, --model (default: the bundled model), --work (default: ./work/<model name>),
           --format (default mixprec; see mixprec.checkpoint.registry for the others)
-Advanced: --max-shard-size (default 2GB), --base-bits and --granularity (override YAML only)
+Advanced: --max-shard-size (default 2GB), --base-bits and --granularity (override YAML only),
+          --export-llama-quantize FILE (a `llama-quantize --tensor-type-file` reproducing a ggml recipe's types)
+
+`--format gguf` needs a recipe searched with a ggml quantizer (--method gguf, gguf-imatrix, gguf-iq); --out is
+then the .gguf file llama.cpp loads (`mixprec.checkpoint.gguf`).
 """
 
 from __future__ import annotations
@@ -24,10 +29,12 @@ from pathlib import Path
 import yaml
 
 from mixprec.checkpoint.compile import CompileConfig
+from mixprec.checkpoint.gguf import llama_quantize_types
 from mixprec.checkpoint.qformat import CompileError
 from mixprec.checkpoint.registry import COMPILED_FORMATS, DEFAULT_FORMAT, compiled_format, format_names
 from mixprec.checkpoint.shards import parse_size
 from mixprec.cli.common import add_work_argument, default_work_dir, print_table
+from mixprec.formats.llamacpp import write_tensor_type_file
 from mixprec.formats.recipe import ModelRef, QuantSettings, Recipe
 from mixprec.model.loading import Checkpoint
 from mixprec.model.modelmap import DEFAULT_GRANULARITY, Granularity
@@ -55,6 +62,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help=f"override YAML only: group granularity to read it at (default {DEFAULT_GRANULARITY})")
     parser.add_argument("--force", action="store_true",
                         help="replace --out even if it holds files an earlier compile did not write (they are deleted)")
+    parser.add_argument("--export-llama-quantize", type=Path, default=None, metavar="FILE",
+                        help="also write a llama-quantize --tensor-type-file with the recipe's ggml types")
     parser.set_defaults(run=run)
 
 
@@ -116,6 +125,7 @@ def run(args: argparse.Namespace) -> int:
     config = CompileConfig(max_shard_bytes=parse_size(args.max_shard_size), force=args.force)
     checkpoint = Checkpoint.open(args.model)
     recipe, work = read_recipe(args, checkpoint)
+    types = None if args.export_llama_quantize is None else llama_quantize_types(recipe, checkpoint)
     report = compiled_format(args.format).writer()(recipe, checkpoint, work, args.out, config)
     bits = report["bits"]
     print(f"compiled {args.out} ({args.format}): {len(report['shards'])} shard(s), "
@@ -123,4 +133,7 @@ def run(args: argparse.Namespace) -> int:
     print_table([{"bits": b, "matrices": row["matrices"], "params": row["params"]} for b, row in bits.items()],
                 ["bits", "matrices", "params"])
     print_table(size_rows(report), ["what", "predicted", "actual", "actual/predicted"])
+    if types is not None:
+        write_tensor_type_file(str(args.export_llama_quantize), types)
+        print(f"wrote {args.export_llama_quantize} ({len(types)} tensor types for llama-quantize --pure)")
     return 0

@@ -57,7 +57,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _add_calibration_arguments(parser: argparse.ArgumentParser) -> None:
-    calib = parser.add_argument_group("calibration (GPTQ)")
+    calib = parser.add_argument_group("calibration (gptq, gguf-imatrix, gguf-iq)")
     calib.add_argument("--calib-windows", type=int, default=CalibConfig.num_windows, metavar="N",
                        help=f"calibration windows (default {CalibConfig.num_windows})")
     calib.add_argument("--calib-seq-len", type=int, default=CalibConfig.seq_len, metavar="T",

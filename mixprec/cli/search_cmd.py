@@ -19,6 +19,7 @@ Advanced:
     --multi-objective                   search KL vs bpw under the budget as a cap (Pareto front)
     --sampler local|tpe|random          proposal strategy (default local: budget-preserving moves)
     --export-exl3 FILE --exl3-source 4=/quants/4.0bpw ...   exllamav3 override YAML
+    --export-llama-quantize FILE        llama-quantize --tensor-type-file (recipes of --method gguf*)
 """
 
 from __future__ import annotations
@@ -27,15 +28,18 @@ import argparse
 from pathlib import Path
 
 from mixprec.checkpoint.compile import open_variants
+from mixprec.checkpoint.gguf import llama_quantize_types
 from mixprec.cli.checks import check_out_file, check_storage_arg, check_windows, is_override_file, is_recipe_file
 from mixprec.cli.common import add_model_argument, add_work_argument, default_work_dir, print_table
-from mixprec.core.errors import MixprecError
+from mixprec.core.errors import MixprecError, QuantConfigError
 from mixprec.formats.exl3 import recipe_to_exl3
+from mixprec.formats.llamacpp import is_tensor_type_file, write_tensor_type_file
 from mixprec.formats.recipe import Budget
 from mixprec.measure.config import MeasureConfig
 from mixprec.model.loading import resolve_model_path
 from mixprec.model.modelmap import DEFAULT_GRANULARITY
-from mixprec.quant import SUPPORTED_GROUP_SIZES, QuantConfig, quantizer_names
+from mixprec.quant import SUPPORTED_GROUP_SIZES, QuantConfig, quantizer_class, quantizer_names
+from mixprec.quant.ggml import GGMLQuantizer
 from mixprec.search.costs import Constraints, parse_settings
 from mixprec.search.inputs import Inputs, StageConfig, check, measure_missing, prepare
 from mixprec.search.pipeline import StageResult, run_stage, run_stages
@@ -66,6 +70,10 @@ def _add_basic(parser: argparse.ArgumentParser) -> None:
                              "budgets)")
     parser.add_argument("--export-exl3", type=Path, default=None, metavar="FILE",
                         help="also write an exllamav3 override YAML (a folder with several budgets)")
+    parser.add_argument("--export-llama-quantize", type=Path, default=None, metavar="FILE",
+                        help="also write a llama-quantize --tensor-type-file reproducing the recipe's ggml types "
+                             "from an F16/BF16 GGUF with --pure (needs --method gguf, gguf-imatrix or gguf-iq; "
+                             "a folder with several budgets)")
     parser.add_argument("--force", action="store_true",
                         help="overwrite --out / --export-exl3 even if they are files mixprec did not write")
     parser.add_argument("--gain", action="store_true",
@@ -134,6 +142,14 @@ def _out_paths(args: argparse.Namespace, budget: Budget) -> tuple[Path, Path | N
     out = (args.out / f"{name}.yaml" if sweep else args.out) if args.out else Path("recipes") / f"{name}.yaml"
     exl3 = args.export_exl3 / f"{name}.exl3.yaml" if sweep and args.export_exl3 else args.export_exl3
     return out, exl3
+
+
+def _llama_path(args: argparse.Namespace, budget: Budget) -> Path | None:
+    """The tensor-type file of one budget (`<model>-<budget>.tensor-types.txt` in a folder with several)."""
+    if args.export_llama_quantize is None or len(_budgets(args)) == 1:
+        return args.export_llama_quantize
+    name = f"{resolve_model_path(args.model).resolve().name}-{_label(budget)}"
+    return args.export_llama_quantize / f"{name}.tensor-types.txt"
 
 
 def _label(budget: Budget) -> str:
@@ -212,6 +228,10 @@ def run(args: argparse.Namespace) -> int:
         out, exl3 = _out_paths(args, budget)
         check_out_file(out, "--out", is_recipe_file, args.force)
         check_out_file(exl3, "--export-exl3", is_override_file, args.force)
+        check_out_file(_llama_path(args, budget), "--export-llama-quantize", is_tensor_type_file, args.force)
+    if args.export_llama_quantize is not None and not issubclass(quantizer_class(args.method), GGMLQuantizer):
+        raise QuantConfigError(f"--export-llama-quantize needs ggml types: search with --method gguf (or "
+                               f"gguf-imatrix, gguf-iq), not --method {args.method}")
     configs = configs_from_args(args)
     if not args.verbose:
         quiet_optuna()
@@ -245,3 +265,7 @@ def _write(args: argparse.Namespace, config: StageConfig, inputs: Inputs, result
         dirs = sources or {b: str(v.path) for b, v in variants.items()}
         recipe_to_exl3(result.recipe.groups, inputs.model_map, dirs).save(exl3)
         print(f"wrote {exl3}")
+    llama = _llama_path(args, config.budget)
+    if llama is not None:
+        write_tensor_type_file(str(llama), llama_quantize_types(result.recipe, inputs.checkpoint))
+        print(f"wrote {llama}")

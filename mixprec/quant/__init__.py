@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from mixprec.quant import ggml as _ggml  # noqa: F401  (registers "gguf", "gguf-imatrix", "gguf-iq")
 from mixprec.quant import gptq as _gptq  # noqa: F401  (registers "gptq")
 from mixprec.quant import rtn as _rtn  # noqa: F401  (registers "rtn")
 from mixprec.quant.base import (

@@ -59,11 +59,12 @@ class QuantConfig:
             )
         if self.clip_grid < 2:
             raise QuantConfigError(f"clip_grid={self.clip_grid} must be at least 2")
+        method.check_config(self)
 
     @property
     def variant_id(self) -> str:
-        """Folder name of the variant, e.g. `rtn-b4-g64-sym`."""
-        return f"{self.method}-b{self.bits}-g{self.group_size}-{'sym' if self.symmetric else 'asym'}"
+        """Folder name of the variant, e.g. `rtn-b4-g64-sym` (a method may name it otherwise: `gguf-q4_k`)."""
+        return quantizer_class(self.method).variant_name(self)
 
     def bits_per_weight(self, shape: tuple[int, int]) -> float:
         """Exact bits per weight of a matrix of `shape`, codes + scales (+ zero points)."""
@@ -138,6 +139,21 @@ class Quantizer(ABC):
 
     def __init__(self, config: QuantConfig) -> None:
         self.config = config
+
+    @classmethod
+    def check_config(cls, config: QuantConfig) -> None:
+        """Refuse settings beyond bits and group size that this method cannot honour (QuantConfigError)."""
+        return None
+
+    @classmethod
+    def variant_name(cls, config: QuantConfig) -> str:
+        """Folder name of a variant at `config`."""
+        return f"{config.method}-b{config.bits}-g{config.group_size}-{'sym' if config.symmetric else 'asym'}"
+
+    def restore(self, codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
+                shape: tuple[int, int]) -> QuantizedWeight:
+        """Rebuild one stored matrix [out, in] = `shape` from the tensors a variant file holds."""
+        return QuantizedWeight(codes, scales, zeros, self.config.bits, self.config.group_size)
 
     @abstractmethod
     def quantize(self, weight: torch.Tensor, hessian: torch.Tensor | None = None) -> QuantizedWeight:

@@ -1,0 +1,249 @@
+"""GGUF output proven in llama.cpp: recipe types read back, logits against mixprec's dequantized model,
+and the `--tensor-type-file` reproducing the same file through `llama_model_quantize`.
+
+Run: .venv/bin/python -m pytest tests/test_gguf.py -q
+Needs llama-cpp-python and gguf (runs/setup.sh installs both, so CI runs these tests). The model is a
+tiny Qwen2-MoE in the layout llama.cpp's `qwen2moe` graph computes (every layer MoE with a shared
+expert, no top-k renormalisation), with rows of 256 so the K-quants are really used (no fallback), and
+weights rounded to fp16 so an F16 GGUF holds them exactly.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("gguf")
+llama_cpp = pytest.importorskip("llama_cpp")
+
+from gguf import GGUFReader  # noqa: E402
+from transformers import AutoConfig, AutoModelForCausalLM  # noqa: E402
+
+from mixprec.checkpoint.gguf import compile_gguf, llama_quantize_types  # noqa: E402
+from mixprec.checkpoint.qformat import CompileError  # noqa: E402
+from mixprec.cli import main  # noqa: E402
+from mixprec.formats.llamacpp import (  # noqa: E402
+    match_tensor_type,
+    read_tensor_type_file,
+    write_tensor_type_file,
+)
+from mixprec.formats.recipe import ModelRef, QuantSettings, Recipe  # noqa: E402
+from mixprec.model.loading import Checkpoint, load_model  # noqa: E402
+from mixprec.quant.ggml import LADDERS  # noqa: E402
+from mixprec.quant.variants import Variant, apply_group, ensure_variants  # noqa: E402
+
+GGUF_SETTINGS = QuantSettings(method="gguf")
+#: fine-granularity part -> bits per layer: every K-quant of the ladder and Q8_0 appear.
+MIX = [{"attn.q": 8, "attn.kv": 6, "attn.o": 5, "experts.gate_up": 2, "experts.down": 3, "shared.gate_up": 4,
+        "shared.down": 5},
+       {"attn.q": 4, "attn.kv": 8, "attn.o": 3, "experts.gate_up": 3, "experts.down": 2, "shared.gate_up": 6,
+        "shared.down": 4}]
+
+
+def _save_llama_cpp_moe(directory: Path) -> Path:
+    config = AutoConfig.for_model(
+        "qwen2_moe", vocab_size=160, hidden_size=256, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, intermediate_size=256, moe_intermediate_size=256, shared_expert_intermediate_size=256,
+        num_experts=4, num_experts_per_tok=2, norm_topk_prob=False, mlp_only_layers=[], decoder_sparse_step=1,
+        qkv_bias=True, max_position_embeddings=128, tie_word_embeddings=False, initializer_range=0.08,
+        bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, experts_implementation="eager").eval()
+    with torch.no_grad():
+        for param in model.parameters():
+            param.copy_(param.half().float())
+    model.save_pretrained(directory)
+    return directory
+
+
+def _recipe(checkpoint: Checkpoint, mix: list[dict[str, int]] | None) -> Recipe:
+    model_map = checkpoint.model_map("fine")
+    groups: dict[str, int | None] = {}
+    for group in model_map.select():
+        part = group.name.split(".", 2)[2]
+        groups[group.name] = None if mix is None else mix[group.layer][part]
+    return Recipe(ModelRef("tiny", checkpoint.model_type, checkpoint.fingerprint), model_map.granularity,
+                  GGUF_SETTINGS, groups)
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    root = tmp_path_factory.mktemp("gguf")
+    checkpoint = Checkpoint.open(_save_llama_cpp_moe(root / "model"))
+    recipe = _recipe(checkpoint, MIX)
+    ensure_variants(checkpoint, checkpoint.model_map("layer"), [GGUF_SETTINGS.config(b) for b in (2, 3, 4, 5, 6, 8)],
+                    root / "work")
+    report = compile_gguf(recipe, checkpoint, root / "work", root / "mixed.gguf")
+    return {"root": root, "checkpoint": checkpoint, "recipe": recipe, "report": report, "gguf": root / "mixed.gguf"}
+
+
+def _types(path: Path) -> dict[str, str]:
+    return {t.name: t.tensor_type.name for t in GGUFReader(path).tensors}
+
+
+def _expected_types(checkpoint: Checkpoint, recipe: Recipe) -> dict[str, str]:
+    """Derived from the recipe by hand: llama.cpp tensor name per group part, the ladder's type."""
+    names = {"attn.q": ["attn_q"], "attn.kv": ["attn_k", "attn_v"], "attn.o": ["attn_output"],
+             "experts.gate_up": ["ffn_gate_exps", "ffn_up_exps"], "experts.down": ["ffn_down_exps"],
+             "shared.gate_up": ["ffn_gate_shexp", "ffn_up_shexp"], "shared.down": ["ffn_down_shexp"]}
+    expected = {}
+    for group, bits in recipe.groups.items():
+        _, layer, part = group.split(".", 2)
+        for name in names[part]:
+            expected[f"blk.{layer}.{name}.weight"] = LADDERS["gguf"][bits]
+    return expected
+
+
+def test_tensor_types_read_back_equal_the_recipe(built: dict) -> None:
+    types = _types(built["gguf"])
+    expected = _expected_types(built["checkpoint"], built["recipe"])
+    assert {name: types[name] for name in expected} == expected
+    assert types["token_embd.weight"] == "F16" and types["output.weight"] == "F16"
+    assert types["blk.0.ffn_gate_inp.weight"] == "F32" and types["blk.1.attn_norm.weight"] == "F32"
+
+
+def test_routed_experts_are_one_3d_tensor_per_projection(built: dict) -> None:
+    tensors = {t.name: t for t in GGUFReader(built["gguf"]).tensors}
+    assert list(tensors["blk.0.ffn_down_exps.weight"].shape) == [256, 256, 4]  # ggml order: in, out, experts
+    assert not any(".experts." in name for name in tensors)
+
+
+def test_quantized_bytes_are_the_variants_blocks(built: dict) -> None:
+    """The file holds the blocks mixprec measured: the size report counts exactly the variants' bits."""
+    checkpoint, recipe, report = built["checkpoint"], built["recipe"], built["report"]
+    model_map = checkpoint.model_map("fine")
+    predicted = 0
+    for name, bits in recipe.groups.items():
+        variant = Variant.open(built["root"] / "work" / "variants" / recipe.quant_config(bits).variant_id)
+        predicted += variant.storage_bits(model_map.group(name))
+    assert report["actual"]["quantized_bytes"] * 8 == predicted == report["predicted"]["quantized_bytes"] * 8
+    assert report["actual"]["folder_bytes"] == built["gguf"].stat().st_size
+    reader = GGUFReader(built["gguf"])
+    assert sum(int(t.n_bytes) for t in reader.tensors) == report["actual"]["tensor_bytes"]
+
+
+def _llama_logits(path: Path, tokens: list[int]) -> torch.Tensor:
+    llm = llama_cpp.Llama(model_path=str(path), n_ctx=64, n_batch=64, logits_all=True, verbose=False,
+                          n_threads=2)
+    try:
+        llm.eval(tokens)
+        return torch.tensor(np.array(llm.scores[: len(tokens)]), dtype=torch.float32)
+    finally:
+        llm.close()
+
+
+def _kl(p_logits: torch.Tensor, q_logits: torch.Tensor) -> float:
+    p = torch.log_softmax(p_logits.double(), -1)
+    q = torch.log_softmax(q_logits.double(), -1)
+    return float((p.exp() * (p - q)).sum(-1).mean())
+
+
+def _mixprec_model(built: dict) -> torch.nn.Module:
+    checkpoint, recipe = built["checkpoint"], built["recipe"]
+    model, model_map = load_model(checkpoint), checkpoint.model_map("fine")
+    params = dict(model.named_parameters())
+    for name, bits in recipe.groups.items():
+        apply_group(params, model_map.group(name),
+                    Variant.open(built["root"] / "work" / "variants" / recipe.quant_config(bits).variant_id))
+    return model
+
+
+def test_llama_cpp_runs_the_gguf_as_mixprec_measured_it(built: dict) -> None:
+    """KL(mixprec's dequantized model ‖ llama.cpp) is far below the recipe's own quantization KL."""
+    tokens = torch.randint(3, 160, (48,), generator=torch.Generator().manual_seed(5)).tolist()
+    with torch.no_grad():
+        reference = load_model(built["checkpoint"])(torch.tensor([tokens])).logits[0]
+        measured = _mixprec_model(built)(torch.tensor([tokens])).logits[0]
+    served = _llama_logits(built["gguf"], tokens)
+    engine_kl, quant_kl = _kl(measured, served), _kl(reference, measured)
+    assert quant_kl > 1e-3, quant_kl
+    assert engine_kl < 0.1 * quant_kl, (engine_kl, quant_kl)
+
+
+def test_tensor_type_file_reproduces_the_types_through_llama_quantize(built: dict) -> None:
+    """F16 GGUF + our override file + `--pure` -> the same types and the very same blocks."""
+    root, checkpoint = built["root"], built["checkpoint"]
+    compile_gguf(_recipe(checkpoint, None), checkpoint, root / "work", root / "f16.gguf")
+    write_tensor_type_file(str(root / "types.txt"), llama_quantize_types(built["recipe"], checkpoint))
+    items = read_tensor_type_file((root / "types.txt").read_text())
+    overrides = (llama_cpp.llama_model_tensor_override * (len(items) + 1))()
+    for slot, (pattern, qtype) in zip(overrides, items, strict=False):
+        slot.pattern, slot.type = pattern.encode(), _ggml_type_id(qtype)
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype, params.pure, params.nthread = llama_cpp.LLAMA_FTYPE_MOSTLY_Q8_0, True, 2
+    params.tt_overrides = ctypes.cast(overrides, ctypes.POINTER(llama_cpp.llama_model_tensor_override))
+    rc = llama_cpp.llama_model_quantize(str(root / "f16.gguf").encode(), str(root / "requant.gguf").encode(),
+                                        ctypes.byref(params))
+    assert rc == 0
+    ours, theirs = GGUFReader(built["gguf"]), GGUFReader(root / "requant.gguf")
+    assert _types(root / "requant.gguf") == _types(built["gguf"])
+    data = {t.name: np.asarray(t.data) for t in theirs.tensors}
+    for tensor in ours.tensors:
+        assert np.array_equal(np.asarray(tensor.data), data[tensor.name]), tensor.name
+    assert all(match_tensor_type(items, name) is not None for name in llama_quantize_types(built["recipe"], checkpoint))
+
+
+def _ggml_type_id(name: str) -> int:
+    import gguf
+
+    return int(gguf.GGMLQuantizationType[name])
+
+
+def test_non_ggml_recipe_and_unfaithful_layout_are_refused(built: dict, tiny_model_dirs: dict, tmp_path: Path) -> None:
+    checkpoint = built["checkpoint"]
+    rtn = Recipe(built["recipe"].model, built["recipe"].granularity, QuantSettings(), built["recipe"].groups)
+    with pytest.raises(CompileError, match="--method gguf"):
+        compile_gguf(rtn, checkpoint, built["root"] / "work", tmp_path / "x.gguf")
+    dense_first = Checkpoint.open(tiny_model_dirs["qwen2_moe"])  # mlp_only_layers=[0], norm_topk_prob=True
+    recipe = Recipe(ModelRef("t", "qwen2_moe", dense_first.fingerprint), built["recipe"].granularity, GGUF_SETTINGS,
+                    {g.name: None for g in dense_first.model_map("fine").select()})
+    with pytest.raises(CompileError, match="every layer MoE"):
+        compile_gguf(recipe, dense_first, tmp_path / "work", tmp_path / "y.gguf")
+    assert not list(tmp_path.glob("*.gguf"))
+
+
+def test_cli_compile_format_gguf_writes_file_and_override(built: dict, tmp_path: Path,
+                                                          capsys: pytest.CaptureFixture) -> None:
+    recipe_path = tmp_path / "recipe.yaml"
+    built["recipe"].save(recipe_path)
+    out, types = tmp_path / "cli.gguf", tmp_path / "cli-types.txt"
+    rc = main(["compile", str(recipe_path), "--format", "gguf", "--out", str(out), "--model",
+               str(built["checkpoint"].path), "--work", str(built["root"] / "work"),
+               "--export-llama-quantize", str(types)])
+    assert rc == 0
+    assert _types(out) == _types(built["gguf"])
+    assert "^blk\\.0\\.ffn_down_exps\\.weight$=q3_k" in types.read_text().split()
+    assert "Q2_K" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_pipeline_quantize_search_compile_in_ggml_types(built: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                         capsys: pytest.CaptureFixture) -> None:
+    """measure, DP, study and recipe run unchanged over ggml types; the recipe becomes a GGUF llama.cpp runs."""
+    from safetensors.torch import save_file
+
+    monkeypatch.chdir(tmp_path)
+    model = tmp_path / "model"
+    shutil.copytree(built["checkpoint"].path, model)
+    generator = torch.Generator().manual_seed(0)
+    for split in ("calibration", "evaluation"):
+        save_file({"tokens": torch.randint(3, 160, (2048,), generator=generator, dtype=torch.int32)},
+                  model / f"{split}.safetensors")
+    recipe_path, types, out = tmp_path / "r.yaml", tmp_path / "types.txt", tmp_path / "r.gguf"
+    common = [str(model), "--work", str(tmp_path / "work"), "--method", "gguf", "--bits", "2", "4", "8",
+              "--windows", "4", "--seq-len", "32", "--eval-windows", "4", "--studies-dir", str(tmp_path / "studies")]
+    assert main(["search", *common, "--budget", "4", "--trials", "4", "--out", str(recipe_path),
+                 "--export-llama-quantize", str(types)]) == 0, capsys.readouterr().err
+    recipe = Recipe.load(recipe_path)
+    assert recipe.quantizer.method == "gguf" and recipe.achieved["bpw"] <= 4.0
+    assert main(["compile", str(recipe_path), "--format", "gguf", "--out", str(out), "--model", str(model),
+                 "--work", str(tmp_path / "work")]) == 0
+    written = _types(out)
+    items = read_tensor_type_file(types.read_text())
+    assert all(match_tensor_type(items, name) == qtype for name, qtype in written.items() if qtype != "F32")
+    assert _llama_logits(out, list(range(3, 35))).isfinite().all()
