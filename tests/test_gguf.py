@@ -161,8 +161,9 @@ def test_llama_cpp_runs_the_gguf_as_mixprec_measured_it(built: dict) -> None:
         measured = _mixprec_model(built)(torch.tensor([tokens])).logits[0]
     served = _llama_logits(built["gguf"], tokens)
     engine_kl, quant_kl = _kl(measured, served), _kl(reference, measured)
+    print(f"KL(mixprec dequantized ‖ llama.cpp) {engine_kl:.2e}, quantization KL {quant_kl:.2e}")
     assert quant_kl > 1e-3, quant_kl
-    assert engine_kl < 0.1 * quant_kl, (engine_kl, quant_kl)
+    assert engine_kl < 0.02 * quant_kl, (engine_kl, quant_kl)
 
 
 def test_tensor_type_file_reproduces_the_types_through_llama_quantize(built: dict) -> None:

@@ -38,6 +38,9 @@ class ModelConfig:
     max_position_embeddings: int = 1024
     rope_theta: float = 10000.0
     router_aux_loss_coef: float = 0.01
+    #: Renormalise the top-k routing weights to sum to one. llama.cpp's `qwen2moe` graph never does, so a
+    #: model meant to run there trains with False (and no dense layers).
+    norm_topk_prob: bool = True
 
     def __post_init__(self) -> None:
         if self.hidden_size % self.num_heads:
@@ -74,7 +77,7 @@ def to_hf_config(config: ModelConfig, bos_id: int, eos_id: int, pad_id: int) -> 
         num_experts_per_tok=config.top_k,
         moe_intermediate_size=config.moe_intermediate_size,
         shared_expert_intermediate_size=config.shared_expert_intermediate_size,
-        norm_topk_prob=True,
+        norm_topk_prob=config.norm_topk_prob,
         qkv_bias=True,
         tie_word_embeddings=False,
         router_aux_loss_coef=config.router_aux_loss_coef,

@@ -113,6 +113,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="routed expert width")
     p.add_argument("--shared-intermediate-size", type=int, default=ModelConfig.shared_expert_intermediate_size,
                    help="shared expert width")
+    p.add_argument("--dense-layers", type=int, nargs="*", default=list(ModelConfig.dense_layers), metavar="I",
+                   help="layers with a dense MLP instead of experts (default 0; none for llama.cpp's qwen2moe)")
+    p.add_argument("--no-norm-topk", action="store_true",
+                   help="do not renormalise top-k routing weights (the layout llama.cpp's qwen2moe computes)")
     p.add_argument("--corpus-root", type=Path, default=None, help="folder of .py files (default: the stdlib)")
     p.add_argument("--heldout-fraction", type=float, default=CorpusConfig.evaluation_fraction,
                    help="fraction of files in each of calibration and evaluation")
@@ -133,6 +137,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         num_experts=args.num_experts, intermediate_size=args.intermediate_size,
         moe_intermediate_size=args.moe_intermediate_size,
         shared_expert_intermediate_size=args.shared_intermediate_size,
+        dense_layers=tuple(args.dense_layers), norm_topk_prob=not args.no_norm_topk,
         max_position_embeddings=max(ModelConfig.max_position_embeddings, args.seq_len),
     )
     corpus = CorpusConfig(root=args.corpus_root, calibration_fraction=args.heldout_fraction,

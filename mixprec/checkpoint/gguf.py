@@ -172,6 +172,8 @@ def _collect(checkpoint: Checkpoint, model_map: ModelMap, recipe: Recipe, varian
         else:
             qtype = plan[target.name]
             data = _float_bytes(checkpoint.read(key), qtype)
+            if target.name.endswith("ffn_gate_inp_shexp.weight"):
+                data = data.reshape(-1)  # llama.cpp holds the shared-expert gate [1, H] as a vector
         if arch == "llama":
             data = _llama_rows(target.name, data, checkpoint.config)
         entry = tensors.setdefault(target.name, _Tensor(qtype))
