@@ -25,6 +25,7 @@ dtype and the same modules run (tests/test_streaming.py checks logits and measur
 
 from __future__ import annotations
 
+import ctypes
 import logging
 from collections import Counter, defaultdict
 from collections.abc import Iterator
@@ -49,6 +50,19 @@ STREAMING_MODES = ("auto", "on", "off")
 #: Under `auto`, the in-memory path (faster: no reads per layer) is kept while the whole model takes at most this
 #: share of the memory budget; the rest is left for hidden states, logits and quantized weights.
 _AUTO_SHARE = 0.5
+
+
+def _return_freed_memory() -> None:
+    """Hand freed heap memory back to the kernel (glibc only; elsewhere nothing to do).
+
+    # Note: a layer is hundreds of 1-2 MB tensors (one per expert matrix), below glibc's mmap threshold, so
+    # they live in malloc arenas; without a trim the arenas keep the freed layers and resident memory grows by
+    # about a layer per batch (measured: 1.84 vs 1.00 GB retained after one batch of the benchmark model).
+    """
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def build_skeleton(checkpoint: Checkpoint, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
@@ -194,11 +208,23 @@ class StreamedModel:
     def _release(self, names: list[str]) -> None:
         for name in names:
             self._count[name] -= 1
+        released = False
         for name in dict.fromkeys(names):
             if self._count[name] == 0:
                 param = self._params[name]
                 empty = torch.empty(param.shape, dtype=param.dtype, device="meta")
                 torch.utils.swap_tensors(param, torch.nn.Parameter(empty, requires_grad=False))
+                released = True
+        if released:
+            _return_freed_memory()
+
+    def restore(self, ref: WeightRef, view: torch.Tensor) -> None:
+        """Write the checkpoint's own values of matrix `ref` into `view` (its place in a resident parameter).
+
+        The weight swapper restores swapped matrices this way on a streamed model instead of keeping a copy
+        of the originals, which for a layer's routed experts would double the layer's resident size."""
+        with self._reader.open() as read, torch.no_grad():
+            view.copy_(ref.slice_disk(read(ref.key)))
 
     def _read_param(self, name: str, read: Any) -> torch.Tensor:
         """One in-memory parameter from disk: a plain key, or the fused experts assembled per expert."""

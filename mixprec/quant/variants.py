@@ -87,6 +87,11 @@ class Variant:
             raise VariantError(f"{self.path / _WEIGHTS_FILE} is corrupt ({exc}); delete {self.path} and "
                                "re-run `mixprec quantize`") from exc
 
+    def close(self) -> None:
+        """Unmap the weights file; the next read maps it again. A streamed run calls this after each layer so
+        the file's pages read so far stop counting towards the process's resident memory."""
+        self.__dict__.pop("_handle", None)
+
     def verify(self) -> None:
         """Check the weights file against the sha256 recorded in the manifest."""
         actual = sha256_file(self.path / _WEIGHTS_FILE)

@@ -37,10 +37,10 @@ from mixprec.core.errors import FingerprintMismatchError, MixprecError
 from mixprec.core.fileio import sha256_file
 from mixprec.core.kl import bootstrap_se, paired_difference
 from mixprec.formats.recipe import ModelRef, QuantSettings, Recipe
-from mixprec.measure.engine.core import KLEngine
+from mixprec.measure.engine.core import KLEngine, resolve_device
 from mixprec.model.arch import GroupKind
 from mixprec.model.data import TokenWindows, WindowConfig, load_windows, require_disjoint
-from mixprec.model.loading import load_model
+from mixprec.model.streaming import StreamedModel, open_model
 from mixprec.quant import QuantConfig
 from mixprec.quant.variants import Variant, ensure_variants
 from mixprec.search.costs import CostTable
@@ -167,7 +167,7 @@ class EngineCache:
 
     def __init__(self) -> None:
         self._engines: dict[tuple[str, str, str, tuple[str, ...]], KLEngine] = {}
-        self._models: dict[str, torch.nn.Module] = {}
+        self._models: dict[str, torch.nn.Module | StreamedModel] = {}
         self._variant_sets: dict[tuple[str, str, tuple[int, ...]], dict[int, Variant]] = {}
         self.curves: dict[tuple[Any, ...], UniformCurve] = {}
 
@@ -180,7 +180,8 @@ class EngineCache:
         if key not in self._engines:
             fingerprint = inputs.checkpoint.fingerprint
             if fingerprint not in self._models:
-                self._models[fingerprint] = load_model(inputs.checkpoint)
+                # streamed (one layer resident) when the fp32 model would not fit comfortably in free memory
+                self._models[fingerprint] = open_model(inputs.checkpoint, "auto", resolve_device(device))
             self._engines[key] = KLEngine(self._models[fingerprint], inputs.model_map, windows, variants, device)
         return self._engines[key]
 

@@ -2,14 +2,15 @@
 
 A group's matrices are views into the model's parameters (`WeightRef.slice_memory`: a row range of
 one expert of a fused 3-D tensor, or a whole `nn.Linear` weight), so a swap is an in-place copy and
-the restore copies the saved originals back, bit for bit. Dequantized matrices are kept in a
+the restore copies the saved originals back, bit for bit (on a streamed model it reads them from the
+checkpoint again instead of keeping a copy: same values, half the memory). Dequantized matrices are kept in a
 byte-bounded LRU: a search composes the same (matrix, width) pairs over and over, and reading and
 dequantizing them from the variant file each time would dominate a short evaluation.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 
 import torch
@@ -28,9 +29,10 @@ class WeightSwapper:
     """Puts variants' matrices into a model's parameters for the duration of a `with` block."""
 
     def __init__(self, model: torch.nn.Module, model_map: ModelMap, variants: Mapping[int, Variant],
-                 cache_bytes: int) -> None:
+                 cache_bytes: int, restore: Callable[[WeightRef, torch.Tensor], None] | None = None) -> None:
         self.model_map = model_map
         self.variants = variants
+        self._restore = restore
         self._params = dict(model.named_parameters())
         self._cache = ByteLRU(cache_bytes)
 
@@ -50,16 +52,19 @@ class WeightSwapper:
     @contextmanager
     def swapped(self, setting: Setting) -> Iterator[None]:
         """Copy the variants' matrices into the model for the block, then copy the originals back."""
-        saved: list[tuple[torch.Tensor, torch.Tensor]] = []
+        saved: list[tuple[WeightRef, torch.Tensor, torch.Tensor | None]] = []
         try:
             with torch.no_grad():
                 for name, bits in setting:
                     for ref in self.model_map.group(name).weights:
                         view = ref.slice_memory(self._params[ref.param])
-                        saved.append((view, view.clone()))
+                        saved.append((ref, view, view.clone() if self._restore is None else None))
                         view.copy_(self.dequantized(ref, bits, view))
             yield
         finally:
             with torch.no_grad():
-                for view, original in reversed(saved):
-                    view.copy_(original)
+                for ref, view, original in reversed(saved):
+                    if original is None:
+                        self._restore(ref, view)  # type: ignore[misc]
+                    else:
+                        view.copy_(original)

@@ -1,0 +1,221 @@
+"""Peak memory of the stages on generated MoE checkpoints: in-memory vs streamed measurement, side by side.
+
+Generates random-weight checkpoints in the Qwen3-MoE layout (default: hidden 1024, 64 experts top-8, expert
+width 384, vocab 4096; the layer count is the size knob, so "same layer size, more layers") straight to
+sharded bf16 safetensors with per-expert keys, one layer at a time (the generator never holds the model).
+Then, per model, each stage runs as its own `mixprec` process and its peak RSS is read from the kernel
+(`os.wait4` rusage ru_maxrss: the high-water mark, which sampling can miss) next to psutil-sampled peaks
+of anonymous memory (RSS minus file-backed pages, i.e. what cannot be dropped under pressure):
+
+    quantize --bits 2 4              once per model
+    measure --streaming off / on     interleaved, --repeats times each, same variants
+
+Wall time and the engine's layer forwards (from summary.json) are reported too. Ratios are to the bf16
+checkpoint size on disk. The in-memory run is skipped where the fp32 model would exceed --max-in-memory.
+
+Usage:
+    .venv/bin/python benchmarks/bench_memory.py --layers 8 --repeats 2
+    .venv/bin/python benchmarks/bench_memory.py --layers 4 8 32 --max-jobs 8 --repeats 2 \
+        --out benchmarks/results/bench_memory.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from mixprec.core.fileio import atomic_write_json
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--layers", type=int, nargs="+", default=[8], help="decoder layers of each generated model")
+    parser.add_argument("--hidden", type=int, default=1024)
+    parser.add_argument("--experts", type=int, default=64)
+    parser.add_argument("--top-k", type=int, default=8)
+    parser.add_argument("--expert-width", type=int, default=384)
+    parser.add_argument("--vocab", type=int, default=4096)
+    parser.add_argument("--root", type=Path, default=Path("work/bench_memory"), help="models and work folders")
+    parser.add_argument("--repeats", type=int, default=2, help="runs of each measure mode (interleaved)")
+    parser.add_argument("--windows", type=int, default=4)
+    parser.add_argument("--seq-len", type=int, default=64)
+    parser.add_argument("--bits", type=int, nargs="+", default=[2, 4])
+    parser.add_argument("--max-jobs", type=int, default=None,
+                        help="measure only the first N jobs (two batches at layers 0-1 each run every layer: wall "
+                             "time then grows with the layer count); default the whole table")
+    parser.add_argument("--max-in-memory", type=float, default=8.0, help="skip in-memory runs above this fp32 GB")
+    parser.add_argument("--out", type=Path, default=None, help="JSON results file")
+    return parser.parse_args()
+
+
+def model_config(args: argparse.Namespace, layers: int) -> dict[str, object]:
+    head_dim = 128
+    return dict(model_type="qwen3_moe", architectures=["Qwen3MoeForCausalLM"], vocab_size=args.vocab,
+                hidden_size=args.hidden, num_hidden_layers=layers, num_attention_heads=args.hidden // head_dim * 2,
+                num_key_value_heads=4, head_dim=head_dim, intermediate_size=4 * args.hidden,
+                moe_intermediate_size=args.expert_width, num_experts=args.experts,
+                num_experts_per_tok=args.top_k, norm_topk_prob=True, decoder_sparse_step=1, mlp_only_layers=[],
+                max_position_embeddings=4096, tie_word_embeddings=False, rms_norm_eps=1e-6,
+                rope_parameters={"rope_type": "default", "rope_theta": 1e6}, bos_token_id=1, eos_token_id=2,
+                dtype="bfloat16")
+
+
+def _random(shape: tuple[int, ...], generator: torch.Generator) -> torch.Tensor:
+    if len(shape) == 1:  # norms
+        return torch.ones(shape, dtype=torch.bfloat16)
+    return (torch.randn(shape, generator=generator) * 0.02).to(torch.bfloat16)
+
+
+def _disk_tensors(name: str, shape: tuple[int, ...], generator: torch.Generator) -> dict[str, torch.Tensor]:
+    """Checkpoint keys of one in-memory parameter: fused experts split per expert (gate / up / down)."""
+    base, _, leaf = name.rpartition(".")
+    if leaf == "gate_up_proj":
+        experts, rows, cols = shape
+        out = {}
+        for e in range(experts):
+            out[f"{base}.{e}.gate_proj.weight"] = _random((rows // 2, cols), generator)
+            out[f"{base}.{e}.up_proj.weight"] = _random((rows // 2, cols), generator)
+        return out
+    if leaf == "down_proj" and len(shape) == 3:
+        return {f"{base}.{e}.down_proj.weight": _random(shape[1:], generator) for e in range(shape[0])}
+    return {name: _random(shape, generator)}
+
+
+def generate(args: argparse.Namespace, layers: int, folder: Path) -> Path:
+    """Write config.json, one safetensors shard per layer (+ one for embedding/norm/head), the index, tokens."""
+    if (folder / "model.safetensors.index.json").exists():
+        return folder
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    tmp = folder.with_name(folder.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    config = model_config(args, layers)
+    (tmp / "config.json").write_text(json.dumps(config, indent=2))
+    with torch.device("meta"):
+        skeleton = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(tmp))
+    shapes = {n: tuple(p.shape) for n, p in skeleton.named_parameters()}
+    generator = torch.Generator().manual_seed(layers)
+    weight_map: dict[str, str] = {}
+    total = 0
+    for shard, prefix in enumerate([f"model.layers.{i}." for i in range(layers)] + [""]):
+        names = [n for n in shapes if n.startswith(prefix) and (prefix or not n.startswith("model.layers."))]
+        tensors = {k: v for n in names for k, v in _disk_tensors(n, shapes[n], generator).items()}
+        file = f"model-{shard + 1:05d}-of-{layers + 1:05d}.safetensors"
+        save_file(tensors, tmp / file, metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(tensors, file))
+        total += sum(t.numel() * t.element_size() for t in tensors.values())
+    index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+    (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+    for split in ("calibration", "evaluation"):
+        tokens = torch.randint(3, args.vocab, (20000,), generator=generator, dtype=torch.int32)
+        save_file({"tokens": tokens}, tmp / f"{split}.safetensors")
+    tmp.rename(folder)
+    return folder
+
+
+def disk_bytes(folder: Path) -> int:
+    return sum(f.stat().st_size for f in folder.glob("model-*.safetensors"))
+
+
+def run_stage(command: list[str]) -> dict[str, float]:
+    """Run one mixprec process; its kernel peak RSS (ru_maxrss) and sampled peak anonymous RSS, in GB."""
+    import psutil
+
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    started = time.perf_counter()
+    child = subprocess.Popen([sys.executable, "-m", "mixprec", "-q", *command], env=env,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    peak_anon = [0]
+    done = threading.Event()
+
+    def sample() -> None:
+        process = psutil.Process(child.pid)
+        while not done.is_set():
+            try:
+                info = process.memory_full_info()
+                peak_anon[0] = max(peak_anon[0], info.rss - info.shared)
+            except psutil.Error:
+                break
+            time.sleep(0.05)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    stderr = child.stderr.read() if child.stderr else b""
+    _, status, usage = os.wait4(child.pid, 0)
+    child.returncode = os.waitstatus_to_exitcode(status)
+    done.set()
+    sampler.join()
+    if child.returncode != 0:
+        raise SystemExit(f"{' '.join(command)} failed:\n{stderr.decode()[-3000:]}")
+    return {"peak_rss_gb": usage.ru_maxrss * 1024 / 1e9, "peak_anon_gb": peak_anon[0] / 1e9,
+            "wall_s": time.perf_counter() - started, "cpu_s": usage.ru_utime + usage.ru_stime}
+
+
+def measure_command(model: Path, work: Path, args: argparse.Namespace, streaming: str) -> list[str]:
+    return ["measure", str(model), "--work", str(work), "--bits", *map(str, args.bits), "--windows",
+            str(args.windows), "--seq-len", str(args.seq_len), "--granularity", "layer", "--device", "cpu",
+            "--streaming", streaming, "--no-quantize",
+            *(["--max-jobs", str(args.max_jobs)] if args.max_jobs else [])]
+
+
+def bench_model(args: argparse.Namespace, layers: int) -> dict[str, object]:
+    model = generate(args, layers, args.root / f"qwen3moe-{layers}l")
+    size = disk_bytes(model)
+    shared = args.root / f"work-{layers}l"
+    result: dict[str, object] = {"layers": layers, "checkpoint_gb": size / 1e9}
+    if not (shared / "variants").exists():
+        result["quantize"] = run_stage(["quantize", str(model), "--work", str(shared), "--bits", *map(str, args.bits)])
+    modes = ["off", "on"] if 2 * size / 1e9 <= args.max_in_memory else ["on"]
+    runs: dict[str, list[dict[str, float]]] = {mode: [] for mode in modes}
+    for repeat in range(args.repeats):
+        for mode in modes if repeat % 2 == 0 else modes[::-1]:
+            work = args.root / f"work-{layers}l-{mode}-{repeat}"
+            shutil.rmtree(work, ignore_errors=True)
+            work.mkdir(parents=True)
+            (work / "variants").symlink_to((shared / "variants").resolve())
+            stats = run_stage(measure_command(model, work, args, mode))
+            summaries = list(work.glob("measure/*/summary.json"))  # absent when --max-jobs left jobs over
+            if summaries:
+                stats["streamed"] = json.loads(summaries[0].read_text())["engine"].get("streamed")
+            runs[mode].append(stats)
+            print(f"{layers} layers, streaming {mode}: {stats}", flush=True)
+    result["measure"] = {mode: _summarize(values, size) for mode, values in runs.items()}
+    return result
+
+
+def _summarize(runs: list[dict[str, float]], size: int) -> dict[str, object]:
+    def spread(key: str) -> tuple[float, float]:
+        values = [r[key] for r in runs]
+        return statistics.mean(values), (max(values) - min(values)) / 2
+
+    peak, peak_pm = spread("peak_rss_gb")
+    return {"runs": runs, "peak_rss_gb": peak, "peak_rss_pm": peak_pm, "ratio_to_bf16": peak / (size / 1e9),
+            "peak_anon_gb": spread("peak_anon_gb")[0], "wall_s": spread("wall_s")[0]}
+
+
+def main() -> None:
+    args = parse_args()
+    results = [bench_model(args, layers) for layers in args.layers]
+    for r in results:
+        for mode, m in r["measure"].items():  # type: ignore[union-attr]
+            print(f"{r['layers']:>3} layers ({r['checkpoint_gb']:.2f} GB bf16)  measure --streaming {mode:<3}: "
+                  f"peak RSS {m['peak_rss_gb']:.2f} ± {m['peak_rss_pm']:.2f} GB = {m['ratio_to_bf16']:.2f}x "
+                  f"checkpoint, anon {m['peak_anon_gb']:.2f} GB, {m['wall_s']:.0f} s")
+    if args.out is not None:
+        atomic_write_json(args.out, {"args": {k: str(v) for k, v in vars(args).items()}, "results": results})
+
+
+if __name__ == "__main__":
+    main()
