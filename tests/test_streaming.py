@@ -106,3 +106,26 @@ def test_auto_streams_only_when_the_model_does_not_fit(qwen) -> None:
     cpu = torch.device("cpu")
     assert isinstance(open_model(checkpoint, "auto", cpu, max_memory=size), StreamedModel)
     assert not isinstance(open_model(checkpoint, "auto", cpu, max_memory=4 * size), StreamedModel)
+
+
+def test_token_chunked_logits_equal_whole_chunk_logits(qwen) -> None:
+    """With a logits budget below one chunk's logits, the head and KL run in slices of tokens: same tokens,
+    same per-token KL to fp32 rounding (the head's matmul over fewer rows may round differently)."""
+    checkpoint, variants, windows = qwen
+    model_map = checkpoint.model_map("fine")
+    model = load_model(checkpoint)
+    whole = KLEngine(model, model_map, windows, variants, config=EngineConfig(batch_windows=4))
+    sliced = KLEngine(model, model_map, windows, variants, config=EngineConfig(batch_windows=4, logits_mib=0.01))
+    assert len(sliced._row_slices(sliced._ref.inputs[-1][0])) > 1, "the budget must force token slices"
+    assignments = [{"layers.1.experts.down": 2}, {"layers.0.attn.q": 4}]
+    for got, want in zip(sliced.evaluate_many(assignments), whole.evaluate_many(assignments), strict=True):
+        assert got.kl.shape == want.kl.shape
+        torch.testing.assert_close(got.kl, want.kl, rtol=1e-4, atol=1e-9)
+        assert torch.equal(got.same_top1, want.same_top1)
+    assert float(sliced.evaluate({}).kl.abs().max()) < 1e-6, "the unchanged model stays at (near) zero"
+
+
+def test_memory_budget_caps_every_cache() -> None:
+    capped = EngineConfig().within(100 * 2**20)
+    assert capped.prefix_cache_mib == 10 and capped.weight_cache_mib == 5 and capped.ref_logits_mib == 10
+    assert capped.logits_mib == 5 and EngineConfig().within(2**40) == EngineConfig()

@@ -114,8 +114,10 @@ class Worker:
         if self.engine is None:
             device = resolve_device(self.config.device)
             model = open_model(self.checkpoint, self.config.streaming, device, self.config.max_memory)
+            engine_config = self.config.engine if self.config.max_memory is None else \
+                self.config.engine.within(self.config.max_memory)
             self.engine = KLEngine(model, self.model_map, self.windows, self.variants, self.config.device,
-                                   self.config.engine)
+                                   engine_config)
             log.info("reference: %d windows x %d tokens in %.1f s on %s", self.engine.num_sequences,
                      self.config.seq_len, self.engine.reference_seconds, self.engine.device)
             if self.config.mode == "raise":

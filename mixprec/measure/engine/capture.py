@@ -18,7 +18,7 @@ import torch
 
 from mixprec.core.errors import MixprecError
 
-__all__ = ["Blocks", "LayerInputs", "find_blocks", "capture_reference", "expand_kwargs", "strict_fp32"]
+__all__ = ["Blocks", "LayerInputs", "find_blocks", "capture_reference", "expand_kwargs", "head_logits", "strict_fp32"]
 
 
 @dataclass(frozen=True)
@@ -54,11 +54,20 @@ class LayerInputs:
     kwargs: list[list[dict[str, Any]]]
     stored_logits: list[torch.Tensor] | None
 
-    def logits(self, chunk: int, blocks: Blocks) -> torch.Tensor:
+    def logits(self, chunk: int, blocks: Blocks, rows: slice = slice(None)) -> torch.Tensor:
         """Reference logits [rows, V] of one chunk's scored positions (recomputed if not stored)."""
         if self.stored_logits is not None:
-            return self.stored_logits[chunk]
-        return _scored(blocks.head(blocks.norm(self.inputs[-1][chunk])))
+            return self.stored_logits[chunk][rows]
+        return head_logits(blocks, self.inputs[-1][chunk], rows)
+
+
+def head_logits(blocks: Blocks, hidden: torch.Tensor, rows: slice = slice(None)) -> torch.Tensor:
+    """Logits [rows, V] of the scored positions of `hidden` [b, T, H]: all of them as the model computes them
+    (one matmul over [b, T]), or the slice `rows` of the flattened scored positions only."""
+    if rows == slice(None):
+        return _scored(blocks.head(blocks.norm(hidden)))
+    flat = hidden[:, :-1].reshape(-1, hidden.shape[-1])
+    return blocks.head(blocks.norm(flat[rows]))
 
 
 def _scored(logits: torch.Tensor) -> torch.Tensor:

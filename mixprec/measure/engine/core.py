@@ -26,14 +26,21 @@ import time
 from collections import defaultdict
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
 from mixprec.core.bytecache import ByteLRU
 from mixprec.core.errors import MixprecError
 from mixprec.core.kl import TokenComparison, compare_logits
-from mixprec.measure.engine.capture import LayerInputs, capture_reference, expand_kwargs, find_blocks, strict_fp32
+from mixprec.measure.engine.capture import (
+    LayerInputs,
+    capture_reference,
+    expand_kwargs,
+    find_blocks,
+    head_logits,
+    strict_fp32,
+)
 from mixprec.measure.engine.weights import Setting, WeightSwapper
 from mixprec.model.arch import GroupKind
 from mixprec.model.data import TokenWindows
@@ -76,16 +83,29 @@ class EngineConfig:
     weight_cache_mib: float = 512.0
     ref_logits_mib: float = 1024.0
     chunk_rows: int = 512
+    logits_mib: float = 256.0
 
     def __post_init__(self) -> None:
         if self.batch_windows < 1 or self.max_batch_windows < self.batch_windows:
             raise MixprecError(f"batch_windows={self.batch_windows} must be >= 1 and <= max_batch_windows="
                                f"{self.max_batch_windows}")
-        for name in ("prefix_cache_mib", "weight_cache_mib", "ref_logits_mib"):
+        for name in ("prefix_cache_mib", "weight_cache_mib", "ref_logits_mib", "logits_mib"):
             if getattr(self, name) < 0:
                 raise MixprecError(f"{name}={getattr(self, name)} must be >= 0 (0 switches that cache off)")
         if self.chunk_rows < 1:
             raise MixprecError(f"chunk_rows={self.chunk_rows} must be >= 1")
+
+    def within(self, budget_bytes: int) -> EngineConfig:
+        """These settings with every cache and buffer capped by a share of a memory budget (`--max-memory`).
+
+        The shares leave most of the budget to what cannot shrink: the resident weights (a layer when
+        streamed, the model when not) and the hidden states of the jobs in flight.
+        """
+        mib = budget_bytes / _MIB
+        return replace(self, prefix_cache_mib=min(self.prefix_cache_mib, 0.10 * mib),
+                       weight_cache_mib=min(self.weight_cache_mib, 0.05 * mib),
+                       ref_logits_mib=min(self.ref_logits_mib, 0.10 * mib),
+                       logits_mib=max(1.0, min(self.logits_mib, 0.05 * mib)))
 
 
 @dataclass
@@ -323,13 +343,27 @@ class KLEngine:
         return outputs
 
     def _head(self, plan: _Plan, state: list[torch.Tensor]) -> TokenComparison:
+        """Logits and KL of one plan, chunk by chunk and, where a chunk's logits exceed `logits_mib`, in
+        slices of scored tokens (a 150k vocabulary x 8k tokens is 5 GB in fp32)."""
         parts = []
         for c in range(len(self._chunks)):
-            ref_logits = self._ref.logits(c, self._blocks)  # before the head is swapped
-            with self._swapper.swapped(plan.settings.get(self.num_layers, ())):
-                logits = self._blocks.head(self._blocks.norm(state[c]))
-            parts.append(self._compare(c, logits, ref_logits))
+            labels = self._chunks[c][:, 1:].reshape(-1)
+            for rows in self._row_slices(state[c]):
+                ref_logits = self._ref.logits(c, self._blocks, rows)  # before the head is swapped
+                with self._swapper.swapped(plan.settings.get(self.num_layers, ())):
+                    logits = head_logits(self._blocks, state[c], rows)
+                parts.append(compare_logits(ref_logits, logits, labels[rows], self.config.chunk_rows))
         return _on_cpu(TokenComparison.cat(parts))
+
+    def _row_slices(self, hidden: torch.Tensor) -> list[slice]:
+        """All scored rows at once when their logits fit `logits_mib` (bitwise the path of a full forward),
+        else slices that do (the head's matmul then sums in the same order per row; equal to fp32 rounding)."""
+        rows = int(hidden.shape[0]) * (int(hidden.shape[1]) - 1)
+        vocab = self._blocks.head.weight.shape[0]
+        per_slice = max(1, int(self.config.logits_mib * _MIB) // (vocab * 4))
+        if rows <= per_slice:
+            return [slice(None)]
+        return [slice(start, min(start + per_slice, rows)) for start in range(0, rows, per_slice)]
 
     def _compare(self, c: int, logits: torch.Tensor, ref_logits: torch.Tensor | None = None) -> TokenComparison:
         if ref_logits is None:
