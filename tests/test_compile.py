@@ -274,7 +274,7 @@ def test_cli_compiles_an_exllamav3_override_yaml(compiled: tuple, tiny_model_dir
     sources = {b: work / "variants" / recipe.quant_config(b).variant_id for b in (2, 4, 8)}
     recipe_to_exl3(recipe.groups, checkpoint.model_map("layer"), sources, base_bits=4).save(tmp_path / "ov.yaml")
     args = ["compile", str(tmp_path / "ov.yaml"), "--out", str(tmp_path / "out"), "--model",
-            str(tiny_model_dirs["qwen2_moe"])]
+            str(tiny_model_dirs["qwen2_moe"]), "--granularity", "layer"]
     assert main(args) == 2 and "--base-bits" in capsys.readouterr().err
     assert main([*args, "--base-bits", "4"]) == 0
     compiled_groups = json.loads((tmp_path / "out" / "config.json").read_text())["quantization_config"]["groups"]
