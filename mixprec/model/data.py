@@ -103,6 +103,9 @@ def windows_from_tokens(stream: torch.Tensor, config: WindowConfig, source: str,
     first windows of our corpus differed from the whole split's by 0.7 nats (FIELD.md §9.3).
     """
     available = stream.numel() // config.seq_len
+    if available == 0:
+        raise MixprecError(f"{source}: {stream.numel()} tokens are fewer than one window of {config.seq_len}; "
+                           f"give more text, or use --seq-len {max(stream.numel(), 2)} or less")
     if available < config.num_windows:
         raise MixprecError(f"{source}: {stream.numel()} tokens give only {available} windows of {config.seq_len}; "
                            f"ask for at most {available} windows or shorter windows")
@@ -127,9 +130,14 @@ def _text_stream(paths: list[Path], model_dir: Path) -> torch.Tensor:
     tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
     ids: list[int] = []
     for path in paths:
-        if not path.exists():
-            raise MixprecError(f"data file {path} does not exist")
-        ids.extend(tokenizer(path.read_text(encoding="utf-8", errors="replace"))["input_ids"])
+        if not path.is_file():
+            raise MixprecError(f"data file {path} does not exist or is a folder; give text files")
+        try:
+            text = path.read_bytes().decode("utf-8")
+        except UnicodeDecodeError as exc:  # binary data would be measured as replacement characters
+            raise MixprecError(f"data file {path} is not UTF-8 text ({exc.reason} at byte {exc.start}); give "
+                               "plain text files") from exc
+        ids.extend(tokenizer(text)["input_ids"])
         if tokenizer.eos_token_id is not None:
             ids.append(tokenizer.eos_token_id)
     return torch.tensor(ids, dtype=torch.int64)
