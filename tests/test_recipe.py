@@ -89,3 +89,39 @@ def test_recipe_refuses_other_models_and_unknown_groups(fine_map: tuple[ModelMap
     layer_map = Checkpoint.open(tiny_model_dirs["qwen2_moe"]).model_map(Granularity.LAYER)
     with pytest.raises(RecipeError, match="granularity 'fine' differs"):
         recipe.check_model(layer_map)
+
+
+@pytest.mark.parametrize("change, match", [
+    (lambda d: d["model"].update(fingerprint=123456), "model.fingerprint must be a non-empty string"),
+    (lambda d: d.update(budget={"bpw": "abc"}), "budget must be a positive finite number"),
+    (lambda d: d.update(budget={"bpw": float("nan")}), "budget must be a positive finite number"),
+    (lambda d: d.update(budget="abc"), "'budget' must be a mapping"),
+    (lambda d: d.update(achieved=5), "'achieved' must be a mapping"),
+    (lambda d: d.update(kl={"predicted": "low"}), "kl.predicted must be a finite number"),
+    (lambda d: d["quantizer"].update(group_size="64"), "group_size must be an integer, got '64'"),
+    (lambda d: d["groups"].update({next(iter(d["groups"])): 4.0}), "bits 4.0 is not one of"),
+    (lambda d: d["model"].pop("name"), "required key 'name' is missing"),
+])
+def test_wrong_types_are_recipe_errors(fine_map: tuple[ModelMap, str], change, match: str) -> None:  # noqa: ANN001
+    """Each of these was a TypeError traceback, a silently accepted value or a misleading message (issue 12)."""
+    data = make_recipe(*fine_map).to_dict()
+    change(data)
+    with pytest.raises(RecipeError, match=match):
+        Recipe.from_yaml(yaml.safe_dump(data, sort_keys=False))
+
+
+def test_unreadable_recipe_files_are_recipe_errors(fine_map: tuple[ModelMap, str], tmp_path: Path) -> None:
+    text = make_recipe(*fine_map).to_yaml()
+    first = text.split("groups:\n", 1)[1].splitlines()[0]
+    cases = {"deep.yaml": ("groups: " + "[" * 5000 + "]" * 5000).encode(), "latin1.yaml": b"model: caf\xe9\n",
+             "dupe.yaml": text.replace(first, f"{first}\n{first.split(':')[0]}: 8").encode()}
+    for name, data in cases.items():
+        (tmp_path / name).write_bytes(data)
+    with pytest.raises(RecipeError, match="nested too deeply"):
+        Recipe.load(tmp_path / "deep.yaml")
+    with pytest.raises(RecipeError, match="not UTF-8"):
+        Recipe.load(tmp_path / "latin1.yaml")
+    with pytest.raises(RecipeError, match="duplicate key"):
+        Recipe.load(tmp_path / "dupe.yaml")
+    with pytest.raises(RecipeError, match="is a folder"):
+        Recipe.load(tmp_path)

@@ -115,6 +115,13 @@ def read_json(path: str | os.PathLike[str]) -> Any:
         return json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError as exc:
         raise MixprecError(f"{path}: file not found") from exc
+    except IsADirectoryError as exc:
+        raise MixprecError(f"{path} is a folder, not a JSON file") from exc
+    except UnicodeDecodeError as exc:
+        raise MixprecError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start}); delete it and re-run "
+                           "the stage") from exc
+    except RecursionError as exc:
+        raise MixprecError(f"{path}: JSON nested too deeply") from exc
     except json.JSONDecodeError as exc:
         raise MixprecError(f"{path}: not valid JSON ({exc}); delete it and re-run the stage") from exc
 
@@ -126,14 +133,38 @@ def dump_yaml(data: Any, width: int = 120) -> str:
     return yaml.safe_dump(data, sort_keys=False, default_flow_style=False, width=width)
 
 
+def _unique_key_loader() -> type:
+    """A `yaml.SafeLoader` that refuses a mapping with a repeated key (plain YAML keeps the last silently, so
+    `layers.0.attn.q: 4` written twice with different bits would apply whichever came last)."""
+    import yaml
+
+    class UniqueKeyLoader(yaml.SafeLoader):
+        def construct_mapping(self, node: Any, deep: bool = False) -> Any:
+            seen: set[Any] = set()
+            for key_node, _ in node.value:
+                key = self.construct_object(key_node, deep=True)
+                if isinstance(key, str | int | float | bool) or key is None:
+                    if key in seen:
+                        raise yaml.constructor.ConstructorError(
+                            "while constructing a mapping", node.start_mark, f"found duplicate key {key!r}",
+                            key_node.start_mark)
+                    seen.add(key)
+            return super().construct_mapping(node, deep)
+
+    return UniqueKeyLoader
+
+
 def parse_yaml(text: str, where: str, error: type[Exception]) -> Any:
-    """`yaml.safe_load` with a parse failure raised as `error` naming `where` (a file or "recipe")."""
+    """Safe YAML loading (`yaml.SafeLoader`, plus duplicate keys refused) with a failure raised as `error`
+    naming `where` (a file or "recipe")."""
     import yaml
 
     try:
-        return yaml.safe_load(text)
+        return yaml.load(text, Loader=_unique_key_loader())  # noqa: S506 -- a SafeLoader subclass
     except yaml.YAMLError as exc:
-        raise error(f"{where}: not valid YAML ({exc})") from exc
+        raise error(f"{where}: not valid YAML ({' '.join(str(exc).split())})") from exc
+    except RecursionError as exc:
+        raise error(f"{where}: nested too deeply to be a mixprec file") from exc
 
 
 def read_yaml(path: str | os.PathLike[str], what: str, error: type[Exception]) -> tuple[Any, str]:
@@ -142,7 +173,14 @@ def read_yaml(path: str | os.PathLike[str], what: str, error: type[Exception]) -
     path = Path(path)
     if not path.exists():
         raise error(f"{what} {path} does not exist")
-    return parse_yaml(path.read_text(encoding="utf-8"), str(path), error), str(path)
+    if not path.is_file():
+        raise error(f"{what} {path} is a folder; give the YAML file")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise error(f"{what} {path} is not UTF-8 text ({exc.reason} at byte {exc.start}); is it a YAML file?") \
+            from exc
+    return parse_yaml(text, str(path), error), str(path)
 
 
 def sha256_file(path: str | os.PathLike[str], chunk_bytes: int = 1 << 22) -> str:

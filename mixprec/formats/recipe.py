@@ -28,7 +28,8 @@ Only `yaml.safe_load` is used; unknown keys and group names get errors naming th
 from __future__ import annotations
 
 import difflib
-from dataclasses import asdict, dataclass, field, fields
+import math
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -70,6 +71,12 @@ class ModelRef:
     model_type: str
     fingerprint: str
 
+    def __post_init__(self) -> None:
+        for key in ("name", "model_type", "fingerprint"):
+            value = getattr(self, key)
+            if not isinstance(value, str) or not value:
+                raise RecipeError(f"model.{key} must be a non-empty string (quote it in YAML), got {value!r}")
+
 
 @dataclass(frozen=True)
 class Budget:
@@ -82,8 +89,8 @@ class Budget:
         if (self.bpw is None) == (self.gib is None):
             raise RecipeError(f"a budget needs exactly one of bpw or gib, got bpw={self.bpw} gib={self.gib}")
         value = self.bpw if self.bpw is not None else self.gib
-        if value is None or value <= 0:
-            raise RecipeError(f"budget must be positive, got {value}")
+        if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) or value <= 0:
+            raise RecipeError(f"budget must be a positive finite number (e.g. bpw: 3.0), got {value!r}")
 
 
 @dataclass(frozen=True)
@@ -97,6 +104,12 @@ class QuantSettings:
     clip_grid: int = 32
 
     def __post_init__(self) -> None:
+        for key, kind in (("method", str), ("group_size", int), ("symmetric", bool), ("clip_search", bool),
+                          ("clip_grid", int)):
+            value = getattr(self, key)
+            if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+                raise RecipeError(f"quantizer.{key} must be {'an integer' if kind is int else kind.__name__}, "
+                                  f"got {value!r}")
         self.config(SUPPORTED_BITS[0])  # validates method and group size
 
     def config(self, bits: int) -> QuantConfig:
@@ -126,8 +139,8 @@ class Recipe:
 
     def __post_init__(self) -> None:
         for name, bits in self.groups.items():
-            if bits is not None and (isinstance(bits, bool) or bits not in SUPPORTED_BITS):
-                raise RecipeError(f"group {name!r}: bits {bits!r} is not one of {SUPPORTED_BITS} or null")
+            if bits is not None and (type(bits) is not int or bits not in SUPPORTED_BITS):
+                raise RecipeError(f"group {name!r}: bits {bits!r} is not one of {SUPPORTED_BITS} (an integer) or null")
 
     # -- YAML -------------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -170,9 +183,9 @@ class Recipe:
                 quantizer=QuantSettings(**_section(where, data, "quantizer", QuantSettings)),
                 groups=_groups(where, data["groups"]),
                 budget=None if data.get("budget") is None else Budget(**_section(where, data, "budget", Budget)),
-                achieved=dict(data.get("achieved") or {}),
-                provenance=dict(data.get("provenance") or {}),
-                kl=dict(data.get("kl") or {}),
+                achieved=_numbers(where, data, "achieved"),
+                provenance=_mapping(where, data, "provenance"),
+                kl=_numbers(where, data, "kl"),
             )
         except ValueError as exc:  # Granularity() and dataclass validation
             raise RecipeError(f"{where}: {exc}") from exc
@@ -212,8 +225,26 @@ def _section(where: str, data: dict[str, Any], key: str, kind: type) -> dict[str
     section = data[key]
     if not isinstance(section, dict):
         raise RecipeError(f"{where}: {key!r} must be a mapping, got {section!r}")
-    _check_keys(f"{where}: {key}", section, [f.name for f in fields(kind)], [])
+    required = [f.name for f in fields(kind) if f.default is MISSING and f.default_factory is MISSING]
+    _check_keys(f"{where}: {key}", section, [f.name for f in fields(kind)], required)
     return section
+
+
+def _mapping(where: str, data: dict[str, Any], key: str) -> dict[str, Any]:
+    value = data.get(key) or {}
+    if not isinstance(value, dict):
+        raise RecipeError(f"{where}: {key!r} must be a mapping, got {value!r}")
+    return dict(value)
+
+
+def _numbers(where: str, data: dict[str, Any], key: str) -> dict[str, float]:
+    """A mapping of name -> finite number (`achieved`, `kl`); null values are kept as None."""
+    value = _mapping(where, data, key)
+    for name, number in value.items():
+        if number is not None and (isinstance(number, bool) or not isinstance(number, int | float)
+                                   or not math.isfinite(number)):
+            raise RecipeError(f"{where}: {key}.{name} must be a finite number, got {number!r}")
+    return value
 
 
 def _groups(where: str, groups: Any) -> dict[str, int | None]:
