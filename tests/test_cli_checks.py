@@ -109,3 +109,71 @@ def test_files_mixprec_wrote_may_be_replaced(tmp_path: Path) -> None:
     with pytest.raises(MixprecError, match="not a file mixprec wrote"):
         check_out_file(override, "--out", is_recipe_file)
     check_out_file(override, "--out", is_recipe_file, force=True)
+
+
+# -- the traceback cases of issue 12 (each was exit 1 with a traceback) ---------------------------------------
+
+def _model_variant(tiny_model: Path, root: Path, damage: str) -> Path:
+    """A copy of the tiny model with one file damaged the way a user's download might be."""
+    import shutil
+
+    model = root / f"model-{damage}"
+    shutil.copytree(tiny_model, model)
+    if damage == "config-list":
+        (model / "config.json").write_text("[1, 2]")
+    elif damage == "config-binary":
+        (model / "config.json").write_bytes(b"\xff\xfe{\x00")
+    elif damage == "index-list":
+        (model / "model.safetensors.index.json").write_text('{"weight_map": ["model.safetensors"]}')
+    elif damage == "index-outside":
+        (model / "model.safetensors.index.json").write_text('{"weight_map": {"x": "../other/model.safetensors"}}')
+    return model
+
+
+@pytest.mark.parametrize("damage, needle", [("config-list", "JSON object"), ("config-binary", "UTF-8"),
+                                            ("index-list", "weight_map"), ("index-outside", "outside the model")])
+def test_damaged_model_folder_is_one_line(damage: str, needle: str, tiny_model: Path, tmp_path: Path,
+                                          capsys: pytest.CaptureFixture[str]) -> None:
+    _fails(["inspect", str(_model_variant(tiny_model, tmp_path, damage))], capsys, needle)
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["search", "--budget", "nan"], "--budget nan is not a finite number"),
+    (["search", "--budget", "inf"], "--budget inf"),
+    (["search", "--budget", "1e400"], "--budget inf"),
+    (["search", "--budget-gib", "nan"], "--budget-gib nan"),
+    (["search", "--budget", "-1"], "positive"),
+    (["demo", "--budgets", "3", "nan"], "--budgets nan"),
+    (["measure", "--cache-mib", "nan"], "--cache-mib nan"),
+    (["quantize", "--damp", "inf"], "--damp inf"),
+])
+def test_non_finite_numbers_fail_before_any_work(argv: list[str], needle: str, tiny_model: Path, tmp_path: Path,
+                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    work = tmp_path / "work"
+    windows = [] if argv[0] == "quantize" else ["--seq-len", "32"]
+    _fails([argv[0], str(tiny_model), *argv[1:], "--work", str(work), *windows], capsys, needle)
+    assert not work.exists(), "demo used to quantize and measure before failing on the budget"
+
+
+def test_paths_of_the_wrong_kind(tiny_model: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    folder, afile = tmp_path / "folder", tmp_path / "afile"
+    folder.mkdir()
+    afile.write_text("x")
+    model = str(tiny_model)
+    _fails(["measure", model, "--data", str(folder), "--work", str(tmp_path / "w")], capsys, "--data", "folder")
+    _fails(["measure", model, "--work", str(afile)], capsys, "--work", "is a file")
+    _fails(["compile", str(folder), "--out", str(tmp_path / "o"), "--model", model], capsys, "RECIPE", "folder")
+    _fails(["eval", model, "--reference", model, "--json", str(folder), "--seq-len", "16"], capsys, "--json")
+    _fails(["search", model, "--budget", "3", "--eval-data", str(tmp_path / "none.txt")], capsys, "does not exist")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile", "folder"]
+
+
+def test_dashboard_port_in_use(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import socket
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        _fails(["dashboard", "--storage", str(tmp_path / "none.log"), "--port", str(port)], capsys, "not free")
+    _fails(["dashboard", "--storage", str(tmp_path / "none.log"), "--port", "70000"], capsys, "out of range")

@@ -299,3 +299,14 @@ def test_earlier_output_with_user_files_is_not_replaced(compiled: tuple, tiny_mo
     (tmp_path / "file").write_text("x")
     with pytest.raises(CompileError, match="existing file"):
         compile_recipe(recipe, Checkpoint.open(tiny_model_dirs["qwen2_moe"]), work, tmp_path / "file")
+
+
+
+def test_cli_compiles_an_all_null_recipe(compiled: tuple, tiny_model_dirs: dict, tmp_path: Path,
+                                         capsys: pytest.CaptureFixture[str]) -> None:
+    """All groups null is a plain re-shard: it printed a traceback (bpw of no quantized weight) after writing."""
+    recipe, work, _ = compiled
+    replace(recipe, groups=dict.fromkeys(recipe.groups)).save(tmp_path / "null.yaml")
+    code = main(["compile", str(tmp_path / "null.yaml"), "--out", str(tmp_path / "out"), "--model",
+                 str(tiny_model_dirs["qwen2_moe"]), "--work", str(work)])
+    assert code == 0 and "no quantized weights" in capsys.readouterr().out

@@ -13,6 +13,7 @@ import logging
 import sys
 from collections.abc import Sequence
 
+from mixprec.cli.checks import check_args
 from mixprec.core.errors import MixprecError
 from mixprec.core.version import __version__
 
@@ -38,6 +39,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     level = logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
     try:
+        check_args(args)
         return int(args.run(args) or 0)
     except MixprecError as exc:
         print(f"mixprec {args.command}: error: {exc}", file=sys.stderr)

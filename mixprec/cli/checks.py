@@ -8,6 +8,9 @@ only move the failure to the start.
 
 from __future__ import annotations
 
+import argparse
+import math
+import socket
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -17,7 +20,68 @@ from mixprec.core.storage_url import check_storage, describe_open_error, storage
 from mixprec.model.data import check_seq_len
 from mixprec.model.loading import resolve_model_path
 
-__all__ = ["check_windows", "check_storage_arg", "check_out_file", "is_recipe_file", "is_override_file"]
+__all__ = ["check_args", "check_windows", "check_port", "check_storage_arg", "check_out_file", "is_recipe_file",
+           "is_override_file"]
+
+
+#: Flags naming input files that must exist as regular files (a folder gave IsADirectoryError mid-run).
+INPUT_FILE_FLAGS = {"data": "--data", "eval_data": "--eval-data", "calib_data": "--calib-data", "recipe": "RECIPE"}
+#: Flags naming output files: they may not be folders.
+OUTPUT_FILE_FLAGS = {"json": "--json"}
+
+
+def _check_numbers(args: argparse.Namespace) -> None:
+    """Every float argument finite: nan and inf (and 1e400, which is inf) pass argparse's float()."""
+    for dest, value in vars(args).items():
+        values = value if isinstance(value, list | tuple) else [value]
+        for item in values:
+            if isinstance(item, float) and not math.isfinite(item):
+                flag = "--" + dest.replace("_", "-")
+                raise MixprecError(f"{flag} {item} is not a finite number; give a value such as "
+                                   f"{flag} 3.0")
+
+
+def _check_inputs(args: argparse.Namespace) -> None:
+    for dest, flag in INPUT_FILE_FLAGS.items():
+        value = getattr(args, dest, None)
+        for path in value if isinstance(value, list | tuple) else [value]:
+            if path is None:
+                continue
+            if not Path(path).exists():
+                raise MixprecError(f"{flag} {path} does not exist")
+            if not Path(path).is_file():
+                example = f"{path}/*.yaml" if dest == "recipe" else f"{path}/*.txt"
+                raise MixprecError(f"{flag} {path} is a folder; give the file(s) inside it (e.g. {example})")
+
+
+def _check_outputs(args: argparse.Namespace) -> None:
+    for dest, flag in OUTPUT_FILE_FLAGS.items():
+        path = getattr(args, dest, None)
+        if isinstance(path, Path):
+            check_out_file(path, flag, lambda _: True)
+    work = getattr(args, "work", None)
+    if isinstance(work, Path) and work.exists() and not work.is_dir():
+        raise MixprecError(f"--work {work} is a file; give the work folder (it is created if missing)")
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """The checks every command gets before it runs: finite numbers, input files that are files, output
+    paths that are not folders, a work folder that is not a file."""
+    _check_numbers(args)
+    _check_inputs(args)
+    _check_outputs(args)
+
+
+def check_port(host: str, port: int) -> None:
+    """A port in range that nothing listens on yet (the server would otherwise fail after start-up)."""
+    if not 1 <= port <= 65535:
+        raise MixprecError(f"--port {port} is out of range; use 1..65535 (e.g. --port 8080)")
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM) as probe:
+        try:
+            probe.bind((host, port))
+        except OSError as exc:
+            raise MixprecError(f"--port {port} on {host} is not free ({exc.strerror}); pick another with "
+                               "--port") from exc
 
 
 def check_windows(model: str | None, seq_len: int, flag: str = "--seq-len") -> None:

@@ -128,8 +128,10 @@ def run(args: argparse.Namespace) -> int:
     types = None if args.export_llama_quantize is None else llama_quantize_types(recipe, checkpoint)
     report = compiled_format(args.format).writer()(recipe, checkpoint, work, args.out, config)
     bits = report["bits"]
-    print(f"compiled {args.out} ({args.format}): {len(report['shards'])} shard(s), "
-          f"{report['actual']['bpw']:.4f} bpw over quantized weights, in {report['elapsed_s']:.1f} s")
+    bpw = report["actual"]["bpw"]  # None when every group is null: a plain re-shard
+    quantized = "no quantized weights" if bpw is None else f"{bpw:.4f} bpw over quantized weights"
+    print(f"compiled {args.out} ({args.format}): {len(report['shards'])} shard(s), {quantized}, "
+          f"in {report['elapsed_s']:.1f} s")
     print_table([{"bits": b, "matrices": row["matrices"], "params": row["params"]} for b, row in bits.items()],
                 ["bits", "matrices", "params"])
     print_table(size_rows(report), ["what", "predicted", "actual", "actual/predicted"])

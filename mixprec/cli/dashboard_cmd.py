@@ -20,7 +20,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from mixprec.cli.checks import check_storage_arg
+from mixprec.cli.checks import check_port, check_storage_arg
 from mixprec.report.dashboard import DashboardConfig, find_storage, serve, study_urls
 
 __all__ = ["register", "run"]
@@ -43,6 +43,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     check_storage_arg(args.storage)
+    check_port(args.host, args.port)
     storage = find_storage(args.study, args.storage, args.studies_dir)
     config = DashboardConfig(storage, args.host, args.port, args.artifact_dir)
     for name, url in study_urls(config).items():

@@ -95,12 +95,13 @@ class Worker:
         refuse_foreign_table(config)
         self.checkpoint = Checkpoint.open(config.model)
         self.model_map = self.checkpoint.model_map(config.granularity)
-        storage = open_storage(config.storage, config.folder)  # an unreachable one fails before quantizing
-        self.variants = measure_variants(config, self.checkpoint)
+        self.jobs = measurement_jobs(self.model_map, config)
+        # Note: data, jobs and storage are checked before the variants, which may take long to quantize.
         self.windows = load_windows(self.checkpoint.path, config.split,
                                     WindowConfig(config.seq_len, config.num_windows), list(config.data_files) or None)
+        storage = open_storage(config.storage, config.folder)
+        self.variants = measure_variants(config, self.checkpoint)
         check_disjoint(self.variants, self.windows)
-        self.jobs = measurement_jobs(self.model_map, config)
         lock = config.folder / ".enqueue.lock" if config.storage is None else None
         fingerprint = measurement_fingerprint(self.checkpoint, self.variants, self.windows, config)
         self.store = JobStore(storage, fingerprint, lock)

@@ -57,11 +57,19 @@ def _read_config(path: Path) -> dict[str, Any]:
         raise ModelLoadError(f"{config_path} is missing: {path} is not a Hugging Face model folder")
     try:
         config = json.loads(config_path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise ModelLoadError(f"{config_path} is not valid JSON ({exc})") from exc
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
+        raise ModelLoadError(f"{config_path} is not valid UTF-8 JSON ({exc}); re-download or re-save the model") \
+            from exc
+    except IsADirectoryError as exc:
+        raise ModelLoadError(f"{config_path} is a folder, not the model's config file") from exc
+    if not isinstance(config, dict):
+        raise ModelLoadError(f"{config_path} must hold a JSON object (the model config), got a "
+                             f"{type(config).__name__}")
     model_type = config.get("model_type")
     if not model_type:
         raise ModelLoadError(f"{config_path} has no 'model_type'; cannot tell which architecture this is")
+    if not isinstance(model_type, str):
+        raise ModelLoadError(f"{config_path}: 'model_type' must be a string, got {model_type!r}")
     if model_type not in _causal_lm_types():
         raise ModelLoadError(f"{config_path}: model_type {model_type!r} is not a causal language model "
                              "(no AutoModelForCausalLM class); mixprec quantizes decoder LMs only")
@@ -72,11 +80,7 @@ def _read_config(path: Path) -> dict[str, Any]:
 def _safetensors_files(path: Path) -> list[Path]:
     index = path / "model.safetensors.index.json"
     if index.exists():
-        try:
-            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-        except (json.JSONDecodeError, KeyError) as exc:
-            raise ModelLoadError(f"{index} is not a valid safetensors index ({exc})") from exc
-        files = [path / name for name in sorted(set(weight_map.values()))]
+        files = [path / name for name in _index_shards(index)]
         absent = [f.name for f in files if not f.exists()]
         if absent:
             raise ModelLoadError(f"{index} lists shard(s) that are missing: {absent}")
@@ -88,6 +92,23 @@ def _safetensors_files(path: Path) -> list[Path]:
         raise ModelLoadError(f"{path} holds only PyTorch .bin weights; re-save it with safetensors "
                              "(model.save_pretrained(dir, safe_serialization=True))")
     raise ModelLoadError(f"{path} has no model.safetensors or model.safetensors.index.json")
+
+
+def _index_shards(index: Path) -> list[str]:
+    """Shard file names of a safetensors index: plain names inside the model folder (an entry such as
+    `../other/model.safetensors` would read weights from outside it)."""
+    try:
+        weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError, KeyError, TypeError) as exc:
+        raise ModelLoadError(f"{index} is not a valid safetensors index ({exc!r})") from exc
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        raise ModelLoadError(f"{index}: 'weight_map' must map tensor names to shard file names")
+    names = sorted(set(weight_map.values()))
+    outside = [n for n in names if Path(n).name != n or n in ("", ".", "..")]
+    if outside:
+        raise ModelLoadError(f"{index} names shard(s) outside the model folder: {outside[:3]}; shards must be "
+                             "plain file names next to the index")
+    return names
 
 
 def _scan_keys(files: list[Path]) -> dict[str, Path]:
@@ -126,7 +147,11 @@ class Checkpoint:
 
     @property
     def num_layers(self) -> int:
-        return int(self.config.get("num_hidden_layers", 0))
+        value = self.config.get("num_hidden_layers", 0)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ModelLoadError(f"{self.path / 'config.json'}: num_hidden_layers must be a non-negative integer, "
+                                 f"got {value!r}")
+        return value
 
     def read(self, key: str) -> torch.Tensor:
         """The tensor stored under `key`, in its stored dtype."""
@@ -153,9 +178,14 @@ class Checkpoint:
         """In-memory parameter shapes from a meta-device instance: no weights are allocated."""
         from transformers import AutoConfig, AutoModelForCausalLM
 
-        config = AutoConfig.from_pretrained(self.path, local_files_only=True)
-        with torch.device("meta"):
-            model = AutoModelForCausalLM.from_config(config)
+        try:
+            config = AutoConfig.from_pretrained(self.path, local_files_only=True)
+            with torch.device("meta"):
+                model = AutoModelForCausalLM.from_config(config)
+        except Exception as exc:  # transformers' config validation raises many types; the input is the user's
+            first = (str(exc).strip().splitlines() or [""])[0]
+            raise ModelLoadError(f"{self.path / 'config.json'}: transformers cannot build the model from it "
+                                 f"({type(exc).__name__}: {first}); fix or re-download config.json") from exc
         return {name: tuple(p.shape) for name, p in model.named_parameters()}
 
     def model_map(self, granularity: Granularity | str = Granularity.LAYER) -> ModelMap:
