@@ -54,3 +54,30 @@ def test_failed_block_leaves_no_file_and_no_temp(tmp_path: Path) -> None:
         (tmp / "f").write_text("half")
         raise RuntimeError("crash")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_temporaries_of_a_killed_writer_are_removed_by_the_next_write(tmp_path: Path) -> None:
+    """kill -9 mid-write leaves `.out.HOST-PID-X.tmp` (on a large model, gigabytes); the next write of the same
+    target removes it, while a live writer's and other hosts' temporaries are kept."""
+    import signal
+    import subprocess
+    import sys
+
+    from mixprec.core import fileio
+
+    code = ("import sys, time; from mixprec.core.fileio import atomic_dir\n"
+            "with atomic_dir(sys.argv[1]) as tmp:\n"
+            "    (tmp / 'shard').write_bytes(b'x' * 1000); print('ready', flush=True); time.sleep(120)\n")
+    child = subprocess.Popen([sys.executable, "-c", code, str(tmp_path / "out")], stdout=subprocess.PIPE, text=True)
+    assert child.stdout is not None and child.stdout.readline().strip() == "ready"
+    child.send_signal(signal.SIGKILL)
+    child.wait()
+    left = [p.name for p in tmp_path.iterdir()]
+    assert len(left) == 1 and left[0].startswith(".out.") and left[0].endswith(".tmp"), left
+    live = tmp_path / f".out.{fileio._host()}-{os.getpid()}-0123abcd.tmp"
+    other_host = tmp_path / f".out.elsewhere-{child.pid}-0123abcd.tmp"
+    live.mkdir()
+    other_host.mkdir()
+    with atomic_dir(tmp_path / "out") as tmp:
+        (tmp / "shard").write_bytes(b"y")
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["out", live.name, other_host.name])

@@ -8,15 +8,19 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
+import re
 import secrets
 import shutil
+import socket
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 __all__ = [
+    "clean_stale_temps",
     "atomic_write_text",
     "atomic_write_json",
     "atomic_path",
@@ -30,13 +34,56 @@ __all__ = [
 ]
 
 
-def _create_temp(target: Path, make: Callable[[Path], None]) -> Path:
-    """Create a fresh `.NAME.PID-RANDOM.tmp` sibling of `target` with `make`, retrying on a name clash.
+log = logging.getLogger(__name__)
 
-    The owner's pid in the name lets a later run tell a dead run's leftovers from a live one's.
+def _host() -> str:
+    return re.sub(r"[^A-Za-z0-9]", "_", socket.gethostname()) or "host"
+
+
+def _owner_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
+
+
+def clean_stale_temps(target: str | os.PathLike[str]) -> int:
+    """Remove temporaries of `target` left by dead processes of this host (kill -9 or power loss mid-write:
+    on a large model a whole checkpoint or variant folder); returns how many were removed.
+
+    Only names this module makes (`.NAME.HOST-PID-RANDOM.tmp`) whose host is this one and whose pid no longer
+    runs are touched: a live writer's temporary, or one of another machine sharing the folder, is kept.
     """
+    target = Path(target)
+    pattern = re.compile(rf"^\.{re.escape(target.name)}\.{re.escape(_host())}-(\d+)-[0-9a-f]{{8}}\.tmp$")
+    removed = 0
+    if not target.parent.is_dir():
+        return 0
+    for entry in target.parent.iterdir():
+        match = pattern.match(entry.name)
+        if match is None or _owner_alive(int(match.group(1))):
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            entry.unlink(missing_ok=True)
+        log.warning("removed %s, left by a stopped process (pid %s)", entry, match.group(1))
+        removed += 1
+    return removed
+
+
+def _create_temp(target: Path, make: Callable[[Path], None]) -> Path:
+    """Create a fresh `.NAME.HOST-PID-RANDOM.tmp` sibling of `target` with `make`, retrying on a name clash.
+
+    The owner's host and pid in the name let a later run tell a dead run's leftovers from a live one's; the
+    dead ones are removed first (`clean_stale_temps`).
+    """
+    clean_stale_temps(target)
     while True:
-        tmp = target.parent / f".{target.name}.{os.getpid()}-{secrets.token_hex(4)}.tmp"
+        tmp = target.parent / f".{target.name}.{_host()}-{os.getpid()}-{secrets.token_hex(4)}.tmp"
         try:
             make(tmp)
             return tmp
