@@ -225,3 +225,14 @@ def test_report_never_follows_a_recipe_to_a_storage_elsewhere(work: Path, tmp_pa
     assert sha256_file(foreign) == before
     allowed = collect(copy, access=StudyAccess((elsewhere,)))
     assert f"sqlite:///{foreign}" in {s.storage for s in allowed.studies}, "--studies-dir lets the user allow it"
+
+
+def test_override_yaml_in_the_recipes_folder_is_left_out(work: Path, tmp_path: Path) -> None:
+    """`search --export-exl3 WORK/recipes/x.exl3.yaml` puts an override YAML beside the recipes; report read it as
+    a recipe and aborted."""
+    copy = tmp_path / "work"
+    shutil.copytree(work, copy)
+    (copy / "recipes" / "tiny-3bpw.exl3.yaml").write_text("sources: [{id: q4, model_dir: /q/4}]\n"
+                                                          "overrides: [{key: 'model.*', source: q4}]\n")
+    data = collect(copy, studies=False)
+    assert sorted(r.label for r in data.recipes) == sorted(r.label for r in collect(work, studies=False).recipes)

@@ -26,9 +26,9 @@ from typing import Any
 import pandas as pd
 
 from mixprec.core.errors import MixprecError
-from mixprec.core.fileio import read_json
+from mixprec.core.fileio import read_json, read_yaml
 from mixprec.core.storage import open_storage
-from mixprec.formats.recipe import Recipe
+from mixprec.formats.recipe import Recipe, RecipeError
 from mixprec.measure.table import Measurement, load_measurement
 from mixprec.quant.variants import Variant
 
@@ -206,7 +206,13 @@ class StudyAccess:
 def _read_recipes(work_dir: Path, extra: tuple[Path, ...]) -> list[RecipeRun]:
     paths = sorted((work_dir / "recipes").glob("*.yaml")) + [Path(p) for p in extra]
     unique = list(dict.fromkeys(p.resolve() for p in paths))
-    runs = [RecipeRun(p, Recipe.load(p)) for p in unique]
+    runs = []
+    for path in unique:
+        data, where = read_yaml(path, "recipe", RecipeError)
+        if isinstance(data, dict) and {"sources", "overrides"} <= set(data):
+            log.info("%s is an exllamav3 override YAML (search --export-exl3), not a recipe; left out", path)
+            continue
+        runs.append(RecipeRun(path, Recipe.from_dict(data, where)))
     return sorted(runs, key=lambda r: (r.bpw if r.bpw is not None else float("inf"), r.label))
 
 
