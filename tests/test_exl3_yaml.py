@@ -117,7 +117,7 @@ def test_recipe_round_trip_through_override_yaml(maps: dict[tuple[str, str], Mod
             assert exl3_to_groups(again, model_map, bits_of_dir, base_bits=base or 2) == groups
 
 
-def test_bad_override_yaml_errors(maps: dict[tuple[str, str], ModelMap]) -> None:
+def test_bad_override_yaml_errors(maps: dict[tuple[str, str], ModelMap], caplog: pytest.LogCaptureFixture) -> None:
     with pytest.raises(Exl3YamlError, match="unknown key 'overides'; nearest valid: overrides"):
         Exl3Overrides.from_yaml("sources: []\noverides: []\n")
     with pytest.raises(Exl3YamlError, match="names source 'hii'.*nearest: hi"):
@@ -132,6 +132,10 @@ def test_bad_override_yaml_errors(maps: dict[tuple[str, str], ModelMap]) -> None
         exl3_to_groups(split, model_map, {"/q/6": 6}, base_bits=4)
     with pytest.raises(Exl3YamlError, match="no known bit width"):
         exl3_to_groups(split, model_map, {"/q/4": 4}, base_bits=4)
+    typo = Exl3Overrides((Exl3Source("hi", "/q/6"),), (Exl3Override("model.layer.1.self_attn.*", "hi"),))
+    with caplog.at_level("WARNING"):
+        exl3_to_groups(typo, model_map, {"/q/6": 6}, base_bits=4)
+    assert "'model.layer.1.self_attn.*' matches no quantized tensor" in caplog.text
     groups = _groups(model_map, [4])
     with pytest.raises(Exl3YamlError, match=r"no source folder for \[4\] bits"):
         recipe_to_exl3(groups, model_map, {3: "/q/3"})

@@ -217,7 +217,7 @@ def _exl3_sources(items: list[str]) -> dict[int, str]:
         bits, sep, folder = item.partition("=")
         if not sep or not bits.isdigit() or not folder:
             raise MixprecError(f"--exl3-source {item!r}: expected BITS=DIR, e.g. --exl3-source 4=/quants/4.0bpw")
-        sources[int(bits)] = folder
+        sources[int(bits)] = str(Path(folder).resolve())  # absolute: the YAML may be compiled from elsewhere
     return sources
 
 
@@ -262,7 +262,7 @@ def _write(args: argparse.Namespace, config: StageConfig, inputs: Inputs, result
           f"study {result.search.study_name} in {result.search.storage_url})")
     if exl3 is not None:
         variants = open_variants(result.recipe, inputs.checkpoint, config.work)
-        dirs = sources or {b: str(v.path) for b, v in variants.items()}
+        dirs = sources or {b: str(Path(v.path).resolve()) for b, v in variants.items()}
         recipe_to_exl3(result.recipe.groups, inputs.model_map, dirs).save(exl3)
         print(f"wrote {exl3}")
     llama = _llama_path(args, config.budget)

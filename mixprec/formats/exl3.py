@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import bisect
 import itertools
+import logging
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -50,6 +51,8 @@ __all__ = [
 
 #: Suffix used to probe a module: exllamav3 stores a quantized linear K as K.trellis, K.suh, K.svh.
 _PROBE_SUFFIX = ".trellis"
+
+log = logging.getLogger(__name__)
 
 
 class Exl3YamlError(MixprecError):
@@ -294,7 +297,19 @@ def exl3_to_groups(overrides: Exl3Overrides, model_map: ModelMap, bits_of_dir: M
             raise Exl3YamlError(f"group {group.name!r} gets several widths {sorted(found)} from the override YAML; "
                                 f"read it at a finer granularity than {model_map.granularity.value!r}")
         result[group.name] = found.pop()
+    _warn_unmatched(overrides, [m for names in modules.values() for m in names])
     return result
+
+
+def _warn_unmatched(overrides: Exl3Overrides, modules: list[str]) -> None:
+    """An override key matching no quantized tensor (a typo, another model's names) would silently leave
+    its tensors at the base width: say so."""
+    probes = [m + _PROBE_SUFFIX for m in modules]
+    for override in overrides.overrides:
+        pattern = compile_star_globs([override.key])
+        if not any(pattern.fullmatch(p) for p in probes):
+            log.warning("override key %r matches no quantized tensor of this model; the tensors it was meant for "
+                        "get the base width", override.key)
 
 
 def source_bits(model_dir: str | Path) -> int:
