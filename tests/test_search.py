@@ -8,6 +8,7 @@ Run: HF_HUB_OFFLINE=1 .venv/bin/python -m pytest tests/test_search.py -q
 
 from __future__ import annotations
 
+import json
 import math
 import random
 import shutil
@@ -40,7 +41,7 @@ from mixprec.search.inputs import (
     uniform_grid,
 )
 from mixprec.search.moves import blocks, fill, mutate, repair, total_cost
-from mixprec.search.pipeline import SMALLER_BUDGET, run_stage
+from mixprec.search.pipeline import SMALLER_BUDGET, _calibration_windows, run_stage
 from mixprec.search.solve import Problem, Solution, greedy, hq_at_budget, pareto_front, uniform
 from mixprec.search.study import SearchConfig, run_search
 from mixprec.search.sweep import neighbour_seeds, run_budgets
@@ -261,8 +262,18 @@ def test_cli_search_end_to_end(tiny_model_dirs: dict[str, Path], tmp_path: Path,
     assert {"predicted", "calibration", "evaluation", "evaluation_se"} <= set(recipe.kl)
     assert recipe.provenance["evaluation"]["split"] == "evaluation"
     overrides = Exl3Overrides.load(exl3)
+    assert all(Path(s.model_dir).is_absolute() for s in overrides.sources), "compiling from elsewhere must work"
     bits_of_dir = {s.model_dir: source_bits(s.model_dir) for s in overrides.sources}
     assert exl3_to_groups(overrides, checkpoint.model_map("fine"), bits_of_dir, base_bits=-1) == recipe.groups
+    moved = model.rename(tmp_path / "renamed-model")  # its measurement is tied to content, not the folder name
+    config = StageConfig(work=tmp_path / "work", budget=Budget(bpw=3.0), model=str(moved), granularity="fine",
+                         measure=MeasureConfig(work=tmp_path / "work", model=str(moved), bits=(2, 3, 4),
+                                               granularity="fine", num_windows=4, seq_len=32))
+    assert _calibration_windows(prepare(config)).spec.sha256 == _table_data_sha(tmp_path / "work")
+
+
+def _table_data_sha(work: Path) -> str:
+    return json.loads((work / "measure" / "drop-fine" / "summary.json").read_text())["data"]["sha256"]
 
 
 def test_concordance() -> None:
@@ -448,3 +459,11 @@ def test_budget_sweep_is_consistent_and_never_loses_to_a_fitting_uniform(
                 assert moved and all(s.assignment in evaluated for s in moved), f"{label} recipe not tried at {budget}"
         assert (SMALLER_BUDGET in rows) == (budget != 2.6)
     assert results[0].curve is results[1].curve, "the uniform curve is measured once per sweep"
+
+
+def test_exl3_sources_are_written_as_absolute_paths(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A cwd-relative model_dir in the override YAML broke compiling it from any other folder."""
+    from mixprec.cli.search_cmd import _exl3_sources
+
+    monkeypatch.chdir(tmp_path)
+    assert _exl3_sources(["4=quants/4bpw"]) == {4: str(tmp_path / "quants" / "4bpw")}

@@ -39,7 +39,7 @@ from mixprec.core.kl import bootstrap_se, paired_difference
 from mixprec.formats.recipe import ModelRef, QuantSettings, Recipe
 from mixprec.measure.engine.core import KLEngine, resolve_device
 from mixprec.model.arch import GroupKind
-from mixprec.model.data import TokenWindows, WindowConfig, load_windows, require_disjoint
+from mixprec.model.data import BUNDLED_SPLITS, TokenWindows, WindowConfig, load_windows, require_disjoint
 from mixprec.model.streaming import StreamedModel, open_model
 from mixprec.quant import QuantConfig
 from mixprec.quant.variants import Variant, ensure_variants
@@ -90,8 +90,10 @@ class StageResult:
 
 def _calibration_windows(inputs: Inputs) -> TokenWindows:
     data = inputs.measurement.summary["data"]
-    prefix = f"{inputs.checkpoint.path.name}:"
-    files = None if str(data["source"]).startswith(prefix) else [Path(p) for p in str(data["source"]).split(",")]
+    # Note: a shipped split is named "<model folder>:<split>"; the folder may have been moved or renamed since,
+    # so the split is read from the model folder as it is now, and the token hash below proves it is the same.
+    shipped = data["split"] in BUNDLED_SPLITS and str(data["source"]).endswith(f":{data['split']}")
+    files = None if shipped else [Path(p) for p in str(data["source"]).split(",")]
     windows = load_windows(inputs.checkpoint.path, data["split"], WindowConfig(data["seq_len"], data["num_windows"]),
                            files)
     if windows.spec.sha256 != data["sha256"]:
