@@ -467,3 +467,26 @@ def test_exl3_sources_are_written_as_absolute_paths(tmp_path: Path, monkeypatch:
 
     monkeypatch.chdir(tmp_path)
     assert _exl3_sources(["4=quants/4bpw"]) == {4: str(tmp_path / "quants" / "4bpw")}
+
+
+@pytest.mark.slow
+def test_cli_search_over_several_budgets_writes_one_recipe_each(
+        tiny_model_dirs: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """`--budget 2.6 3.2 --gain --out DIR`: one linked sweep, one recipe per budget in DIR, gain column printed,
+    the larger budget's recipe no worse on calibration data."""
+    model = _tiny_model(tiny_model_dirs, tmp_path, monkeypatch)
+    out = tmp_path / "recipes"
+    code, stdout, err = mixprec("search", str(model), "--work", str(tmp_path / "work"), "--bits", "2", "3", "4",
+                                "--windows", "4", "--seq-len", "32", "--eval-windows", "4", "--granularity",
+                                "layer", "--studies-dir", str(tmp_path / "studies"), "--budget", "3.2", "2.6",
+                                "--trials", "3", "--gain", "--uniform-group-sizes", "64", "--out", str(out),
+                                capsys=capsys)
+    assert code == 0, err
+    small, large = Recipe.load(out / "tiny-2.6bpw.yaml"), Recipe.load(out / "tiny-3.2bpw.yaml")
+    assert small.achieved["bpw"] <= 2.6 and large.achieved["bpw"] <= 3.2
+    assert large.kl["calibration"] <= small.kl["calibration"]
+    assert "gain" in stdout and "smaller-budget" in stdout, stdout
+    code, _, err = mixprec("search", str(model), "--budget", "3", "3.2", "--group-size", "64", "32", "--seq-len", "32",
+                           capsys=capsys)
+    assert code == 2 and "one group size" in err, err
