@@ -134,6 +134,21 @@ def test_stale_job_of_dead_worker_is_measured_again(model_dir: Path, work: Path)
     assert other.write() is not None
 
 
+def test_job_of_a_worker_killed_mid_claim_is_measured_again_at_once(model_dir: Path, work: Path) -> None:
+    """A claimer killed between flipping a job to RUNNING and writing its owner leaves an ownerless RUNNING
+    trial. Claims hold the folder's lock, so the next run (which takes the lock too) recovers it at once
+    instead of after the grace period (the kill -9 test was flaky when its kill landed there)."""
+    import optuna
+
+    config = small_config(model_dir, work, granularity="layer", bits=(2, 8))
+    worker = Worker(config)
+    waiting = worker.store._trials([optuna.trial.TrialState.WAITING])[0]
+    worker.store.storage.set_trial_state_values(waiting._trial_id, optuna.trial.TrialState.RUNNING)  # no owner
+    other = Worker(config)
+    assert other.store.counts() == {"FAIL": 1, "WAITING": 10}
+    assert other.run() == 10 and other.write() is not None
+
+
 def test_running_job_of_live_worker_is_left_alone(model_dir: Path, work: Path) -> None:
     config = small_config(model_dir, work, granularity="layer", bits=(2, 8))
     worker = Worker(config)

@@ -108,6 +108,7 @@ class JobStore:
         self.storage = storage
         self.lock_path = lock_path
         self.owner = process_owner()
+        self._state = optuna.trial.TrialState
         with _file_lock(lock_path):
             self.study = optuna.create_study(study_name=STUDY_NAME, storage=storage, load_if_exists=True)
             self.study_id = storage.get_study_id_from_name(STUDY_NAME)
@@ -165,23 +166,33 @@ class JobStore:
 
     def recover_stale(self, reset_stale: bool = False) -> int:
         """Fail RUNNING trials of dead owners and enqueue their jobs again; returns how many."""
-        state = self._optuna.trial.TrialState
-        recovered = 0
-        for trial in self._trials([state.RUNNING]):
-            owner = trial.user_attrs.get("owner")
-            if owner is None:  # killed between claiming and writing its owner
-                started = trial.datetime_start
-                age = datetime.now(started.tzinfo) - started if started is not None else _OWNERLESS_GRACE * 2
-                stale = reset_stale or age > _OWNERLESS_GRACE
-            else:
-                stale = owner_is_dead(owner, other_hosts_dead=reset_stale)
-            if stale and self._fail(trial, "stale"):
-                log.warning("job %s was left running by %s; measuring it again", trial.user_attrs.get("job"), owner)
-                recovered += 1
+        with _file_lock(self.lock_path):
+            recovered = sum(self._recover(trial, reset_stale) for trial in self._trials([self._state.RUNNING]))
         if recovered:
-            self.enqueue([Job.from_attrs(t.user_attrs) for t in self._trials([state.FAIL])
+            self.enqueue([Job.from_attrs(t.user_attrs) for t in self._trials([self._state.FAIL])
                           if "job" in t.user_attrs])
         return recovered
+
+    def _recover(self, trial: Any, reset_stale: bool) -> bool:
+        owner = trial.user_attrs.get("owner")
+        if owner is None:
+            stale = reset_stale or self._ownerless_is_stale(trial)
+        else:
+            stale = owner_is_dead(owner, other_hosts_dead=reset_stale)
+        if stale and self._fail(trial, "stale"):
+            log.warning("job %s was left running by %s; measuring it again", trial.user_attrs.get("job"), owner)
+            return True
+        return False
+
+    def _ownerless_is_stale(self, trial: Any) -> bool:
+        """A claim writes state, then owner. With the folder's lock both happen under it (see `claim`), so an
+        ownerless RUNNING trial seen while holding the lock was left by a claimer killed in between. Without a
+        lock (a storage shared by hosts) another worker may be between the two writes: wait a grace period."""
+        if self.lock_path is not None:
+            return True
+        started = trial.datetime_start
+        age = datetime.now(started.tzinfo) - started if started is not None else _OWNERLESS_GRACE * 2
+        return age > _OWNERLESS_GRACE
 
     def _fail(self, trial: Any, reason: str) -> bool:
         try:
@@ -191,8 +202,15 @@ class JobStore:
             return False
 
     def claim(self, limit: int) -> list[tuple[int, Job]]:
-        """Take up to `limit` waiting jobs that start at the same layer; returns (trial id, job) pairs."""
-        state = self._optuna.trial.TrialState
+        """Take up to `limit` waiting jobs that start at the same layer; returns (trial id, job) pairs.
+
+        Under the folder's lock (when there is one) so that state and owner are written together as far as
+        `recover_stale` can see."""
+        with _file_lock(self.lock_path):
+            return self._claim(limit)
+
+    def _claim(self, limit: int) -> list[tuple[int, Job]]:
+        state = self._state
         trials = self._trials()
         canonical = self._canonical(trials)
         claimed: list[tuple[int, Job]] = []
