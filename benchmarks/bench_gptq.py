@@ -77,9 +77,9 @@ def main(args: argparse.Namespace) -> None:
           f"{'RTN MB/s':>9} {'GPTQ MB/s':>10}")
     for bits in args.bits:
         quantizers = {
-            "rtn": (get_quantizer(QuantConfig("rtn", bits)), False),
-            "gptq": (GPTQQuantizer(QuantConfig("gptq", bits), GPTQSettings(act_order=True)), True),
-            "noao": (GPTQQuantizer(QuantConfig("gptq", bits), GPTQSettings(act_order=False)), True),
+            "rtn": (get_quantizer(QuantConfig(method="rtn", bits=bits)), False),
+            "gptq": (GPTQQuantizer(QuantConfig(method="gptq", bits=bits), GPTQSettings(act_order=True)), True),
+            "noao": (GPTQQuantizer(QuantConfig(method="gptq", bits=bits), GPTQSettings(act_order=False)), True),
         }
         times: dict[str, list[float]] = {name: [] for name in quantizers}
         for _ in range(args.repeats):  # interleaved, so drift on a shared machine hits every candidate

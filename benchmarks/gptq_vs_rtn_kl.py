@@ -24,7 +24,7 @@ from mixprec.cli.common import default_work_dir
 from mixprec.core.kl import TokenComparison, compare_logits, paired_difference, summarize
 from mixprec.model.data import WindowConfig, load_windows, require_disjoint
 from mixprec.model.loading import Checkpoint, load_model
-from mixprec.quant import QuantConfig
+from mixprec.quant import QuantSettings
 from mixprec.quant.calibration import Calibration, calibration_windows
 from mixprec.quant.gptq import GPTQSettings
 from mixprec.quant.hessians import CalibConfig
@@ -89,11 +89,11 @@ def main(args: argparse.Namespace) -> list[dict]:
     solver = GPTQSettings(damp=args.damp, act_order=args.act_order)
     calibration = Calibration(checkpoint, calib_windows, calib_config, work / "calibration", solver)
     started = time.perf_counter()
+    rtn, gptq = (QuantSettings(method=m, group_size=args.group_size) for m in ("rtn", "gptq"))
     variants = {
-        "rtn": ensure_variants(checkpoint, model_map, [QuantConfig("rtn", b, args.group_size) for b in args.bits],
-                               work),
-        "gptq": ensure_variants(checkpoint, model_map, [QuantConfig("gptq", b, args.group_size) for b in args.bits],
-                                work, calibration=calibration),
+        "rtn": ensure_variants(checkpoint, model_map, [rtn.config(b) for b in args.bits], work),
+        "gptq": ensure_variants(checkpoint, model_map, [gptq.config(b) for b in args.bits], work,
+                                calibration=calibration),
     }
     print(f"variants ready in {time.perf_counter() - started:.1f} s; calibration {calib_windows.spec.source} "
           f"({calib_windows.spec.num_tokens} tokens), solver {solver}")

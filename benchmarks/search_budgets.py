@@ -26,6 +26,7 @@ from mixprec.cli.common import default_work_dir
 from mixprec.core.fileio import atomic_write_json
 from mixprec.formats.recipe import Budget
 from mixprec.measure.config import MeasureConfig
+from mixprec.quant import QuantSettings
 from mixprec.search.inputs import Inputs, StageConfig, measure_missing, prepare
 from mixprec.search.pipeline import EngineCache, StageResult, run_stage, run_stages
 from mixprec.search.study import SearchConfig, quiet_optuna
@@ -63,9 +64,9 @@ def _config(args: argparse.Namespace, budget: float, size: int) -> StageConfig:
     name = (args.model and Path(args.model).name) or "stdlib-moe"
     suffix = "" if (size, args.method) == (64, "rtn") else f"-{args.method}-g{size}"
     mode = "ind" if args.independent else "sweep"
-    measure = MeasureConfig(work=work, model=args.model, granularity=args.granularity, group_size=size,
-                            method=args.method, num_windows=args.windows, seq_len=args.seq_len,
-                            data_files=tuple(args.data or ()))
+    measure = MeasureConfig(work=work, model=args.model, granularity=args.granularity,
+                            quant=QuantSettings(method=args.method, group_size=size), num_windows=args.windows,
+                            seq_len=args.seq_len, data_files=tuple(args.data or ()))
     search = SearchConfig(trials=args.trials, seed=args.seed, studies_dir=args.studies_dir,
                           correct=not args.no_correct,
                           study_name=f"{name}-{args.granularity}{suffix}-{budget:g}bpw-{mode}"

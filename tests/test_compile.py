@@ -23,9 +23,10 @@ from mixprec.checkpoint.qformat import REPORT_FILE, CompileError
 from mixprec.checkpoint.shards import INDEX_FILE, checkpoint_shards
 from mixprec.cli import main
 from mixprec.core.errors import FingerprintMismatchError, ModelLoadError, VariantError
-from mixprec.formats.recipe import ModelRef, QuantSettings, Recipe
+from mixprec.formats.recipe import ModelRef, Recipe
 from mixprec.model.arch import GroupKind
 from mixprec.model.loading import Checkpoint, load_model
+from mixprec.quant import QuantSettings
 from mixprec.quant.variants import Variant, apply_group, ensure_variants
 
 #: Tiny limit so the tiny model is written as several shards.

@@ -21,6 +21,7 @@ import pytest
 from mixprec.measure.config import MeasureConfig
 from mixprec.measure.run import run_measure
 from mixprec.measure.table import load_measurement
+from mixprec.quant import QuantSettings
 
 
 def _bundled_present() -> bool:
@@ -39,7 +40,7 @@ pytestmark = [pytest.mark.slow,
 
 def test_kl_falls_as_bits_rise_for_every_group(tmp_path: Path) -> None:
     config = MeasureConfig(work=tmp_path, bits=(2, 3, 4, 5, 6, 8), num_windows=8, seq_len=128, device="cpu",
-                           clip_search=False, granularity="layer")
+                           quant=QuantSettings(clip_search=False), granularity="layer")
     measurement = load_measurement(run_measure(config))
     kl, se = measurement.pivot("kl_mean"), measurement.pivot("kl_se")
     assert len(kl) >= 10 and measurement.summary["noise_floor"]["repeat_fp32"]["kl_mean"] == 0.0

@@ -16,8 +16,9 @@ import mixprec
 from mixprec.checkpoint.load import is_mixprec_checkpoint, load
 from mixprec.checkpoint.shards import INDEX_FILE
 from mixprec.core.errors import ModelLoadError
-from mixprec.formats.recipe import QuantSettings, Recipe
+from mixprec.formats.recipe import Recipe
 from mixprec.model.arch import GroupKind
+from mixprec.quant import QuantSettings
 from tests.test_compile import compile_tiny, recipe_model
 
 ASYM_ODD = {GroupKind.ATTENTION: 5, GroupKind.ROUTED_EXPERTS: 3, GroupKind.SHARED_EXPERTS: 5,

@@ -11,10 +11,11 @@ import pytest
 import yaml
 
 from mixprec.core.errors import FingerprintMismatchError
-from mixprec.formats.recipe import Budget, ModelRef, QuantSettings, Recipe, RecipeError
+from mixprec.formats.recipe import Budget, ModelRef, Recipe, RecipeError
 from mixprec.model.arch import DEFAULT_QUANTIZED_KINDS
 from mixprec.model.loading import Checkpoint
 from mixprec.model.modelmap import Granularity, ModelMap
+from mixprec.quant import QuantSettings
 
 
 @pytest.fixture(scope="module")

@@ -28,7 +28,7 @@ from mixprec.measure.config import MeasureConfig
 from mixprec.measure.engine.core import KLEngine
 from mixprec.model.data import WindowConfig, windows_from_tokens
 from mixprec.model.loading import Checkpoint, load_model
-from mixprec.quant import QuantConfig, storage_bits
+from mixprec.quant import QuantConfig, QuantSettings, storage_bits
 from mixprec.quant.variants import ensure_variants
 from mixprec.search.costs import Constraints, CostTable, budget_limit_bits
 from mixprec.search.inputs import (
@@ -91,7 +91,7 @@ def search(setup: Setup, tmp: Path, **overrides: object) -> tuple[object, Search
 
 
 def recipe_of(setup: Setup, solution: Solution) -> Recipe:
-    from mixprec.formats.recipe import Budget, ModelRef, QuantSettings
+    from mixprec.formats.recipe import Budget, ModelRef
 
     return Recipe(ModelRef("tiny", "qwen2_moe", "f" * 64), setup.engine.model_map.granularity, QuantSettings(),
                   dict(solution.assignment), Budget(bpw=3.0), setup.table.achieved(solution.assignment),
@@ -339,8 +339,9 @@ def test_uniform_baseline_is_the_nearest_quant_over_widths_and_group_sizes(
                         measure=replace(measure, num_windows=8))
     with pytest.raises(FingerprintMismatchError, match="num_windows=4 there, 8 asked"):
         prepare(other)
-    assert replace(measure, group_size=128).folder.name == "drop-layer-g128", "other settings get their own table"
-    assert replace(measure, method="gptq", clip_search=True).folder.name == "drop-layer-gptq-clip"
+    assert replace(measure, quant=QuantSettings(group_size=128)).folder.name == "drop-layer-g128", \
+        "other settings get their own table"
+    assert replace(measure, quant=QuantSettings(method="gptq", clip_search=True)).folder.name == "drop-layer-gptq-clip"
 
 
 @pytest.mark.slow

@@ -35,7 +35,7 @@ from mixprec.checkpoint.registry import COMPILED_FORMATS, DEFAULT_FORMAT, compil
 from mixprec.checkpoint.shards import parse_size
 from mixprec.cli.common import add_work_argument, default_work_dir, print_table
 from mixprec.formats.llamacpp import write_tensor_type_file
-from mixprec.formats.recipe import ModelRef, QuantSettings, Recipe
+from mixprec.formats.recipe import ModelRef, Recipe
 from mixprec.model.loading import Checkpoint
 from mixprec.model.modelmap import DEFAULT_GRANULARITY, Granularity
 from mixprec.quant.variants import Variant
@@ -90,7 +90,7 @@ def recipe_from_exl3(path: Path, checkpoint: Checkpoint, base_bits: int | None,
     if len(parents) != 1 or next(iter(parents)).name != "variants":
         raise CompileError(f"{path}: every source must be a mixprec variant folder in one WORK/variants/ folder, "
                            f"got {[str(f) for f in folders]}")
-    settings = {QuantSettings.from_config(v.config) for v in variants}
+    settings = {v.config.settings for v in variants}
     if len(settings) != 1:
         raise CompileError(f"{path}: the sources were quantized with different settings {settings}; "
                            "a compiled checkpoint has one method, group size and symmetry")

@@ -36,7 +36,7 @@ from mixprec.measure.table import format_table, load_measurement
 from mixprec.model.arch import DEFAULT_QUANTIZED_KINDS, GroupKind
 from mixprec.model.modelmap import DEFAULT_GRANULARITY
 from mixprec.model.streaming import STREAMING_MODES
-from mixprec.quant import SUPPORTED_BITS, SUPPORTED_GROUP_SIZES, QuantConfig, quantizer_names
+from mixprec.quant import SUPPORTED_BITS, SUPPORTED_GROUP_SIZES, QuantSettings, quantizer_names
 
 __all__ = ["register", "config_from_args"]
 
@@ -67,7 +67,7 @@ def _add_advanced(parser: argparse.ArgumentParser) -> None:
                        help="quantizer group size (default 64)")
     group.add_argument("--asym", action="store_true", help="asymmetric quantization")
     group.add_argument("--method", default="rtn", choices=quantizer_names(), help="quantizer (default rtn)")
-    group.add_argument("--clip-search", action=argparse.BooleanOptionalAction, default=QuantConfig.clip_search,
+    group.add_argument("--clip-search", action=argparse.BooleanOptionalAction, default=QuantSettings.clip_search,
                        help="per-group MSE clipping search instead of sign-aware absmax scales (default off)")
     group.add_argument("--no-quantize", action="store_true",
                        help="fail instead of quantizing missing variants")
@@ -103,8 +103,10 @@ def config_from_args(args: argparse.Namespace) -> MeasureConfig:
     return MeasureConfig(
         work=default_work_dir(args.model, args.work), model=args.model, mode=args.mode, bits=tuple(args.bits),
         base_bits=args.base_bits, granularity=args.granularity, kinds=tuple(args.kinds), num_windows=args.windows,
-        seq_len=args.seq_len, data_files=tuple(args.data or ()), method=args.method, group_size=args.group_size,
-        symmetric=not args.asym, clip_search=args.clip_search, storage=args.storage, device=args.device,
+        seq_len=args.seq_len, data_files=tuple(args.data or ()),
+        quant=QuantSettings(method=args.method, group_size=args.group_size, symmetric=not args.asym,
+                            clip_search=args.clip_search),
+        storage=args.storage, device=args.device,
         engine=engine, batch_jobs=args.batch_jobs, max_jobs=args.max_jobs, reset_stale=args.reset_stale,
         quantize_missing=not args.no_quantize, streaming=args.streaming, max_memory=args.max_memory,
     )

@@ -26,7 +26,14 @@ from mixprec.cli.checks import check_windows
 from mixprec.cli.common import add_model_argument, add_work_argument, default_work_dir, print_table
 from mixprec.model.arch import DEFAULT_QUANTIZED_KINDS, GroupKind
 from mixprec.model.loading import Checkpoint
-from mixprec.quant import SUPPORTED_BITS, SUPPORTED_GROUP_SIZES, QuantConfig, quantizer_class, quantizer_names
+from mixprec.quant import (
+    SUPPORTED_BITS,
+    SUPPORTED_GROUP_SIZES,
+    QuantConfig,
+    QuantSettings,
+    quantizer_class,
+    quantizer_names,
+)
 from mixprec.quant.calibration import Calibration, calibration_windows
 from mixprec.quant.gptq import GPTQSettings
 from mixprec.quant.hessians import CalibConfig
@@ -45,7 +52,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="weights per scale along the input dimension (default 64)")
     parser.add_argument("--asym", action="store_true", help="asymmetric (integer zero point per group)")
     parser.add_argument("--method", default="rtn", choices=quantizer_names(), help="quantizer (default rtn)")
-    parser.add_argument("--clip-search", action=argparse.BooleanOptionalAction, default=QuantConfig.clip_search,
+    parser.add_argument("--clip-search", action=argparse.BooleanOptionalAction, default=QuantSettings.clip_search,
                         help="per-group MSE clipping search instead of sign-aware absmax scales (default off: "
                              "it lowers weight error but raised whole-model KL on the bundled model)")
     parser.add_argument("--kinds", nargs="+", default=[k.value for k in DEFAULT_QUANTIZED_KINDS],
@@ -74,9 +81,9 @@ def _add_calibration_arguments(parser: argparse.ArgumentParser) -> None:
 
 def configs_from_args(args: argparse.Namespace) -> list[QuantConfig]:
     """Validated settings, one per requested bit width (duplicates removed, order kept)."""
-    return [QuantConfig(method=args.method, bits=bits, group_size=args.group_size, symmetric=not args.asym,
-                        clip_search=args.clip_search)
-            for bits in dict.fromkeys(args.bits)]
+    settings = QuantSettings(method=args.method, group_size=args.group_size, symmetric=not args.asym,
+                             clip_search=args.clip_search)
+    return [settings.config(bits) for bits in dict.fromkeys(args.bits)]
 
 
 def calibration_settings(args: argparse.Namespace) -> tuple[CalibConfig, GPTQSettings] | None:

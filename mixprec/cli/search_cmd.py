@@ -38,7 +38,7 @@ from mixprec.formats.recipe import Budget
 from mixprec.measure.config import MeasureConfig
 from mixprec.model.loading import resolve_model_path
 from mixprec.model.modelmap import DEFAULT_GRANULARITY
-from mixprec.quant import SUPPORTED_GROUP_SIZES, QuantConfig, quantizer_class, quantizer_names
+from mixprec.quant import SUPPORTED_GROUP_SIZES, QuantSettings, quantizer_class, quantizer_names
 from mixprec.quant.ggml import GGMLQuantizer
 from mixprec.search.costs import Constraints, parse_settings
 from mixprec.search.inputs import Inputs, StageConfig, check, measure_missing, prepare
@@ -94,7 +94,7 @@ def _add_advanced(parser: argparse.ArgumentParser) -> None:
                                          "measurement and study each and ship the recipe with the lowest "
                                          "calibration KL")
     group.add_argument("--method", default="rtn", choices=quantizer_names(), help="quantizer (default rtn)")
-    group.add_argument("--clip-search", action=argparse.BooleanOptionalAction, default=QuantConfig.clip_search,
+    group.add_argument("--clip-search", action=argparse.BooleanOptionalAction, default=QuantSettings.clip_search,
                        help="RTN per-group MSE clipping search (default off)")
     group.add_argument("--uniform-group-sizes", type=int, nargs="+", default=list(SUPPORTED_GROUP_SIZES),
                        metavar="G", help="group sizes of the uniform quants the nearest-uniform baseline is picked "
@@ -172,8 +172,8 @@ def config_from_args(args: argparse.Namespace, group_size: int | None = None,
         study = f"{study}-g{size}"  # one study per group size
     measure = MeasureConfig(work=work, model=args.model, mode=args.mode, bits=tuple(args.bits),
                             base_bits=args.base_bits, granularity=args.granularity, num_windows=args.windows,
-                            seq_len=args.seq_len, group_size=size, method=args.method,
-                            clip_search=args.clip_search, device=args.device)
+                            seq_len=args.seq_len, device=args.device,
+                            quant=QuantSettings(method=args.method, group_size=size, clip_search=args.clip_search))
     constraints = Constraints(pins=parse_settings(args.pin, "--pin", allow_null=True),
                               floors=parse_settings(args.floor, "--floor"),  # type: ignore[arg-type]
                               ceilings=parse_settings(args.ceiling, "--ceiling"))  # type: ignore[arg-type]

@@ -33,13 +33,13 @@ from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from mixprec.core.errors import FingerprintMismatchError, MixprecError
+from mixprec.core.errors import FingerprintMismatchError, MixprecError, QuantConfigError
 from mixprec.core.fileio import atomic_write_text, dump_yaml, parse_yaml, read_yaml
 from mixprec.model.arch import DEFAULT_QUANTIZED_KINDS
 from mixprec.model.modelmap import Granularity, ModelMap
-from mixprec.quant import SUPPORTED_BITS, QuantConfig
+from mixprec.quant import QuantConfig, QuantSettings, quantizer_class
 
-__all__ = ["RECIPE_SCHEMA_VERSION", "RecipeError", "ModelRef", "Budget", "QuantSettings", "Recipe"]
+__all__ = ["RECIPE_SCHEMA_VERSION", "RecipeError", "ModelRef", "Budget", "Recipe"]
 
 RECIPE_SCHEMA_VERSION = 1
 _KIND = "mixprec.recipe"
@@ -94,37 +94,6 @@ class Budget:
 
 
 @dataclass(frozen=True)
-class QuantSettings:
-    """Quantizer settings shared by every group of a recipe (everything in `QuantConfig` but the bits)."""
-
-    method: str = "rtn"
-    group_size: int = 64
-    symmetric: bool = True
-    clip_search: bool = False
-    clip_grid: int = 32
-
-    def __post_init__(self) -> None:
-        for key, kind in (("method", str), ("group_size", int), ("symmetric", bool), ("clip_search", bool),
-                          ("clip_grid", int)):
-            value = getattr(self, key)
-            if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-                raise RecipeError(f"quantizer.{key} must be {'an integer' if kind is int else kind.__name__}, "
-                                  f"got {value!r}")
-        self.config(SUPPORTED_BITS[0])  # validates method and group size
-
-    def config(self, bits: int) -> QuantConfig:
-        """The full quantizer config of a group at `bits`."""
-        return QuantConfig(method=self.method, bits=bits, group_size=self.group_size, symmetric=self.symmetric,
-                           clip_search=self.clip_search, clip_grid=self.clip_grid)
-
-    @classmethod
-    def from_config(cls, config: QuantConfig) -> QuantSettings:
-        values = asdict(config)
-        values.pop("bits")
-        return cls(**values)
-
-
-@dataclass(frozen=True)
 class Recipe:
     """Group -> bits (None keeps the original precision), plus what the recipe is for and where it came from."""
 
@@ -138,9 +107,11 @@ class Recipe:
     kl: dict[str, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "quantizer", self.quantizer.settings)  # a QuantConfig's width is no recipe's
+        supported = quantizer_class(self.quantizer.method).supported_bits
         for name, bits in self.groups.items():
-            if bits is not None and (type(bits) is not int or bits not in SUPPORTED_BITS):
-                raise RecipeError(f"group {name!r}: bits {bits!r} is not one of {SUPPORTED_BITS} (an integer) or null")
+            if bits is not None and (type(bits) is not int or bits not in supported):
+                raise RecipeError(f"group {name!r}: bits {bits!r} is not one of {supported} (an integer) or null")
 
     # -- YAML -------------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -180,7 +151,7 @@ class Recipe:
             return cls(
                 model=ModelRef(**_section(where, data, "model", ModelRef)),
                 granularity=Granularity(data["granularity"]),
-                quantizer=QuantSettings(**_section(where, data, "quantizer", QuantSettings)),
+                quantizer=_quantizer(where, _section(where, data, "quantizer", QuantSettings)),
                 groups=_groups(where, data["groups"]),
                 budget=None if data.get("budget") is None else Budget(**_section(where, data, "budget", Budget)),
                 achieved=_numbers(where, data, "achieved"),
@@ -219,6 +190,13 @@ class Recipe:
         if missing:
             raise RecipeError(f"recipe assigns no bits to {len(missing)} group(s), e.g. {missing[:3]}; give each "
                               "a bit width or null (keep original precision)")
+
+
+def _quantizer(where: str, section: dict[str, Any]) -> QuantSettings:
+    try:
+        return QuantSettings(**section)
+    except QuantConfigError as exc:
+        raise RecipeError(f"{where}: quantizer: {exc}") from exc
 
 
 def _section(where: str, data: dict[str, Any], key: str, kind: type) -> dict[str, Any]:

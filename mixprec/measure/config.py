@@ -18,7 +18,7 @@ from mixprec.model.arch import DEFAULT_QUANTIZED_KINDS, GroupKind
 from mixprec.model.data import WindowConfig
 from mixprec.model.modelmap import DEFAULT_GRANULARITY, Granularity
 from mixprec.model.streaming import STREAMING_MODES
-from mixprec.quant import QuantConfig
+from mixprec.quant import QuantConfig, QuantSettings
 
 __all__ = ["MODES", "MeasureConfig"]
 
@@ -42,10 +42,7 @@ class MeasureConfig:
     seq_len: int = 256
     data_files: tuple[Path, ...] = ()
     split: str = "calibration"
-    method: str = "rtn"
-    group_size: int = 64
-    symmetric: bool = True
-    clip_search: bool = False
+    quant: QuantSettings = field(default_factory=QuantSettings)
     storage: str | None = None
     device: str = "auto"
     engine: EngineConfig = field(default_factory=EngineConfig)
@@ -65,7 +62,7 @@ class MeasureConfig:
         if not self.bits or len(set(self.bits)) != len(self.bits):
             raise MixprecError(f"bits {self.bits} must be a non-empty list without repeats")
         for bits in (*self.bits, self.base_bits):
-            QuantConfig(method=self.method, bits=bits, group_size=self.group_size)  # validates the values
+            self.quant.config(bits)  # validates the width for this quantizer
         if self.mode == "raise" and not any(b > self.base_bits for b in self.bits):
             raise MixprecError(f"raise mode from base {self.base_bits} bits needs some --bits above it, "
                                f"got {self.bits}")
@@ -85,11 +82,12 @@ class MeasureConfig:
         differ from the defaults (e.g. `drop-fine-g128`, `drop-fine-gptq-clip`), so tables of other
         quantizer settings sit beside the default one instead of colliding with it."""
         name = f"drop-{self.granularity}" if self.mode == "drop" else f"raise-b{self.base_bits}-{self.granularity}"
-        default = QuantConfig()
-        parts = [self.method if self.method != default.method else "",
-                 f"g{self.group_size}" if self.group_size != default.group_size else "",
-                 "asym" if self.symmetric != default.symmetric else "",
-                 "clip" if self.clip_search != default.clip_search else ""]
+        quant, default = self.quant, QuantSettings()
+        parts = [quant.method if quant.method != default.method else "",
+                 f"g{quant.group_size}" if quant.group_size != default.group_size else "",
+                 "asym" if quant.symmetric != default.symmetric else "",
+                 "clip" if quant.clip_search != default.clip_search else "",
+                 f"grid{quant.clip_grid}" if quant.clip_grid != default.clip_grid else ""]
         return Path(self.work) / "measure" / "-".join([name, *(p for p in parts if p)])
 
     @property
@@ -98,13 +96,19 @@ class MeasureConfig:
         return tuple(sorted(b for b in self.bits if self.mode == "drop" or b > self.base_bits))
 
     def quant_config(self, bits: int) -> QuantConfig:
-        return QuantConfig(method=self.method, bits=bits, group_size=self.group_size, symmetric=self.symmetric,
-                           clip_search=self.clip_search)
+        return self.quant.config(bits)
 
     def settings(self) -> dict[str, Any]:
-        """The part of the config that decides the numbers (recorded and checked by fingerprint)."""
-        keys = ("mode", "granularity", "kinds", "method", "group_size", "symmetric", "clip_search")
-        result = {k: getattr(self, k) for k in keys}
-        result["kinds"] = list(self.kinds)
+        """The part of the config that decides the numbers (recorded and checked by fingerprint).
+
+        `clip_grid` is recorded only when it differs from the default, so tables measured before it was
+        a measurement setting keep their fingerprint and summary.
+        """
+        quant = self.quant
+        result: dict[str, Any] = {"mode": self.mode, "granularity": self.granularity, "kinds": list(self.kinds),
+                                  "method": quant.method, "group_size": quant.group_size,
+                                  "symmetric": quant.symmetric, "clip_search": quant.clip_search}
+        if quant.clip_grid != QuantSettings().clip_grid:
+            result["clip_grid"] = quant.clip_grid
         result["base_bits"] = self.base_bits if self.mode == "raise" else None
         return result

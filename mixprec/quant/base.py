@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 from abc import ABC, abstractmethod
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import ClassVar, TypeVar
 
 import torch
@@ -22,6 +22,7 @@ __all__ = [
     "SUPPORTED_BITS",
     "SUPPORTED_GROUP_SIZES",
     "SCALE_BITS",
+    "QuantSettings",
     "QuantConfig",
     "QuantizedWeight",
     "Quantizer",
@@ -38,27 +39,59 @@ SUPPORTED_GROUP_SIZES = (32, 64, 128)
 SCALE_BITS = 16
 
 
-@dataclass(frozen=True)
-class QuantConfig:
-    """Settings of one uniform quantization; validated on construction, stored in every manifest."""
+@dataclass(frozen=True, kw_only=True)
+class QuantSettings:
+    """How one quantizer runs, apart from the width: the one settings type of every stage.
+
+    A recipe stores these once for all its groups (its `quantizer:` section), a measurement records them
+    for all its widths, and `config(bits)` gives the `QuantConfig` of one width. Validated on construction
+    against the method's declared traits.
+    """
 
     method: str = "rtn"
-    bits: int = 4
     group_size: int = 64
     symmetric: bool = True
     clip_search: bool = False
     clip_grid: int = 32
 
     def __post_init__(self) -> None:
+        for key, kind in (("method", str), ("group_size", int), ("symmetric", bool), ("clip_search", bool),
+                          ("clip_grid", int)):
+            value = getattr(self, key)
+            if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+                raise QuantConfigError(f"{key} must be {'an integer' if kind is int else kind.__name__}, "
+                                       f"got {value!r}")
         method = quantizer_class(self.method)  # the method's own traits decide which values it accepts
-        if self.bits not in method.supported_bits:
-            raise QuantConfigError(f"bits={self.bits} is out of range; choose one of {method.supported_bits}")
         if self.group_size not in method.supported_group_sizes:
             raise QuantConfigError(
                 f"group_size={self.group_size} is not supported; choose one of {method.supported_group_sizes}"
             )
         if self.clip_grid < 2:
             raise QuantConfigError(f"clip_grid={self.clip_grid} must be at least 2")
+        if type(self) is QuantSettings:
+            self.config(method.supported_bits[0])  # the method's own checks (`check_config`) need a width
+
+    @property
+    def settings(self) -> QuantSettings:
+        """Just the settings, without a width (what a `QuantConfig` shares with the other widths)."""
+        return QuantSettings(**{f.name: getattr(self, f.name) for f in fields(QuantSettings)})
+
+    def config(self, bits: int) -> QuantConfig:
+        """The config of one width under these settings."""
+        return QuantConfig(**{f.name: getattr(self, f.name) for f in fields(QuantSettings)}, bits=bits)
+
+
+@dataclass(frozen=True, kw_only=True)
+class QuantConfig(QuantSettings):
+    """The settings of one uniform quantization at one width; stored in every variant's manifest."""
+
+    bits: int = 4
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        method = quantizer_class(self.method)
+        if self.bits not in method.supported_bits:
+            raise QuantConfigError(f"bits={self.bits} is out of range; choose one of {method.supported_bits}")
         method.check_config(self)
 
     @property

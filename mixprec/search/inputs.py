@@ -21,7 +21,7 @@ from mixprec.model.arch import GroupKind
 from mixprec.model.data import WindowConfig
 from mixprec.model.loading import Checkpoint
 from mixprec.model.modelmap import DEFAULT_GRANULARITY, Granularity, ModelMap
-from mixprec.quant import SUPPORTED_GROUP_SIZES, QuantConfig, quantizer_class, storage_bits
+from mixprec.quant import SUPPORTED_GROUP_SIZES, QuantConfig, QuantSettings, quantizer_class, storage_bits
 from mixprec.quant.variants import Variant
 from mixprec.search.costs import Constraints, CostTable, Option, budget_limit_bits, check_feasible
 from mixprec.search.estimate import measurement_losses
@@ -65,7 +65,7 @@ class StageConfig:
         Granularity(self.granularity)
         WindowConfig(self.eval_seq_len, self.eval_windows)
         for size in self.uniform_group_sizes:
-            QuantConfig(group_size=size)  # validates the value
+            QuantSettings(group_size=size)  # validates the value
 
     def measure_config(self) -> MeasureConfig:
         """The measurement this search reads (default: drop mode at the search granularity)."""

@@ -36,7 +36,7 @@ import torch
 from mixprec.core.errors import FingerprintMismatchError, MixprecError
 from mixprec.core.fileio import sha256_file
 from mixprec.core.kl import bootstrap_se, paired_difference
-from mixprec.formats.recipe import ModelRef, QuantSettings, Recipe
+from mixprec.formats.recipe import ModelRef, Recipe
 from mixprec.measure.engine.core import KLEngine, resolve_device
 from mixprec.model.arch import GroupKind
 from mixprec.model.data import BUNDLED_SPLITS, TokenWindows, WindowConfig, load_windows, require_disjoint
@@ -136,7 +136,7 @@ def _recipe(inputs: Inputs, config: StageConfig, solution: Solution, kl: dict[st
     """The recipe of `solution` over `variants` (default: the measured ones, whose group size it records)."""
     variants = variants or inputs.variants
     table = inputs.table if variants is inputs.variants else CostTable.from_variants(inputs.model_map, variants)
-    quantizer = QuantSettings.from_config(next(iter(variants.values())).config)
+    quantizer = next(iter(variants.values())).config.settings
     return Recipe(
         model=ModelRef(inputs.checkpoint.path.name, inputs.checkpoint.model_type, inputs.checkpoint.fingerprint),
         granularity=inputs.model_map.granularity, quantizer=quantizer,
