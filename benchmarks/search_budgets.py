@@ -81,7 +81,7 @@ def _measurement_token_layers(inputs: Inputs) -> float:
     summary = inputs.measurement.summary
     layers = inputs.checkpoint.num_layers
     per_group = sum(layers - (g.layer or 0) for g in inputs.table.groups)
-    return float(per_group * len(summary["settings"]["measured_bits"]) * summary["data"]["num_tokens"])
+    return float(per_group * len(summary.settings.measured_bits) * summary.data.num_tokens)
 
 
 def _run(args: argparse.Namespace, engines: EngineCache) -> tuple[list[StageResult], list[float], float]:

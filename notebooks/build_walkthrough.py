@@ -49,7 +49,7 @@ One uniform quantization of the whole model per bit width; `bpw` counts the fp16
 One row per group and bit width: the end-to-end KL(ref ‖ quant) when only that group is quantized
 (drop mode), with its standard error over sequences, the 99th percentile and same-top-1 rate."""),
     ("code", """m = data.measurement
-print(m.folder.name, "noise floor (bf16 compute):", m.summary["noise_floor"]["bf16_compute"]["kl_mean"])
+print(m.folder.name, "noise floor (bf16 compute):", m.summary.noise_floor_kl("bf16_compute"))
 m.table[["group", "kind", "bits", "bpw", "kl_mean", "kl_se", "kl_p99", "same_top1"]].head(12)"""),
     ("code", """# groups as rows, bit widths as columns
 m.pivot("dkl").map(lambda v: f"{v:.2e}")"""),

@@ -201,9 +201,9 @@ def test_gptq_variants_record_calibration_and_beat_rtn(tiny_model_dirs: dict[str
     calibration = Calibration(checkpoint, windows, CALIB, tmp_path / "calibration")
     rtn, = ensure_variants(checkpoint, mm, [QuantConfig(method="rtn", bits=3)], tmp_path)
     gptq, = ensure_variants(checkpoint, mm, [QuantConfig(method="gptq", bits=3)], tmp_path, calibration=calibration)
-    assert "calibration" not in rtn.manifest
-    record = gptq.manifest["calibration"]
-    assert gptq.manifest["quant_config"]["method"] == "gptq"
+    assert rtn.manifest.calibration is None and "calibration" not in rtn.manifest.to_dict()
+    record = gptq.manifest.calibration
+    assert gptq.manifest.quant_config.method == "gptq"
     assert record["identity"]["data"] == json.loads(json.dumps(windows.spec.to_dict()))
     assert sum(record["layers"]["1"]["experts"]["model.layers.1.mlp.experts"]["tokens"]) == 6 * 32 * 2
     params = {name: p.detach() for name, p in load_model(checkpoint).named_parameters()}
@@ -217,12 +217,12 @@ def test_gptq_variants_record_calibration_and_beat_rtn(tiny_model_dirs: dict[str
     stats_mtime = (calibration.cache_dir / "calibration.json").stat().st_mtime_ns
     again, = ensure_variants(checkpoint, mm, [QuantConfig(method="gptq", bits=3)], tmp_path,
                              calibration=Calibration(checkpoint, windows, CALIB, tmp_path / "calibration"))
-    assert again.manifest["file_sha256"] == gptq.manifest["file_sha256"]
+    assert again.manifest.file_sha256 == gptq.manifest.file_sha256
     assert (calibration.cache_dir / "calibration.json").stat().st_mtime_ns == stats_mtime, "Hessians recomputed"
     other = windows_from_tokens(tokens.flip(0), WindowConfig(32, 6), "random-flipped", "quantizer-calibration")
     rebuilt, = ensure_variants(checkpoint, mm, [QuantConfig(method="gptq", bits=3)], tmp_path,
                                calibration=Calibration(checkpoint, other, CALIB, tmp_path / "calibration"))
-    assert rebuilt.manifest["calibration"]["identity"]["data"]["source"] == "random-flipped"
+    assert rebuilt.manifest.calibration_identity["data"]["source"] == "random-flipped"
 
 
 @pytest.fixture(scope="module")

@@ -40,7 +40,7 @@ def work(drop_table, tmp_path: Path) -> Path:
 def test_drop_table_has_one_row_per_group_and_bits(drop_table) -> None:
     config, measurement = drop_table
     table = measurement.table
-    groups = [g for g in measurement.summary["groups"]]
+    groups = [g for g in measurement.summary.groups]
     assert len(groups) == 12  # fine groups of the tiny model: attention q/kv/o, mlp/shared/experts gate_up/down
     assert len(table) == len(groups) * 3
     assert not table.duplicated(["group", "bits"]).any()
@@ -56,13 +56,12 @@ def test_drop_table_has_one_row_per_group_and_bits(drop_table) -> None:
 def test_summary_records_identity_and_floors(drop_table) -> None:
     config, measurement = drop_table
     summary = measurement.summary
-    assert summary["noise_floor"]["repeat_fp32"]["kl_mean"] == 0.0  # fp32 forwards are bitwise repeatable
-    assert summary["noise_floor"]["bf16_compute"]["kl_mean"] > 0
-    assert summary["data"]["split"] == "calibration" and summary["data"]["num_windows"] == 6
-    assert summary["engine"]["dtype"] == "float32" and summary["engine"]["device"] == "cpu"
-    assert set(summary["variants"]) == {"2", "4", "8"} and all(len(v["sha256"]) == 64
-                                                               for v in summary["variants"].values())
-    assert summary["counts"]["trials"] == {"COMPLETE": 36}
+    assert summary.noise_floor_kl("repeat_fp32") == 0.0  # fp32 forwards are bitwise repeatable
+    assert summary.noise_floor_kl("bf16_compute") > 0
+    assert summary.data.split == "calibration" and summary.data.num_windows == 6
+    assert summary.engine["dtype"] == "float32" and summary.engine["device"] == "cpu"
+    assert set(summary.variants) == {"2", "4", "8"} and all(len(v.sha256) == 64 for v in summary.variants.values())
+    assert summary.counts["trials"] == {"COMPLETE": 36}
 
 
 def test_two_bits_hurt_more_than_eight(drop_table) -> None:
@@ -89,7 +88,7 @@ def test_exl3_export_shape(drop_table) -> None:
 def test_raise_mode_pairs_with_base(model_dir: Path, work: Path) -> None:
     config = small_config(model_dir, work, mode="raise", base_bits=2, granularity="layer")
     measurement = load_measurement(run_measure(config))
-    table, base = measurement.table, measurement.summary["base"]["summary"]["kl_mean"]
+    table, base = measurement.table, measurement.summary.base_kl
     assert set(table["bits"]) == {4, 8} and (table["base_bits"] == 2).all()
     assert (table["delta_bits"] > 0).all()
     # raising one group removes part of the base's damage; the paired difference is exactly kl - base

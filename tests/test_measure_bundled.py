@@ -43,7 +43,7 @@ def test_kl_falls_as_bits_rise_for_every_group(tmp_path: Path) -> None:
                            quant=QuantSettings(clip_search=False), granularity="layer")
     measurement = load_measurement(run_measure(config))
     kl, se = measurement.pivot("kl_mean"), measurement.pivot("kl_se")
-    assert len(kl) >= 10 and measurement.summary["noise_floor"]["repeat_fp32"]["kl_mean"] == 0.0
+    assert len(kl) >= 10 and measurement.summary.noise_floor_kl("repeat_fp32") == 0.0
     for group in kl.index:
         row, err = kl.loc[group], se.loc[group]
         assert row[2] > row[3] > row[4], f"{group}: KL must fall strictly over 2 -> 3 -> 4 bits: {row.to_dict()}"

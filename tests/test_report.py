@@ -25,6 +25,7 @@ from PIL import Image
 from mixprec.cli import main
 from mixprec.core.errors import MixprecError
 from mixprec.formats.recipe import Recipe
+from mixprec.measure.summary import MeasurementSummary
 from mixprec.measure.table import TABLE_COLUMNS, Measurement
 from mixprec.report import build_report, collect, tables
 from mixprec.report import figures as fig
@@ -143,6 +144,19 @@ def test_collect_reads_trials_front_and_comparisons(work: Path) -> None:
     assert (ours["bpw"].to_numpy() <= np.array(BUDGETS) + 1e-9).all()
 
 
+def _raise_summary(base_kl: float) -> MeasurementSummary:
+    """The smallest summary.json of a raise-mode table whose base run had mean KL `base_kl`."""
+    settings = {"mode": "raise", "granularity": "layer", "kinds": ["attention", "dense_mlp"], "method": "rtn",
+                "group_size": 64, "symmetric": True, "clip_search": False, "base_bits": 2, "bits": [2, 4, 8],
+                "measured_bits": [4, 8], "num_windows": 1, "seq_len": 8}
+    data = {"source": "tiny", "split": "calibration", "seq_len": 8, "num_windows": 1, "num_tokens": 8, "sha256": "0"}
+    return MeasurementSummary.from_dict({
+        "schema_version": 1, "mixprec_version": "0", "model": {"path": "m", "fingerprint": "f", "model_type": "llama"},
+        "variants": {}, "data": data, "settings": settings, "engine": None, "noise_floor": None,
+        "base": {"summary": {"kl_mean": base_kl}}, "timing": {}, "counts": {}, "storage": "", "groups": {}},
+        "summary.json")
+
+
 def test_raise_mode_front_adds_the_base_kl(tmp_path: Path) -> None:
     """Raise-mode losses are ΔKL from the all-at-base model; the front must be base KL + ΣΔ, not ΣΔ."""
     rows = []
@@ -152,8 +166,7 @@ def test_raise_mode_front_adds_the_base_kl(tmp_path: Path) -> None:
                 "group": group, "kind": "attention" if "attn" in group else "dense_mlp", "layer": 0, "params": 64,
                 "mode": "raise", "base_bits": 2, "bits": bits, "storage_bits": 64 * bits, "delta_bits": 64 * (bits - 2),
                 "dkl": gain, "dkl_se": 1e-5})
-    summary = {"base": {"summary": {"kl_mean": 1e-3}}}
-    front = additive_front(Measurement(tmp_path, pd.DataFrame(rows), summary))
+    front = additive_front(Measurement(tmp_path, pd.DataFrame(rows), _raise_summary(base_kl=1e-3)))
     assert front["predicted"].iloc[0] == pytest.approx(1e-3), "all groups at the base width predict the base KL"
     assert front["predicted"].iloc[-1] == pytest.approx(1e-3 - 4e-4 - 1.5e-4)
     assert front["bpw"].tolist()[0] == 2 and front["bpw"].tolist()[-1] == 8

@@ -94,7 +94,7 @@ def test_measure_table_streamed_equals_in_memory(tiny_model_dirs: dict[str, Path
         folder = run_measure(small_config(model, tmp_path / mode, streaming=mode))
         assert folder is not None
         measurement = load_measurement(folder)
-        assert measurement.summary["engine"]["streamed"] is (mode == "on")
+        assert measurement.summary.engine["streamed"] is (mode == "on")
         tables[mode] = measurement.table.sort_values(["group", "bits"]).reset_index(drop=True)
     columns = ["group", "bits", "kl_mean", "kl_se", "kl_p99", "same_top1", "dkl"]
     pd.testing.assert_frame_equal(tables["on"][columns], tables["off"][columns], check_exact=True)

@@ -40,8 +40,8 @@ def test_manifest_bits_match_the_stored_codes(tiny_model_dirs: dict[str, Path], 
     (variant,) = ensure_variants(checkpoint, model_map, [QuantConfig(bits=3)], tmp_path)
     for group in model_map.select():
         stored = sum(variant.quantized(ref).storage_bits() for ref in group.weights)
-        assert variant.storage_bits(group) == stored == variant.manifest["groups"][group.name]["storage_bits"]
-    assert variant.manifest["model"]["fingerprint"] == checkpoint.fingerprint
+        assert variant.storage_bits(group) == stored == variant.manifest.groups[group.name].storage_bits
+    assert variant.manifest.model.fingerprint == checkpoint.fingerprint
 
 
 def test_apply_group_puts_dequantized_weights_into_fused_experts(tiny_model_dirs: dict[str, Path],

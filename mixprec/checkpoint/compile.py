@@ -155,10 +155,10 @@ def build_plan(recipe: Recipe, model_map: ModelMap, checkpoint: Checkpoint, vari
     predicted = 0
     for ref, bits in assigned:
         variant = variants[bits]
-        if ref.unit not in variant.manifest["units"]:
+        if ref.unit not in variant.manifest.units:
             raise CompileError(f"{variant.path} has no matrix {ref.unit!r} (it quantized kinds "
-                               f"{variant.manifest['kinds']}); re-run `mixprec quantize` with --kinds covering it")
-        predicted += int(variant.manifest["units"][ref.unit]["storage_bits"])
+                               f"{list(variant.manifest.kinds)}); re-run `mixprec quantize` with --kinds covering it")
+        predicted += variant.manifest.units[ref.unit].storage_bits
         q = recipe.quantizer
         entries.append(PlanEntry(quantized_base(ref), sum(sizes(ref.shape, bits, q.group_size, q.symmetric).values()),
                                  ref, bits))

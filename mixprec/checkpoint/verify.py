@@ -137,7 +137,7 @@ def _per_bits(plan: CompilePlan, variants: dict[int, Variant]) -> dict[str, dict
             row = table.setdefault(str(entry.bits), {"matrices": 0, "params": 0, "predicted_bits": 0})
             row["matrices"] += 1
             row["params"] += entry.ref.numel
-            row["predicted_bits"] += int(variants[entry.bits].manifest["units"][entry.ref.unit]["storage_bits"])
+            row["predicted_bits"] += variants[entry.bits].manifest.units[entry.ref.unit].storage_bits
     return dict(sorted(table.items(), key=lambda kv: int(kv[0])))
 
 
@@ -155,8 +155,8 @@ def build_report(folder: Path, recipe: Recipe, checkpoint: Checkpoint, variants:
         "recipe_sha256": sha256_text(recipe.to_yaml()),
         "model": {"path": str(checkpoint.path), "model_type": checkpoint.model_type,
                   "fingerprint": checkpoint.fingerprint},
-        "variants": {str(b): {"id": v.manifest["variant_id"], "path": str(v.path),
-                              "file_sha256": v.manifest["file_sha256"]} for b, v in sorted(variants.items())},
+        "variants": {str(b): {"id": v.manifest.variant_id, "path": str(v.path),
+                              "file_sha256": v.manifest.file_sha256} for b, v in sorted(variants.items())},
         "quantizer": asdict(recipe.quantizer), "bits": _per_bits(plan, variants),
         "predicted": {"quantized_bytes": predicted_q, "copied_bytes": plan.copied_bytes,
                       "tensor_bytes": predicted_q + plan.copied_bytes,

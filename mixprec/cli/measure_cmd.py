@@ -125,11 +125,11 @@ def run(args: argparse.Namespace) -> int:
     rows = format_table(measurement)
     label = "KL(ref||q) with one group dropped" if config.mode == "drop" else (
         f"KL change raising one group from {config.base_bits} bits "
-        f"(base KL {measurement.summary['base']['summary']['kl_mean']:.3e})")
-    print(f"{label}, mean ± se over {measurement.summary['data']['num_windows']} windows:")
+        f"(base KL {measurement.summary.base_kl:.3e})")
+    print(f"{label}, mean ± se over {measurement.summary.data.num_windows} windows:")
     print_table(rows, list(rows[0]))
-    floor = measurement.summary["noise_floor"]
-    print(f"noise floor: repeat fp32 {floor['repeat_fp32']['kl_mean']:.1e}, "
-          f"bf16 compute {floor['bf16_compute']['kl_mean']:.2e}")
+    summary = measurement.summary
+    print(f"noise floor: repeat fp32 {summary.noise_floor_kl('repeat_fp32'):.1e}, "
+          f"bf16 compute {summary.noise_floor_kl('bf16_compute'):.2e}")
     print(f"wrote {folder / 'table.csv'}, {folder / 'summary.json'}, {folder / 'measurement.json'}")
     return 0

@@ -108,9 +108,9 @@ def run(args: argparse.Namespace) -> int:
         windows = calibration_windows(checkpoint.path, settings[0], args.calib_data)
         calibration = Calibration(checkpoint, windows, settings[0], work / "calibration", settings[1])
     variants = ensure_variants(checkpoint, model_map, configs, work, kinds, calibration)
-    rows = [{"variant": v.manifest["variant_id"], "bpw": f"{v.manifest['totals']['bpw']:.4f}",
-             "params": v.manifest["totals"]["params"],
-             "MiB": f"{v.manifest['totals']['storage_bits'] / 8 / 2**20:.2f}", "folder": str(v.path)}
+    rows = [{"variant": v.manifest.variant_id, "bpw": f"{v.manifest.totals.bpw:.4f}",
+             "params": v.manifest.totals.params,
+             "MiB": f"{v.manifest.totals.storage_bits / 8 / 2**20:.2f}", "folder": str(v.path)}
             for v in variants]
     print_table(rows, ["variant", "bpw", "params", "MiB", "folder"])
     return 0

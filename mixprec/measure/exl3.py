@@ -10,9 +10,12 @@ additive approximation, flagged in the extra `mixprec` key (exllamav3 ignores un
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pandas as pd
+
+if TYPE_CHECKING:
+    from mixprec.measure.summary import MeasurementSummary
 
 __all__ = ["exl3_measurement"]
 
@@ -22,14 +25,14 @@ def _bpw(table: pd.DataFrame, bits: int) -> float:
     return float(cells["storage_bits"].sum() / cells["params"].sum())
 
 
-def exl3_measurement(table: pd.DataFrame, summary: dict[str, Any]) -> dict[str, Any]:
+def exl3_measurement(table: pd.DataFrame, summary: MeasurementSummary) -> dict[str, Any]:
     """The exllamav3 `measurement.json` object for a mixprec table and its summary."""
     mode = str(table["mode"].iloc[0])
-    variants = summary["variants"]
+    variants = summary.variants
     measured = sorted(int(b) for b in table["bits"].unique())
     if mode == "raise":
         base_bits, alts = int(table["base_bits"].iloc[0]), measured
-        base_kld = float(summary["base"]["summary"]["kl_mean"])
+        base_kld = float(summary.base_kl)  # type: ignore[arg-type]  # a raise-mode table always has a base
     else:
         base_bits, alts = measured[0], measured[1:]
         base_kld = None
@@ -42,17 +45,17 @@ def exl3_measurement(table: pd.DataFrame, summary: dict[str, Any]) -> dict[str, 
         candidates = [{"dkld": float(cells.loc[b, "dkl"]) - base_kl if mode == "raise"
                        else float(cells.loc[b, "kl_mean"]) - base_kl,
                        "dbits": int(float(cells.loc[b, "storage_bits"]) - base_storage)} for b in alts]
-        groups.append({"idx": idx, "layers": summary["groups"][name]["modules"], "candidates": candidates})
+        groups.append({"idx": idx, "layers": list(summary.groups[name].modules), "candidates": candidates})
     base_bpw = (_bpw(table, measured[0]) if mode == "drop" else
                 float((table.drop_duplicates("group")["storage_bits"] - table.drop_duplicates("group")["delta_bits"]
                        ).sum() / table.drop_duplicates("group")["params"].sum()))
     result: dict[str, Any] = {
-        "base": {"dir": variants[str(base_bits)]["path"], "bpw": base_bpw},
-        "alts": [{"dir": variants[str(b)]["path"], "bpw": _bpw(table, b)} for b in alts],
+        "base": {"dir": variants[str(base_bits)].path, "bpw": base_bpw},
+        "alts": [{"dir": variants[str(b)].path, "bpw": _bpw(table, b)} for b in alts],
         "groups": groups,
         "base_kld": base_kld if base_kld is not None else 0.0,
-        "arch_string": summary["model"]["architecture"],
-        "mixprec": {"mode": mode, "base_bits": base_bits, "model_fingerprint": summary["model"]["fingerprint"],
+        "arch_string": summary.model.architecture,
+        "mixprec": {"mode": mode, "base_bits": base_bits, "model_fingerprint": summary.model.fingerprint,
                     "note": "raise-one numbers" if mode == "raise" else
                     "drop-one numbers re-based on the lowest width (additive approximation); base_kld unknown"},
     }

@@ -6,7 +6,6 @@ made from: the job store refuses to continue a table whose recorded fingerprint 
 
 from __future__ import annotations
 
-from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -35,7 +34,7 @@ def measure_variants(config: MeasureConfig, checkpoint: Checkpoint) -> dict[int,
             variant = Variant.open(folder, checkpoint.fingerprint)
         except MixprecError:
             continue
-        if variant.manifest["quant_config"] == asdict(quant) and set(config.kinds) <= set(variant.manifest["kinds"]):
+        if variant.config == quant and set(config.kinds) <= set(variant.manifest.kinds):
             try:
                 variant.verify()
                 found[quant.bits] = variant
@@ -56,7 +55,7 @@ def measure_variants(config: MeasureConfig, checkpoint: Checkpoint) -> dict[int,
 def check_disjoint(variants: dict[int, Variant], windows: TokenWindows) -> None:
     """Refuse to measure on the tokens a calibrated quantizer (GPTQ) was fitted on (FIELD.md §8.4)."""
     for variant in variants.values():
-        data = variant.manifest.get("calibration", {}).get("identity", {}).get("data")
+        data = (variant.manifest.calibration_identity or {}).get("data")
         if data is not None:
             try:
                 require_disjoint(DataSpec(**data), windows.spec)
@@ -67,4 +66,4 @@ def check_disjoint(variants: dict[int, Variant], windows: TokenWindows) -> None:
 def measurement_fingerprint(checkpoint: Checkpoint, variants: dict[int, Variant], windows: TokenWindows,
                  config: MeasureConfig) -> dict[str, Any]:
     return {"model": checkpoint.fingerprint, "data": windows.spec.sha256, "settings": config.settings(),
-            "variants": {v.manifest["variant_id"]: v.manifest["file_sha256"] for v in variants.values()}}
+            "variants": {v.manifest.variant_id: v.manifest.file_sha256 for v in variants.values()}}

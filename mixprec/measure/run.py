@@ -16,7 +16,7 @@ Usage from Python:
 
     config = MeasureConfig(work=Path("work/stdlib-moe"), bits=(2, 3, 4, 5, 6, 8), mode="drop")
     folder = run_measure(config)
-    measurement = load_measurement(folder)   # .table (pandas), .summary (dict)
+    measurement = load_measurement(folder)   # .table (pandas), .summary (MeasurementSummary)
 """
 
 from __future__ import annotations
@@ -25,7 +25,6 @@ import logging
 import time
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
 
 import torch
 
@@ -39,7 +38,7 @@ from mixprec.measure.config import MeasureConfig
 from mixprec.measure.engine.core import KLEngine, resolve_device
 from mixprec.measure.inputs import check_disjoint, measure_variants, measurement_fingerprint
 from mixprec.measure.store import Job, JobStore
-from mixprec.measure.table import reference_bits, write_outputs
+from mixprec.measure.table import MeasurementRow, reference_bits, write_outputs
 from mixprec.model.arch import GroupKind
 from mixprec.model.data import WindowConfig, load_windows
 from mixprec.model.loading import Checkpoint
@@ -181,10 +180,10 @@ class Worker:
         seconds = (time.perf_counter() - started) / len(batch)
         for (trial_id, job), result in zip(batch, results, strict=True):
             row = self._row(job, result, seconds)
-            self.store.finish(trial_id, row, row["dkl"])
-            log.debug("%s: kl %.3e ± %.1e", job.key, row["kl_mean"], row["kl_se"])
+            self.store.finish(trial_id, row.to_dict(), row.dkl)
+            log.debug("%s: kl %.3e ± %.1e", job.key, row.kl_mean, row.kl_se)
 
-    def _row(self, job: Job, result: TokenComparison, seconds: float) -> dict[str, Any]:
+    def _row(self, job: Job, result: TokenComparison, seconds: float) -> MeasurementRow:
         engine = self.engine
         assert engine is not None
         group = self.model_map.group(job.group)
@@ -199,17 +198,17 @@ class Worker:
         else:
             base_bits, base_storage = self.config.base_bits, self.variants[self.config.base_bits].storage_bits(group)
             dkl, dkl_se = paired_difference(result.kl, self.base.kl, engine.num_sequences)
-        return {
-            "group": group.name, "kind": group.kind.value, "layer": group.layer, "params": group.num_params,
-            "mode": self.config.mode, "base_bits": base_bits, "bits": job.bits,
-            "variant_id": self.variants[job.bits].manifest["variant_id"], "storage_bits": storage,
-            "delta_bits": storage - base_storage, "bpw": storage / group.num_params,
-            "kl_mean": stats.kl_mean, "kl_se": stats.kl_se, "kl_median": stats.kl_median, "kl_p90": stats.kl_p90,
-            "kl_p99": stats.kl_p99, "same_top1": stats.same_top1, "same_top1_se": stats.same_top1_se,
-            "rms_dp": stats.rms_dp, "ln_ppl_ratio": stats.ln_ppl_ratio, "dkl": dkl, "dkl_se": dkl_se,
-            "n_tokens": stats.n_tokens, "n_sequences": stats.n_sequences, "seconds": seconds,
-            "device": str(engine.device), "worker": f"{self.store.owner['host']}:{self.store.owner['pid']}",
-        }
+        return MeasurementRow(
+            group=group.name, kind=group.kind.value, layer=group.layer, params=group.num_params,
+            mode=self.config.mode, base_bits=base_bits, bits=job.bits,
+            variant_id=self.variants[job.bits].manifest.variant_id, storage_bits=storage,
+            delta_bits=storage - base_storage, bpw=storage / group.num_params,
+            kl_mean=stats.kl_mean, kl_se=stats.kl_se, kl_median=stats.kl_median, kl_p90=stats.kl_p90,
+            kl_p99=stats.kl_p99, same_top1=stats.same_top1, same_top1_se=stats.same_top1_se,
+            rms_dp=stats.rms_dp, ln_ppl_ratio=stats.ln_ppl_ratio, dkl=dkl, dkl_se=dkl_se,
+            n_tokens=stats.n_tokens, n_sequences=stats.n_sequences, seconds=seconds,
+            device=str(engine.device), worker=f"{self.store.owner['host']}:{self.store.owner['pid']}",
+        )
 
     def write(self) -> Path | None:
         """Write table.csv, summary.json and measurement.json if every job is done; returns the folder."""

@@ -2,12 +2,13 @@
 
 WORK/measure/<mode>-<granularity>/
     journal.log        Optuna journal: the jobs and every finished row (the source of truth)
-    table.csv          tidy table, one row per group x bits (see `TABLE_COLUMNS`)
-    summary.json       model fingerprint, variants and their sha256, data identity, engine dtype/device,
-                       noise floors, the raise-mode base KL, timing and counts
+    table.csv          tidy table, one `MeasurementRow` per group x bits (its fields are `TABLE_COLUMNS`)
+    summary.json       `MeasurementSummary` (`mixprec.measure.summary`): model fingerprint, variants and their
+                       sha256, data identity, settings, engine dtype/device, noise floors, the raise-mode
+                       base KL, timing and counts
     measurement.json   the same table in exllamav3's measurement.json shape (`mixprec.measure.exl3`)
 
-`load_measurement(folder)` gives the search and report stages a pandas table plus the summary.
+`load_measurement(folder)` gives the search and report stages a pandas table plus the typed summary.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from __future__ import annotations
 import io
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -24,9 +25,11 @@ from safetensors import safe_open
 
 from mixprec.core.errors import MixprecError
 from mixprec.core.fileio import atomic_write_json, atomic_write_text, read_json
+from mixprec.core.records import record_fields
 from mixprec.core.version import __version__
 from mixprec.measure.exl3 import exl3_measurement
-from mixprec.model.loading import Checkpoint
+from mixprec.measure.summary import REMEASURE, GroupModules, MeasuredSettings, MeasurementSummary, VariantUse
+from mixprec.model.loading import Checkpoint, ModelRecord
 from mixprec.model.modelmap import Group, ModelMap
 
 if TYPE_CHECKING:
@@ -35,16 +38,54 @@ if TYPE_CHECKING:
     from mixprec.model.data import TokenWindows
     from mixprec.quant.variants import Variant
 
-__all__ = ["MEASUREMENT_SCHEMA_VERSION", "TABLE_COLUMNS", "Measurement", "is_finished", "load_measurement",
-           "write_outputs", "reference_bits", "format_table"]
+__all__ = ["TABLE_COLUMNS", "MeasurementRow", "Measurement", "is_finished", "load_measurement", "write_outputs",
+           "reference_bits", "format_table"]
 
-MEASUREMENT_SCHEMA_VERSION = 1
+@dataclass(frozen=True)
+class MeasurementRow:
+    """One measured job (a group at one width): a row of table.csv and a finished trial in the job store.
 
-TABLE_COLUMNS = [
-    "group", "kind", "layer", "params", "mode", "base_bits", "bits", "variant_id", "storage_bits", "delta_bits",
-    "bpw", "kl_mean", "kl_se", "kl_median", "kl_p90", "kl_p99", "same_top1", "same_top1_se", "rms_dp",
-    "ln_ppl_ratio", "dkl", "dkl_se", "n_tokens", "n_sequences", "seconds", "device", "worker",
-]
+    `dkl` is the loss the search adds up: drop-mode KL, or raise-mode KL change against the base.
+    """
+
+    group: str
+    kind: str
+    layer: int | None
+    params: int
+    mode: str
+    base_bits: int
+    bits: int
+    variant_id: str
+    storage_bits: int
+    delta_bits: int
+    bpw: float
+    kl_mean: float
+    kl_se: float
+    kl_median: float
+    kl_p90: float
+    kl_p99: float
+    same_top1: float
+    same_top1_se: float
+    rms_dp: float
+    ln_ppl_ratio: float
+    dkl: float
+    dkl_se: float
+    n_tokens: int
+    n_sequences: int
+    seconds: float
+    device: str
+    worker: str
+
+    @classmethod
+    def from_dict(cls, data: Any, where: str) -> MeasurementRow:
+        return cls(**record_fields(data, cls, where, MixprecError, REMEASURE))
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+#: table.csv's columns, in order: the fields of `MeasurementRow`.
+TABLE_COLUMNS = [f.name for f in fields(MeasurementRow)]
 
 
 @dataclass
@@ -53,7 +94,7 @@ class Measurement:
 
     folder: Path
     table: pd.DataFrame
-    summary: dict[str, Any]
+    summary: MeasurementSummary
 
     def pivot(self, value: str = "dkl") -> pd.DataFrame:
         """Groups as rows (in model order), bit widths as columns."""
@@ -73,10 +114,7 @@ def load_measurement(folder: str | Path) -> Measurement:
     if not is_finished(folder):
         raise MixprecError(f"{folder} holds no finished measurement (table.csv and summary.json are written when "
                            "every job is done); run or resume `mixprec measure`")
-    summary = read_json(summary_path)
-    if summary.get("schema_version") != MEASUREMENT_SCHEMA_VERSION:
-        raise MixprecError(f"{summary_path}: schema_version {summary.get('schema_version')} is not "
-                           f"{MEASUREMENT_SCHEMA_VERSION}; re-run `mixprec measure` with this mixprec version")
+    summary = MeasurementSummary.from_dict(read_json(summary_path), str(summary_path))
     table = pd.read_csv(table_path)
     missing = [c for c in TABLE_COLUMNS if c not in table.columns]
     if missing:
@@ -95,19 +133,17 @@ def reference_bits(checkpoint: Checkpoint, group: Group) -> int:
     return bits
 
 
-def _table(jobs: Sequence[Job], rows: Mapping[str, Mapping[str, Any]]) -> pd.DataFrame:
-    frame = pd.DataFrame([rows[job.key] for job in jobs])
-    return frame[TABLE_COLUMNS + [c for c in frame.columns if c not in TABLE_COLUMNS]]
+def _table(jobs: Sequence[Job], rows: Mapping[str, Mapping[str, Any]], where: str) -> pd.DataFrame:
+    typed = [MeasurementRow.from_dict(dict(rows[job.key]), f"{where}: job {job.key}") for job in jobs]
+    return pd.DataFrame([row.to_dict() for row in typed], columns=TABLE_COLUMNS)
 
 
-def _groups(model_map: ModelMap, jobs: Sequence[Job]) -> dict[str, Any]:
-    names = dict.fromkeys(job.group for job in jobs)
+def _groups(model_map: ModelMap, jobs: Sequence[Job]) -> dict[str, GroupModules]:
     groups = {}
-    for name in names:
+    for name in dict.fromkeys(job.group for job in jobs):
         group = model_map.group(name)
         modules = dict.fromkeys(ref.key.removesuffix(".weight") for ref in group.weights)
-        groups[name] = {"kind": group.kind.value, "layer": group.layer, "params": group.num_params,
-                        "modules": list(modules)}
+        groups[name] = GroupModules(group.kind.value, group.layer, group.num_params, tuple(modules))
     return groups
 
 
@@ -128,38 +164,37 @@ def _timing(table: pd.DataFrame, store: JobStore) -> dict[str, Any]:
             "job_s_median": float(table["seconds"].median()), "workers": int(table["worker"].nunique())}
 
 
+def _settings(config: MeasureConfig) -> MeasuredSettings:
+    return MeasuredSettings(config.mode, config.granularity, tuple(config.kinds), config.quant,
+                            config.base_bits if config.mode == "raise" else None, tuple(config.bits),
+                            config.measured_bits, config.num_windows, config.seq_len)
+
+
+def _summary(config: MeasureConfig, checkpoint: Checkpoint, model_map: ModelMap, variants: Mapping[int, Variant],
+             windows: TokenWindows, jobs: Sequence[Job], table: pd.DataFrame, store: JobStore) -> MeasurementSummary:
+    return MeasurementSummary(
+        mixprec_version=__version__, model=ModelRecord.of(checkpoint, with_architecture=True),
+        variants={str(bits): VariantUse(v.manifest.variant_id, str(v.path), v.manifest.file_sha256,
+                                        v.manifest.totals.bpw) for bits, v in sorted(variants.items())},
+        data=windows.spec, settings=_settings(config), engine=_finite(store.get_attr("engine")),
+        noise_floor=_finite(store.get_attr("noise_floor")), base=_finite(store.get_attr("base")),
+        timing=_finite(_timing(table, store)),
+        counts={"groups": len(dict.fromkeys(j.group for j in jobs)), "bits": len(config.measured_bits),
+                "rows": len(table), "trials": store.counts()},
+        storage=config.storage or str(config.folder / "journal.log"), groups=_groups(model_map, jobs))
+
+
 def write_outputs(config: MeasureConfig, checkpoint: Checkpoint, model_map: ModelMap, variants: Mapping[int, Variant],
                   windows: TokenWindows, jobs: Sequence[Job], rows: Mapping[str, Mapping[str, Any]],
                   store: JobStore) -> None:
     """Write table.csv, summary.json and measurement.json atomically into the measurement folder."""
-    table = _table(jobs, rows)
     folder = config.folder
+    table = _table(jobs, rows, str(folder / "journal.log") if config.storage is None else config.storage)
     buffer = io.StringIO()
     table.to_csv(buffer, index=False)  # full precision: later stages difference these numbers
     atomic_write_text(folder / "table.csv", buffer.getvalue())
-    summary = {
-        "schema_version": MEASUREMENT_SCHEMA_VERSION,
-        "mixprec_version": __version__,
-        "model": {"path": str(checkpoint.path), "fingerprint": checkpoint.fingerprint,
-                  "model_type": checkpoint.model_type,
-                  "architecture": (checkpoint.config.get("architectures") or [checkpoint.model_type])[0]},
-        "variants": {str(bits): {"variant_id": v.manifest["variant_id"], "path": str(v.path),
-                                 "sha256": v.manifest["file_sha256"], "bpw": v.manifest["totals"]["bpw"]}
-                     for bits, v in sorted(variants.items())},
-        "data": windows.spec.to_dict(),
-        "settings": {**config.settings(), "bits": list(config.bits), "measured_bits": list(config.measured_bits),
-                     "num_windows": config.num_windows, "seq_len": config.seq_len},
-        "engine": store.get_attr("engine"),
-        "noise_floor": store.get_attr("noise_floor"),
-        "base": store.get_attr("base"),
-        "timing": _timing(table, store),
-        "counts": {"groups": len(dict.fromkeys(j.group for j in jobs)), "bits": len(config.measured_bits),
-                   "rows": len(table), "trials": store.counts()},
-        "storage": config.storage or str(folder / "journal.log"),
-        "groups": _groups(model_map, jobs),
-    }
-    summary = _finite(summary)
-    atomic_write_json(folder / "summary.json", summary)
+    summary = _summary(config, checkpoint, model_map, variants, windows, jobs, table, store)
+    atomic_write_json(folder / "summary.json", _finite(summary.to_dict()))
     atomic_write_json(folder / "measurement.json", exl3_measurement(table, summary))
 
 

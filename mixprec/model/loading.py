@@ -9,7 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from functools import cached_property
 from pathlib import Path
 from typing import Any
@@ -19,10 +19,11 @@ from safetensors import safe_open
 
 from mixprec.core.errors import ModelLoadError
 from mixprec.core.fileio import sha256_file
+from mixprec.core.records import drop_none
 from mixprec.model.arch import family_for
 from mixprec.model.modelmap import Granularity, ModelMap, build_model_map
 
-__all__ = ["Checkpoint", "resolve_model_path", "load_model", "EXPERTS_IMPLEMENTATION"]
+__all__ = ["Checkpoint", "ModelRecord", "resolve_model_path", "load_model", "EXPERTS_IMPLEMENTATION"]
 
 log = logging.getLogger(__name__)
 
@@ -192,6 +193,28 @@ class Checkpoint:
         """The group map of this checkpoint, with every on-disk key verified to exist."""
         return build_model_map(self.param_shapes(), self.model_type, self.num_layers,
                                self.key_to_file.keys(), granularity)
+
+
+@dataclass(frozen=True)
+class ModelRecord:
+    """Which checkpoint an artifact was made from, as variant manifests and measurement summaries store it.
+
+    `architecture` (the config's first `architectures` entry) is recorded by measurements only.
+    """
+
+    path: str
+    fingerprint: str
+    model_type: str
+    architecture: str | None = None
+
+    @classmethod
+    def of(cls, checkpoint: Checkpoint, with_architecture: bool = False) -> ModelRecord:
+        architecture = (checkpoint.config.get("architectures") or [checkpoint.model_type])[0]
+        return cls(str(checkpoint.path), checkpoint.fingerprint, checkpoint.model_type,
+                   str(architecture) if with_architecture else None)
+
+    def to_dict(self) -> dict[str, Any]:
+        return drop_none(asdict(self), ("architecture",))
 
 
 def load_model(model: str | Path | Checkpoint | None, dtype: torch.dtype = torch.float32,

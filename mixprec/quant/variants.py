@@ -24,19 +24,21 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from mixprec.core.errors import FingerprintMismatchError, VariantError
+from mixprec.core.errors import FingerprintMismatchError, MixprecError, VariantError
 from mixprec.core.fileio import atomic_dir, atomic_write_json, read_json, sha256_file
 from mixprec.core.progress import progress
+from mixprec.core.records import check_schema, drop_none, record_fields
 from mixprec.core.version import __version__
 from mixprec.model.arch import DEFAULT_QUANTIZED_KINDS, GroupKind
-from mixprec.model.loading import Checkpoint
+from mixprec.model.loading import Checkpoint, ModelRecord
 from mixprec.model.modelmap import Group, ModelMap, WeightRef
 from mixprec.quant import QuantConfig, QuantizedWeight, get_quantizer
 
 if TYPE_CHECKING:
     from mixprec.quant.calibration import Calibration
 
-__all__ = ["VARIANT_SCHEMA_VERSION", "Variant", "quantize_variant", "ensure_variants", "apply_group"]
+__all__ = ["VARIANT_SCHEMA_VERSION", "UnitRecord", "GroupRecord", "Totals", "VariantManifest", "Variant",
+           "quantize_variant", "ensure_variants", "apply_group"]
 
 log = logging.getLogger(__name__)
 
@@ -45,12 +47,98 @@ _WEIGHTS_FILE = "quantized.safetensors"
 _MANIFEST_FILE = "manifest.json"
 
 
+@dataclass(frozen=True)
+class UnitRecord:
+    """One quantized matrix: its element count, shape and exact stored bits."""
+
+    numel: int
+    shape: tuple[int, ...]
+    storage_bits: int
+
+
+@dataclass(frozen=True)
+class GroupRecord:
+    """One weight group of the model map at layer granularity, with its exact stored bits."""
+
+    kind: str
+    layer: int | None
+    params: int
+    storage_bits: int
+    bpw: float
+
+
+@dataclass(frozen=True)
+class Totals:
+    """Every quantized matrix of the variant together."""
+
+    params: int
+    storage_bits: int
+    bpw: float
+
+
+_REBUILD = "re-run `mixprec quantize` to rebuild it"
+
+
+@dataclass(frozen=True)
+class VariantManifest:
+    """What manifest.json says about a variant: settings, source model, exact bits per matrix and group.
+
+    `to_dict` writes exactly the keys and values variants have always had, so existing work folders
+    load unchanged; `mixprec_version`, `elapsed_s` and `calibration` are left out when None.
+    """
+
+    variant_id: str
+    quant_config: QuantConfig
+    model: ModelRecord
+    kinds: tuple[str, ...]
+    file_sha256: str
+    units: dict[str, UnitRecord]
+    groups: dict[str, GroupRecord]
+    totals: Totals
+    mixprec_version: str | None = None
+    elapsed_s: float | None = None
+    calibration: dict[str, Any] | None = None
+    schema_version: int = VARIANT_SCHEMA_VERSION
+
+    @property
+    def calibration_identity(self) -> dict[str, Any] | None:
+        """The calibration data and solver settings of a calibrated variant (None for the others)."""
+        return None if self.calibration is None else self.calibration.get("identity")
+
+    @classmethod
+    def from_dict(cls, data: Any, where: str) -> VariantManifest:
+        check_schema(data, VARIANT_SCHEMA_VERSION, where, VariantError, _REBUILD)
+        record_fields(data, cls, where, VariantError, _REBUILD)
+        try:
+            return cls(
+                variant_id=str(data["variant_id"]), quant_config=QuantConfig(**data["quant_config"]),
+                model=ModelRecord(**data["model"]), kinds=tuple(data["kinds"]), file_sha256=str(data["file_sha256"]),
+                units={str(k): UnitRecord(**{**u, "shape": tuple(u["shape"])}) for k, u in data["units"].items()},
+                groups={str(k): GroupRecord(**g) for k, g in data["groups"].items()},
+                totals=Totals(**data["totals"]), mixprec_version=data.get("mixprec_version"),
+                elapsed_s=data.get("elapsed_s"), calibration=data.get("calibration"),
+            )
+        except (MixprecError, TypeError, KeyError, AttributeError) as exc:
+            raise VariantError(f"{where}: malformed manifest ({exc}); {_REBUILD}") from exc
+
+    def to_dict(self) -> dict[str, Any]:
+        data = {
+            "schema_version": self.schema_version, "variant_id": self.variant_id,
+            "quant_config": asdict(self.quant_config), "model": self.model.to_dict(), "kinds": list(self.kinds),
+            "file_sha256": self.file_sha256,
+            "units": {k: {**asdict(u), "shape": list(u.shape)} for k, u in self.units.items()},
+            "groups": {k: asdict(g) for k, g in self.groups.items()}, "totals": asdict(self.totals),
+            "mixprec_version": self.mixprec_version, "elapsed_s": self.elapsed_s, "calibration": self.calibration,
+        }
+        return drop_none(data, ("mixprec_version", "elapsed_s", "calibration"))
+
+
 @dataclass
 class Variant:
     """A finished variant folder, validated against its manifest and (optionally) a model fingerprint."""
 
     path: Path
-    manifest: dict[str, Any] = field(repr=False)
+    manifest: VariantManifest = field(repr=False)
 
     @classmethod
     def open(cls, path: str | Path, fingerprint: str | None = None) -> Variant:
@@ -58,13 +146,10 @@ class Variant:
         manifest_path = path / _MANIFEST_FILE
         if not manifest_path.exists():
             raise VariantError(f"{path} is not a finished variant (no {_MANIFEST_FILE}); run `mixprec quantize`")
-        manifest = read_json(manifest_path)
-        if manifest.get("schema_version") != VARIANT_SCHEMA_VERSION:
-            raise VariantError(f"{manifest_path}: schema_version {manifest.get('schema_version')} is not "
-                               f"{VARIANT_SCHEMA_VERSION}; re-run `mixprec quantize` to rebuild it")
-        if fingerprint is not None and manifest["model"]["fingerprint"] != fingerprint:
+        manifest = VariantManifest.from_dict(read_json(manifest_path), str(manifest_path))
+        if fingerprint is not None and manifest.model.fingerprint != fingerprint:
             raise FingerprintMismatchError(
-                f"{path} was quantized from another model (fingerprint {manifest['model']['fingerprint'][:12]}…, "
+                f"{path} was quantized from another model (fingerprint {manifest.model.fingerprint[:12]}…, "
                 f"expected {fingerprint[:12]}…); re-run `mixprec quantize` for this model or use its own work folder"
             )
         if not (path / _WEIGHTS_FILE).exists():
@@ -73,11 +158,11 @@ class Variant:
 
     @property
     def config(self) -> QuantConfig:
-        return QuantConfig(**self.manifest["quant_config"])
+        return self.manifest.quant_config
 
     @property
     def bits(self) -> int:
-        return int(self.manifest["quant_config"]["bits"])
+        return self.manifest.quant_config.bits
 
     @cached_property
     def _handle(self) -> Any:
@@ -95,16 +180,16 @@ class Variant:
     def verify(self) -> None:
         """Check the weights file against the sha256 recorded in the manifest."""
         actual = sha256_file(self.path / _WEIGHTS_FILE)
-        if actual != self.manifest["file_sha256"]:
+        if actual != self.manifest.file_sha256:
             raise VariantError(f"{self.path / _WEIGHTS_FILE} does not match its manifest (sha256 differs); "
                                f"delete {self.path} and re-run `mixprec quantize`")
 
     def quantized(self, ref: WeightRef | str) -> QuantizedWeight:
         """Codes and scales of one matrix."""
         unit = ref if isinstance(ref, str) else ref.unit
-        if unit not in self.manifest["units"]:
+        if unit not in self.manifest.units:
             raise VariantError(f"{self.path}: matrix {unit!r} was not quantized in this variant "
-                               f"(kinds: {self.manifest['kinds']})")
+                               f"(kinds: {list(self.manifest.kinds)})")
         try:
             codes = self._handle.get_tensor(f"{unit}.codes")
             scales = self._handle.get_tensor(f"{unit}.scales")
@@ -119,12 +204,12 @@ class Variant:
 
     def storage_bits(self, group: Group) -> int:
         """Exact bits of `group` in this variant (from the manifest, no tensors read)."""
-        units = self.manifest["units"]
-        return sum(int(units[ref.unit]["storage_bits"]) for ref in group.weights)
+        units = self.manifest.units
+        return sum(units[ref.unit].storage_bits for ref in group.weights)
 
 
 def _quantize_group(checkpoint: Checkpoint, group: Group, config: QuantConfig,
-                    tensors: dict[str, torch.Tensor], units: dict[str, Any],
+                    tensors: dict[str, torch.Tensor], units: dict[str, UnitRecord],
                     calibration: Calibration | None = None) -> None:
     quantizer = get_quantizer(config) if calibration is None else calibration.quantizer(config)
     cache: dict[str, torch.Tensor] = {}
@@ -140,15 +225,15 @@ def _quantize_group(checkpoint: Checkpoint, group: Group, config: QuantConfig,
         tensors[f"{ref.unit}.scales"] = q.scales.contiguous()
         if q.zeros is not None:
             tensors[f"{ref.unit}.zeros"] = q.zeros.contiguous()
-        units[ref.unit] = {"numel": ref.numel, "shape": list(ref.shape), "storage_bits": q.storage_bits()}
+        units[ref.unit] = UnitRecord(ref.numel, tuple(ref.shape), q.storage_bits())
 
 
-def _group_summary(groups: Iterable[Group], units: Mapping[str, Any]) -> dict[str, Any]:
+def _group_summary(groups: Iterable[Group], units: Mapping[str, UnitRecord]) -> dict[str, GroupRecord]:
     summary = {}
     for group in groups:
-        bits = sum(units[ref.unit]["storage_bits"] for ref in group.weights)
-        summary[group.name] = {"kind": group.kind.value, "layer": group.layer, "params": group.num_params,
-                               "storage_bits": bits, "bpw": bits / group.num_params}
+        bits = sum(units[ref.unit].storage_bits for ref in group.weights)
+        summary[group.name] = GroupRecord(group.kind.value, group.layer, group.num_params, bits,
+                                          bits / group.num_params)
     return summary
 
 
@@ -163,28 +248,20 @@ def quantize_variant(checkpoint: Checkpoint, model_map: ModelMap, config: QuantC
     started = time.perf_counter()
     groups = model_map.select(kinds)
     tensors: dict[str, torch.Tensor] = {}
-    units: dict[str, Any] = {}
+    units: dict[str, UnitRecord] = {}
     for group in progress(groups, desc=f"quantize {config.variant_id}", unit="group"):
         _quantize_group(checkpoint, group, config, tensors, units, calibration)
     with atomic_dir(out_dir) as tmp:
         save_file(tensors, tmp / _WEIGHTS_FILE, metadata={"format": "pt", "mixprec.variant": config.variant_id})
-        total_bits = sum(u["storage_bits"] for u in units.values())
-        total_params = sum(u["numel"] for u in units.values())
-        extra = {} if calibration is None else {"calibration": calibration.record()}
-        atomic_write_json(tmp / _MANIFEST_FILE, extra | {
-            "schema_version": VARIANT_SCHEMA_VERSION,
-            "variant_id": config.variant_id,
-            "quant_config": asdict(config),
-            "model": {"path": str(checkpoint.path), "fingerprint": checkpoint.fingerprint,
-                      "model_type": checkpoint.model_type},
-            "kinds": [k.value for k in kinds],
-            "file_sha256": sha256_file(tmp / _WEIGHTS_FILE),
-            "units": units,
-            "groups": _group_summary(groups, units),
-            "totals": {"params": total_params, "storage_bits": total_bits, "bpw": total_bits / total_params},
-            "mixprec_version": __version__,
-            "elapsed_s": round(time.perf_counter() - started, 3),
-        })
+        total_bits = sum(u.storage_bits for u in units.values())
+        total_params = sum(u.numel for u in units.values())
+        manifest = VariantManifest(
+            variant_id=config.variant_id, quant_config=config, model=ModelRecord.of(checkpoint),
+            kinds=tuple(k.value for k in kinds), file_sha256=sha256_file(tmp / _WEIGHTS_FILE), units=units,
+            groups=_group_summary(groups, units), totals=Totals(total_params, total_bits, total_bits / total_params),
+            mixprec_version=__version__, elapsed_s=round(time.perf_counter() - started, 3),
+            calibration=None if calibration is None else calibration.record())
+        atomic_write_json(tmp / _MANIFEST_FILE, manifest.to_dict())
     return Variant.open(out_dir, checkpoint.fingerprint)
 
 
@@ -198,10 +275,9 @@ def _reusable(out_dir: Path, checkpoint: Checkpoint, config: QuantConfig,
     except (VariantError, FingerprintMismatchError) as exc:
         log.warning("rebuilding %s: %s", out_dir, exc)
         return None
-    same = (variant.manifest["quant_config"] == asdict(config)
-            and variant.manifest["kinds"] == [k.value for k in kinds]
-            and variant.manifest.get("calibration", {}).get("identity")
-            == (None if calibration is None else calibration.identity()))
+    same = (variant.manifest.quant_config == config
+            and variant.manifest.kinds == tuple(k.value for k in kinds)
+            and variant.manifest.calibration_identity == (None if calibration is None else calibration.identity()))
     return variant if same else None
 
 
@@ -218,7 +294,7 @@ def ensure_variants(checkpoint: Checkpoint, model_map: ModelMap, configs: Iterab
         variant = _reusable(out_dir, checkpoint, config, kinds, calibration)
         if variant is None:
             variant = quantize_variant(checkpoint, model_map, config, out_dir, kinds, calibration)
-            log.info("wrote %s (%.4f bpw)", out_dir, variant.manifest["totals"]["bpw"])
+            log.info("wrote %s (%.4f bpw)", out_dir, variant.manifest.totals.bpw)
         else:
             log.info("reusing %s", out_dir)
         variants.append(variant)

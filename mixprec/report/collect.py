@@ -126,7 +126,7 @@ class WorkFolder:
         if self.recipes:
             return self.recipes[0].recipe.model.name
         measurement = self.measurement
-        return Path(measurement.summary["model"]["path"]).name if measurement else self.work_dir.name
+        return Path(measurement.summary.model.path).name if measurement else self.work_dir.name
 
     def groups(self) -> pd.DataFrame:
         """Every group of the measurement and the recipes, in model order: group, kind, layer, part, params."""
@@ -169,9 +169,9 @@ def _read_variants(work_dir: Path) -> pd.DataFrame:
     rows = []
     for manifest in sorted((work_dir / "variants").glob("*/manifest.json")):
         variant = Variant.open(manifest.parent)
-        config, totals = variant.manifest["quant_config"], variant.manifest["totals"]
-        rows.append({"variant_id": variant.manifest["variant_id"], "bits": variant.bits, "bpw": totals["bpw"],
-                     "params": totals["params"], "method": config["method"], "group_size": config["group_size"],
+        config, totals = variant.config, variant.manifest.totals
+        rows.append({"variant_id": variant.manifest.variant_id, "bits": variant.bits, "bpw": totals.bpw,
+                     "params": totals.params, "method": config.method, "group_size": config.group_size,
                      "path": str(variant.path)})
     columns = ["variant_id", "bits", "bpw", "params", "method", "group_size", "path"]
     return pd.DataFrame(rows, columns=columns).sort_values("bits", ignore_index=True)

@@ -54,5 +54,5 @@ def base_kl(measurement: Measurement) -> float:
     """
     if str(measurement.table["mode"].iloc[0]) != "raise":
         return 0.0
-    base = ((measurement.summary.get("base") or {}).get("summary") or {}).get("kl_mean")
+    base = measurement.summary.base_kl
     return float(base) if base is not None else 0.0

@@ -66,8 +66,7 @@ class FigureFile:
 
 
 def _noise_floor(data: WorkFolder) -> float | None:
-    floor = ((data.measurement.summary.get("noise_floor") or {}).get("bf16_compute") or {}) if data.measurement else {}
-    return floor.get("kl_mean")
+    return data.measurement.summary.noise_floor_kl("bf16_compute") if data.measurement else None
 
 
 def _recipe_titles(data: WorkFolder) -> dict[str, str]:

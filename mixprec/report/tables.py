@@ -31,14 +31,14 @@ def overview(data: WorkFolder) -> list[tuple[str, str]]:
              ("groups", str(len(data.groups())))]
     m = data.measurement
     if m is not None:
-        s, d = m.summary["settings"], m.summary["data"]
-        floor = (m.summary.get("noise_floor") or {}).get("bf16_compute") or {}
-        lines += [("model fingerprint", str(m.summary["model"]["fingerprint"])[:16] + "…"),
-                  ("measurement", f"{m.folder.name}: mode {s['mode']}, granularity {s['granularity']}, "
-                                  f"bits {', '.join(str(b) for b in s['measured_bits'])}, {s['method']} "
-                                  f"g{s['group_size']}"),
-                  ("measurement data", f"{d['source']} ({d['split']}): {d['num_windows']} windows x {d['seq_len']} "
-                                       f"tokens, sha256 {str(d['sha256'])[:12]}…"),
+        s, d = m.summary.settings, m.summary.data
+        floor = ((m.summary.noise_floor or {}).get("bf16_compute") or {})
+        lines += [("model fingerprint", m.summary.model.fingerprint[:16] + "…"),
+                  ("measurement", f"{m.folder.name}: mode {s.mode}, granularity {s.granularity}, "
+                                  f"bits {', '.join(str(b) for b in s.measured_bits)}, {s.quant.method} "
+                                  f"g{s.quant.group_size}"),
+                  ("measurement data", f"{d.source} ({d.split}): {d.num_windows} windows x {d.seq_len} "
+                                       f"tokens, sha256 {d.sha256[:12]}…"),
                   ("bf16 noise floor", fmt_kl(floor.get("kl_mean"), floor.get("kl_se")))]
     if data.missing_studies:
         lines.append(("studies not found", "; ".join(data.missing_studies)))

@@ -98,12 +98,12 @@ class CostTable:
         """Costs of the groups every variant quantized (the variants' `kinds`), read from their manifests."""
         if not variants:
             raise BudgetError("no variants given; run `mixprec quantize --bits 2 3 4 5 6 8` first")
-        kinds = {GroupKind(k) for v in variants.values() for k in v.manifest["kinds"]}
+        kinds = {GroupKind(k) for v in variants.values() for k in v.manifest.kinds}
         groups: list[Group] = model_map.select(kinds)
         costs = tuple(GroupCost(g.name, g.kind, g.layer, g.num_params,
                                 {bits: variants[bits].storage_bits(g) for bits in sorted(variants)})
                       for g in groups)
-        return cls(costs, {bits: str(v.manifest["variant_id"]) for bits, v in sorted(variants.items())})
+        return cls(costs, {bits: v.manifest.variant_id for bits, v in sorted(variants.items())})
 
     @classmethod
     def from_configs(cls, model_map: ModelMap, configs: Mapping[int, QuantConfig],

@@ -94,8 +94,10 @@ class Inputs:
 
 def _check_settings(measurement: Measurement, measure: MeasureConfig) -> Measurement:
     """Refuse a table measured with other quantizer settings than asked for (its folder name does not say)."""
-    recorded = measurement.summary["settings"]
-    wanted = {**measure.settings(), "num_windows": measure.num_windows, "seq_len": measure.seq_len}
+    settings = measurement.summary.settings
+    recorded = {**settings.to_dict(), "clip_grid": settings.quant.clip_grid}
+    wanted = {**measure.settings(), "clip_grid": measure.quant.clip_grid, "num_windows": measure.num_windows,
+              "seq_len": measure.seq_len}
     differ = {k: (recorded.get(k), v) for k, v in wanted.items() if recorded.get(k) != v}
     if differ:
         described = ", ".join(f"{k}={old!r} there, {new!r} asked" for k, (old, new) in sorted(differ.items()))
@@ -122,14 +124,14 @@ def measure_missing(config: StageConfig) -> Path:
 
 
 def _variants(measurement: Measurement, checkpoint: Checkpoint) -> dict[int, Variant]:
-    if measurement.summary["model"]["fingerprint"] != checkpoint.fingerprint:
+    if measurement.summary.model.fingerprint != checkpoint.fingerprint:
         raise FingerprintMismatchError(f"{measurement.folder} was measured on another model; use this model's "
                                        "own --work folder or re-run `mixprec measure`")
     variants = {}
-    for bits, info in measurement.summary["variants"].items():
-        variant = Variant.open(info["path"], checkpoint.fingerprint)
-        if variant.manifest["file_sha256"] != info["sha256"]:
-            raise FingerprintMismatchError(f"{info['path']} changed since {measurement.folder} was measured; "
+    for bits, info in measurement.summary.variants.items():
+        variant = Variant.open(info.path, checkpoint.fingerprint)
+        if variant.manifest.file_sha256 != info.sha256:
+            raise FingerprintMismatchError(f"{info.path} changed since {measurement.folder} was measured; "
                                            "re-run `mixprec measure`")
         variant.verify()  # the file itself, not only its manifest: a damaged one would give NaN KL
         variants[int(bits)] = variant
@@ -175,16 +177,16 @@ def _other_estimates(main: Measurement, checkpoint: Checkpoint, table: CostTable
                      options: dict[str, tuple[Option, ...]]) -> dict[str, Problem]:
     """Estimates from the other finished tables at this granularity in the work folder (e.g. a raise-mode
     table beside the drop-mode one): their solutions become extra seeds. Tables of other inputs are skipped."""
-    granularity = main.summary["settings"]["granularity"]
+    granularity = main.summary.settings.granularity
     found: dict[str, Problem] = {}
     for folder in sorted(main.folder.parent.iterdir()):
         if folder.resolve() == main.folder.resolve() or not (folder / "table.csv").exists():
             continue
         try:
             other = load_measurement(folder)
-            if other.summary["settings"]["granularity"] != granularity:
+            if other.summary.settings.granularity != granularity:
                 continue
-            if other.summary["variants"] != main.summary["variants"]:
+            if other.summary.variants != main.summary.variants:
                 raise MixprecError("it was made from other variants")
             _variants(other, checkpoint)
             found[folder.name] = Problem.build(table, options, measurement_losses(other))

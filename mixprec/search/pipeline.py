@@ -89,16 +89,15 @@ class StageResult:
 
 
 def _calibration_windows(inputs: Inputs) -> TokenWindows:
-    data = inputs.measurement.summary["data"]
+    data = inputs.measurement.summary.data
     # Note: a shipped split is named "<model folder>:<split>"; the folder may have been moved or renamed since,
     # so the split is read from the model folder as it is now, and the token hash below proves it is the same.
-    shipped = data["split"] in BUNDLED_SPLITS and str(data["source"]).endswith(f":{data['split']}")
-    files = None if shipped else [Path(p) for p in str(data["source"]).split(",")]
-    windows = load_windows(inputs.checkpoint.path, data["split"], WindowConfig(data["seq_len"], data["num_windows"]),
-                           files)
-    if windows.spec.sha256 != data["sha256"]:
+    shipped = data.split in BUNDLED_SPLITS and data.source.endswith(f":{data.split}")
+    files = None if shipped else [Path(p) for p in data.source.split(",")]
+    windows = load_windows(inputs.checkpoint.path, data.split, WindowConfig(data.seq_len, data.num_windows), files)
+    if windows.spec.sha256 != data.sha256:
         raise FingerprintMismatchError(f"the calibration tokens of {inputs.measurement.folder} cannot be rebuilt "
-                                       f"from {data['source']} (sha256 differs); re-run `mixprec measure`")
+                                       f"from {data.source} (sha256 differs); re-run `mixprec measure`")
     return windows
 
 
@@ -145,7 +144,7 @@ def _recipe(inputs: Inputs, config: StageConfig, solution: Solution, kl: dict[st
 
 
 def _variant_provenance(variants: dict[int, Variant]) -> dict[str, dict[str, str]]:
-    return {str(b): {"variant_id": v.manifest["variant_id"], "sha256": v.manifest["file_sha256"]}
+    return {str(b): {"variant_id": v.manifest.variant_id, "sha256": v.manifest.file_sha256}
             for b, v in sorted(variants.items())}
 
 
@@ -154,7 +153,7 @@ def _provenance(inputs: Inputs, config: StageConfig, windows: TokenWindows) -> d
     return {
         "stage": "mixprec search",
         "measurement": {"folder": str(m.folder), "table_sha256": sha256_file(m.folder / "table.csv"),
-                        "mode": m.summary["settings"]["mode"], "granularity": m.summary["settings"]["granularity"]},
+                        "mode": m.summary.settings.mode, "granularity": m.summary.settings.granularity},
         "variants": _variant_provenance(inputs.variants),
         "calibration": windows.spec.to_dict(),
         "constraints": asdict(config.constraints),
@@ -177,7 +176,7 @@ class EngineCache:
             variants: dict[int, Variant] | None = None) -> KLEngine:
         """The engine on `windows` over `variants` (default: the measured ones)."""
         variants = inputs.variants if variants is None else variants
-        ids = tuple(str(v.manifest["variant_id"]) for _, v in sorted(variants.items()))
+        ids = tuple(v.manifest.variant_id for _, v in sorted(variants.items()))
         key = (inputs.checkpoint.fingerprint, inputs.model_map.granularity.value, windows.spec.sha256, ids)
         if key not in self._engines:
             fingerprint = inputs.checkpoint.fingerprint
@@ -193,7 +192,7 @@ class EngineCache:
         variant is as big as the model's quantized weights), one shared dict per request so its engine is."""
         key = (inputs.checkpoint.fingerprint, replace(quant, bits=2).variant_id, widths)
         if key not in self._variant_sets:
-            kinds = tuple(GroupKind(k) for k in next(iter(inputs.variants.values())).manifest["kinds"])
+            kinds = tuple(GroupKind(k) for k in next(iter(inputs.variants.values())).manifest.kinds)
             configs = [replace(quant, bits=b) for b in widths]
             built = ensure_variants(inputs.checkpoint, inputs.model_map, configs, config.work, kinds)
             self._variant_sets[key] = {v.config.bits: v for v in built}

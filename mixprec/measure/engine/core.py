@@ -254,10 +254,10 @@ class KLEngine:
                                    f"{sorted(self.variants)} only; quantize that width first (`mixprec quantize`)")
             position = self._position(name)
             missing = [r.unit for r in self.model_map.group(name).weights
-                       if r.unit not in self.variants[bits].manifest["units"]]
+                       if r.unit not in self.variants[bits].manifest.units]
             if missing:
                 raise MixprecError(f"group {name!r} is not in the {bits}-bit variant {self.variants[bits].path} "
-                                   f"(it quantized kinds {self.variants[bits].manifest['kinds']}); re-run "
+                                   f"(it quantized kinds {list(self.variants[bits].manifest.kinds)}); re-run "
                                    "`mixprec quantize --kinds ...` including that kind, or leave the group out")
             per_position[position].append((name, int(bits)))
         return {p: tuple(sorted(items)) for p, items in per_position.items()}
