@@ -31,10 +31,10 @@ from mixprec.checkpoint.load import load
 from mixprec.checkpoint.qformat import CompileError
 from mixprec.checkpoint.shards import checkpoint_shards
 from mixprec.cli import main
-from mixprec.formats.recipe import ModelRef, QuantSettings, Recipe
+from mixprec.formats.recipe import ModelRef, Recipe
 from mixprec.model.arch import GroupKind
 from mixprec.model.loading import Checkpoint
-from mixprec.quant import SUPPORTED_BITS, SUPPORTED_GROUP_SIZES
+from mixprec.quant import SUPPORTED_BITS, SUPPORTED_GROUP_SIZES, QuantSettings
 from mixprec.quant.variants import ensure_variants
 from tests.tiny_models import TINY_CONFIGS, save_tiny_model
 
