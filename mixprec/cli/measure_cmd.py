@@ -66,7 +66,8 @@ def _add_advanced(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--group-size", type=int, default=64, choices=SUPPORTED_GROUP_SIZES,
                        help="quantizer group size (default 64)")
     group.add_argument("--asym", action="store_true", help="asymmetric quantization")
-    group.add_argument("--method", default="rtn", choices=quantizer_names(), help="quantizer (default rtn)")
+    group.add_argument("--method", default=QuantSettings.method, choices=quantizer_names(),
+                       help=f"quantizer (default {QuantSettings.method})")
     group.add_argument("--clip-search", action=argparse.BooleanOptionalAction, default=QuantSettings.clip_search,
                        help="per-group MSE clipping search instead of sign-aware absmax scales (default off)")
     group.add_argument("--no-quantize", action="store_true",

@@ -51,7 +51,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--group-size", type=int, default=64, choices=SUPPORTED_GROUP_SIZES,
                         help="weights per scale along the input dimension (default 64)")
     parser.add_argument("--asym", action="store_true", help="asymmetric (integer zero point per group)")
-    parser.add_argument("--method", default="rtn", choices=quantizer_names(), help="quantizer (default rtn)")
+    parser.add_argument("--method", default=QuantSettings.method, choices=quantizer_names(),
+                        help=f"quantizer (default {QuantSettings.method})")
     parser.add_argument("--clip-search", action=argparse.BooleanOptionalAction, default=QuantSettings.clip_search,
                         help="per-group MSE clipping search instead of sign-aware absmax scales (default off: "
                              "it lowers weight error but raised whole-model KL on the bundled model)")

@@ -93,7 +93,8 @@ def _add_advanced(parser: argparse.ArgumentParser) -> None:
                        metavar="G", help="quantizer group size (default 64); several (e.g. 64 128) run one "
                                          "measurement and study each and ship the recipe with the lowest "
                                          "calibration KL")
-    group.add_argument("--method", default="rtn", choices=quantizer_names(), help="quantizer (default rtn)")
+    group.add_argument("--method", default=QuantSettings.method, choices=quantizer_names(),
+                       help=f"quantizer (default {QuantSettings.method})")
     group.add_argument("--clip-search", action=argparse.BooleanOptionalAction, default=QuantSettings.clip_search,
                        help="RTN per-group MSE clipping search (default off)")
     group.add_argument("--uniform-group-sizes", type=int, nargs="+", default=list(SUPPORTED_GROUP_SIZES),
