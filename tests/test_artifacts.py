@@ -17,9 +17,9 @@ from pathlib import Path
 import pytest
 
 from mixprec.core.errors import MixprecError, VariantError
+from mixprec.core.storage import open_storage
 from mixprec.formats.recipe import Recipe
 from mixprec.measure.run import run_measure
-from mixprec.measure.store import open_storage
 from mixprec.measure.summary import MeasuredSettings, MeasurementSummary
 from mixprec.measure.table import TABLE_COLUMNS, MeasurementRow, load_measurement
 from mixprec.quant import QuantSettings
