@@ -62,7 +62,8 @@ def _parser() -> argparse.ArgumentParser:
 def _config(args: argparse.Namespace, budget: float, size: int) -> StageConfig:
     work = default_work_dir(args.model, args.work)
     name = (args.model and Path(args.model).name) or "stdlib-moe"
-    suffix = "" if (size, args.method) == (64, "rtn") else f"-{args.method}-g{size}"
+    default = (size, args.method) == (QuantSettings.group_size, QuantSettings.method)
+    suffix = "" if default else f"-{args.method}-g{size}"
     mode = "ind" if args.independent else "sweep"
     measure = MeasureConfig(work=work, model=args.model, granularity=args.granularity,
                             quant=QuantSettings(method=args.method, group_size=size), num_windows=args.windows,
