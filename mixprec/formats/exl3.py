@@ -35,7 +35,6 @@ from mixprec.core.errors import MixprecError
 from mixprec.core.fileio import atomic_write_text, dump_yaml, parse_yaml, read_json, read_yaml
 from mixprec.model.arch import DEFAULT_QUANTIZED_KINDS, family_for
 from mixprec.model.modelmap import Group, ModelMap, WeightRef, nearest_names
-from mixprec.quant.variants import VariantManifest
 
 __all__ = [
     "Exl3YamlError",
@@ -317,8 +316,7 @@ def source_bits(model_dir: str | Path) -> int:
     """Bit width of a quant folder: a mixprec variant (manifest.json) or an EXL3 quant (config.json)."""
     path = Path(model_dir)
     if (path / "manifest.json").exists():
-        manifest = path / "manifest.json"
-        return VariantManifest.from_dict(read_json(manifest), str(manifest)).quant_config.bits
+        return int(read_json(path / "manifest.json")["quant_config"]["bits"])  # only the width: any manifest
     if (path / "config.json").exists():
         bits = read_json(path / "config.json").get("quantization_config", {}).get("bits")
         if bits is not None and float(bits).is_integer():
