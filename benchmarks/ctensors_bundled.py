@@ -33,9 +33,10 @@ from mixprec.checkpoint.compile import compile_recipe
 from mixprec.checkpoint.ctensors import compile_ctensors
 from mixprec.checkpoint.load import load
 from mixprec.checkpoint.shards import checkpoint_shards
-from mixprec.formats.recipe import ModelRef, QuantSettings, Recipe
+from mixprec.formats.recipe import ModelRef, Recipe
 from mixprec.model.arch import GroupKind
 from mixprec.model.loading import Checkpoint
+from mixprec.quant import QuantSettings
 from mixprec.quant.variants import ensure_variants
 
 WIDTHS = {GroupKind.ATTENTION: 4, GroupKind.SHARED_EXPERTS: 4, GroupKind.DENSE_MLP: 3, GroupKind.ROUTED_EXPERTS: 2}

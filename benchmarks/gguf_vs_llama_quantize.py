@@ -30,10 +30,11 @@ from mixprec.checkpoint.gguf import compile_gguf, llama_quantize_types
 from mixprec.core.fileio import atomic_write_json
 from mixprec.core.kl import bootstrap_se
 from mixprec.formats.llamacpp import gguf_name
-from mixprec.formats.recipe import Budget, ModelRef, QuantSettings, Recipe
+from mixprec.formats.recipe import Budget, ModelRef, Recipe
 from mixprec.measure.config import MeasureConfig
 from mixprec.model.data import WindowConfig, load_windows
 from mixprec.model.loading import Checkpoint, load_model
+from mixprec.quant import QuantSettings
 from mixprec.search.pipeline import EngineCache, StageConfig, run_stage
 from mixprec.search.study import SearchConfig, quiet_optuna
 
@@ -103,7 +104,7 @@ def _sizes(path: Path, searchable: set[str], params: int) -> dict[str, object]:
 
 
 def _search(args: argparse.Namespace, budget: float, engines: EngineCache) -> Recipe:
-    measure = MeasureConfig(work=args.work, model=args.model, granularity="fine", method="gguf",
+    measure = MeasureConfig(work=args.work, model=args.model, granularity="fine", quant=QuantSettings(method="gguf"),
                             bits=(2, 3, 4, 5, 6, 8))
     search = SearchConfig(trials=args.trials, studies_dir=args.work / "studies",
                           study_name=f"gguf-{budget:.4f}bpw")

@@ -26,10 +26,11 @@ from hypothesis import strategies as st
 from mixprec.cli import main
 from mixprec.core.errors import MixprecError
 from mixprec.formats.exl3 import Exl3Overrides, recipe_to_exl3
-from mixprec.formats.recipe import Budget, ModelRef, QuantSettings, Recipe
+from mixprec.formats.recipe import Budget, ModelRef, Recipe
 from mixprec.model.arch import DEFAULT_QUANTIZED_KINDS
 from mixprec.model.loading import Checkpoint
 from mixprec.model.modelmap import ModelMap
+from mixprec.quant import QuantSettings
 
 FAST = settings(max_examples=150, deadline=None, derandomize=True, database=None,
                 suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])

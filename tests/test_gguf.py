@@ -32,8 +32,9 @@ from mixprec.formats.llamacpp import (  # noqa: E402
     read_tensor_type_file,
     write_tensor_type_file,
 )
-from mixprec.formats.recipe import ModelRef, QuantSettings, Recipe  # noqa: E402
+from mixprec.formats.recipe import ModelRef, Recipe  # noqa: E402
 from mixprec.model.loading import Checkpoint, load_model  # noqa: E402
+from mixprec.quant import QuantSettings  # noqa: E402
 from mixprec.quant.ggml import LADDERS  # noqa: E402
 from mixprec.quant.variants import Variant, apply_group, ensure_variants  # noqa: E402
 

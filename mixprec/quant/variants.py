@@ -196,7 +196,7 @@ class Variant:
             zeros = None if self.config.symmetric else self._handle.get_tensor(f"{unit}.zeros")
         except Exception as exc:
             raise VariantError(f"{self.path / _WEIGHTS_FILE}: cannot read {unit!r} ({exc})") from exc
-        shape = tuple(self.manifest["units"][unit]["shape"])
+        shape = self.manifest.units[unit].shape
         return get_quantizer(self.config).restore(codes, scales, zeros, (int(shape[0]), int(shape[1])))
 
     def dequantized(self, ref: WeightRef | str, dtype: torch.dtype = torch.float32) -> torch.Tensor:
