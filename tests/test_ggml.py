@@ -117,6 +117,6 @@ def test_variant_round_trip_and_exact_manifest_bits(tiny_model_dirs: dict, tmp_p
     fresh = quantizer.quantize(checkpoint.read(ref.key).to(torch.float32))
     stored = variant.quantized(ref)
     assert torch.equal(stored.codes, fresh.codes) and torch.equal(stored.dequantize(), fresh.dequantize())
-    units = variant.manifest["units"]
+    units = variant.manifest.units
     # hidden 64: every K-quant row falls back to Q4_0 (4.5 bpw), as llama.cpp would write it
-    assert all(u["storage_bits"] == u["numel"] * 4.5 for u in units.values())
+    assert all(u.storage_bits == u.numel * 4.5 for u in units.values())
