@@ -63,12 +63,12 @@ from mixprec.core.version import __version__
 from mixprec.formats.recipe import Recipe
 from mixprec.model.loading import Checkpoint
 from mixprec.model.modelmap import ModelMap, WeightRef
-from mixprec.quant import QuantConfig, quantizer_class
+from mixprec.quant import QuantConfig, QuantizedWeight, quantizer_class
 from mixprec.quant.ggml import GGMLQuantizer
 from mixprec.quant.variants import Variant
 
-__all__ = ["CompileError", "CompileConfig", "open_variants", "prepare_compile", "build_plan", "write_shards",
-           "copy_side_files", "compile_recipe"]
+__all__ = ["CompileError", "CompileConfig", "open_variants", "prepare_compile", "build_plan", "entry_tensors",
+           "write_shards", "copy_side_files", "compile_recipe"]
 
 log = logging.getLogger(__name__)
 
@@ -172,7 +172,10 @@ def build_plan(recipe: Recipe, model_map: ModelMap, checkpoint: Checkpoint, vari
                        sorted(replaced), suffixes)
 
 
-def _entry_tensors(entry: PlanEntry, checkpoint: Checkpoint, variants: dict[int, Variant]) -> dict[str, torch.Tensor]:
+def entry_tensors(entry: PlanEntry, checkpoint: Checkpoint, variants: dict[int, Variant],
+                  encode: Callable[[PlanEntry, QuantizedWeight], dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """One plan entry's tensors: a copied tensor as stored in the source, a quantized matrix read from its
+    variant (shape checked) and written by `encode`, the part each compiled format does its own way."""
     if entry.ref is None:
         return {entry.name: checkpoint.read(entry.name).contiguous()}
     assert entry.bits is not None
@@ -180,6 +183,12 @@ def _entry_tensors(entry: PlanEntry, checkpoint: Checkpoint, variants: dict[int,
     if tuple(q.codes.shape) != entry.ref.shape:
         raise CompileError(f"{variants[entry.bits].path}: {entry.ref.unit} has shape {tuple(q.codes.shape)}, "
                            f"the model expects {entry.ref.shape}; re-create the variant")
+    return encode(entry, q)
+
+
+def _packed_tensors(entry: PlanEntry, q: QuantizedWeight) -> dict[str, torch.Tensor]:
+    """mixprec's own format: bit-packed codes (and zero points) plus fp16 scales."""
+    assert entry.bits is not None
     tensors = {f"{entry.name}.qweight": pack_codes(q.codes, entry.bits),
                f"{entry.name}.scales": q.scales.to(torch.float16).contiguous()}
     if q.zeros is not None:
@@ -307,7 +316,7 @@ def compile_recipe(recipe: Recipe, checkpoint: Checkpoint, work_dir: str | Path,
     plan = build_plan(recipe, model_map, checkpoint, variants, config.max_shard_bytes)
     recipe_yaml = recipe.to_yaml()
     with atomic_dir(out_dir) as tmp:
-        write_shards(tmp, plan, recipe_yaml, lambda e: _entry_tensors(e, checkpoint, variants))
+        write_shards(tmp, plan, recipe_yaml, lambda e: entry_tensors(e, checkpoint, variants, _packed_tensors))
         source_config = dict(checkpoint.config)
         source_config["quantization_config"] = _quantization_config(recipe, plan, checkpoint.fingerprint)
         (tmp / "config.json").write_text(json.dumps(source_config, indent=2, sort_keys=True) + "\n")

@@ -47,7 +47,14 @@ from typing import Any
 
 import torch
 
-from mixprec.checkpoint.compile import CompileConfig, build_plan, copy_side_files, prepare_compile, write_shards
+from mixprec.checkpoint.compile import (
+    CompileConfig,
+    build_plan,
+    copy_side_files,
+    entry_tensors,
+    prepare_compile,
+    write_shards,
+)
 from mixprec.checkpoint.pack import pack_codes
 from mixprec.checkpoint.qformat import REPORT_FILE, CompileError
 from mixprec.checkpoint.shards import TensorInfo, checkpoint_shards
@@ -58,7 +65,6 @@ from mixprec.model.arch import GroupKind
 from mixprec.model.loading import Checkpoint
 from mixprec.model.modelmap import ModelMap
 from mixprec.quant import QuantizedWeight
-from mixprec.quant.variants import Variant
 
 __all__ = ["QUANT_METHOD", "PACK_FORMAT", "SUFFIXES", "module_name", "module_target", "packed_nbytes",
            "pack_int32", "ct_tensors", "config_targets", "quantization_config", "verify_ctensors",
@@ -190,14 +196,7 @@ def quantization_config(recipe: Recipe, plan: CompilePlan, model_map: ModelMap) 
             "global_compression_ratio": None}
 
 
-def _produce(entry: PlanEntry, checkpoint: Checkpoint, variants: dict[int, Variant]) -> dict[str, torch.Tensor]:
-    if entry.ref is None:
-        return {entry.name: checkpoint.read(entry.name).contiguous()}
-    assert entry.bits is not None
-    q = variants[entry.bits].quantized(entry.ref)
-    if tuple(q.codes.shape) != entry.ref.shape:
-        raise CompileError(f"{variants[entry.bits].path}: {entry.ref.unit} has shape {tuple(q.codes.shape)}, "
-                           f"the model expects {entry.ref.shape}; re-create the variant")
+def _encode(entry: PlanEntry, q: QuantizedWeight) -> dict[str, torch.Tensor]:
     return ct_tensors(entry.name, q)
 
 
@@ -360,7 +359,8 @@ def compile_ctensors(recipe: Recipe, checkpoint: Checkpoint, work_dir: str | Pat
     qconfig = quantization_config(recipe, plan, model_map)
     validated_by = _validate_with_library(qconfig)
     with atomic_dir(out_dir) as tmp:
-        write_shards(tmp, plan, recipe.to_yaml(), lambda e: signs.count(_produce(e, checkpoint, variants)))
+        write_shards(tmp, plan, recipe.to_yaml(),
+                     lambda e: signs.count(entry_tensors(e, checkpoint, variants, _encode)))
         source_config = dict(checkpoint.config) | {"quantization_config": qconfig}
         (tmp / "config.json").write_text(json.dumps(source_config, indent=2, sort_keys=True) + "\n")
         side_files = copy_side_files(checkpoint.path, tmp, set(checkpoint.files))
