@@ -35,7 +35,8 @@ from mixprec.measure.config import MeasureConfig
 from mixprec.model.data import WindowConfig, load_windows
 from mixprec.model.loading import Checkpoint, load_model
 from mixprec.quant import QuantSettings
-from mixprec.search.pipeline import EngineCache, StageConfig, run_stage
+from mixprec.search.inputs import StageConfig, check, measure_missing, prepare
+from mixprec.search.pipeline import EngineCache, run_stage
 from mixprec.search.study import SearchConfig, quiet_optuna
 
 FTYPES = {"Q2_K": 10, "Q3_K_S": 11, "Q3_K_M": 12, "Q4_K_S": 14, "Q4_K_M": 15, "Q5_K_M": 17}
@@ -105,12 +106,14 @@ def _sizes(path: Path, searchable: set[str], params: int) -> dict[str, object]:
 
 def _search(args: argparse.Namespace, budget: float, engines: EngineCache) -> Recipe:
     measure = MeasureConfig(work=args.work, model=args.model, granularity="fine", quant=QuantSettings(method="gguf"),
-                            bits=(2, 3, 4, 5, 6, 8))
+                            bits=(2, 3, 4, 5, 6, 8), seq_len=args.seq_len)
     search = SearchConfig(trials=args.trials, studies_dir=args.work / "studies",
                           study_name=f"gguf-{budget:.4f}bpw")
     config = StageConfig(work=args.work, budget=Budget(bpw=budget), model=args.model, measure=measure,
-                         search=search, eval_windows=16)
-    return run_stage(config, engines=engines).recipe
+                         search=search, eval_windows=16, eval_seq_len=args.seq_len)
+    check(config)
+    measure_missing(config)
+    return run_stage(config, prepare(config), engines=engines).recipe
 
 
 def _row(name: str, kl: torch.Tensor, sizes: dict[str, object]) -> dict[str, object]:
