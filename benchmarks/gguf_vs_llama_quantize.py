@@ -10,6 +10,10 @@ both files differ only in how the searchable tensors are mixed. Every file is ev
 mean ± SE, and the paired difference (same tokens) with its SE. The model must be in a layout llama.cpp
 computes (train one with `python -m mixprec.bundled.train --dense-layers --no-norm-topk ...`).
 
+With --imatrix both sides get the same importance matrix: the diagonals of mixprec's calibration Hessians
+(train split, each routed expert's from its own routed tokens) are passed to `llama_model_quantize` as its
+imatrix for the ftypes, and mixprec searches `--method gguf-imatrix` variants quantized with them.
+
 Run: .venv/bin/python benchmarks/gguf_vs_llama_quantize.py MODEL --work work/llamacpp --trials 24
 """
 
@@ -50,14 +54,29 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--trials", type=int, default=24)
     p.add_argument("--eval-windows", type=int, default=64, help="held-out windows for the llama.cpp evaluation")
     p.add_argument("--seq-len", type=int, default=256)
-    p.add_argument("--json", type=Path, default=Path("benchmarks/results/gguf_vs_llama_quantize.json"))
+    p.add_argument("--imatrix", action="store_true", help="both sides with the calibration importance matrix")
+    p.add_argument("--json", type=Path, default=None,
+                   help="default benchmarks/results/gguf_vs_llama_quantize[_imatrix].json")
     return p
 
 
-def _quantize(base: Path, out: Path, ftype: int, overrides: dict[str, str] | None = None) -> None:
-    """`llama-quantize [--pure --tensor-type-file] base out FTYPE`, through the library call it makes."""
+def _imatrix_param(imatrix: dict[str, np.ndarray]) -> ctypes.Array:
+    entries = (llama_cpp.llama_model_imatrix_data * (len(imatrix) + 1))()
+    for slot, (name, values) in zip(entries, imatrix.items(), strict=False):
+        slot.name = name.encode()
+        slot.data = values.ctypes.data_as(ctypes.POINTER(ctypes.c_float))
+        slot.size = values.size
+    return entries
+
+
+def _quantize(base: Path, out: Path, ftype: int, overrides: dict[str, str] | None = None,
+              imatrix: dict[str, np.ndarray] | None = None) -> None:
+    """`llama-quantize [--imatrix] [--pure --tensor-type-file] base out FTYPE`, through the library call it makes."""
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype, params.nthread = ftype, 2
+    if imatrix:
+        entries = _imatrix_param(imatrix)  # kept alive until the call returns
+        params.imatrix = ctypes.cast(entries, ctypes.POINTER(llama_cpp.llama_model_imatrix_data))
     if overrides:
         items = (llama_cpp.llama_model_tensor_override * (len(overrides) + 1))()
         for slot, (pattern, qtype) in zip(items, overrides.items(), strict=False):
@@ -104,11 +123,33 @@ def _sizes(path: Path, searchable: set[str], params: int) -> dict[str, object]:
             "types": {t.name: t.tensor_type.name for t in tensors}}
 
 
+def _imatrix(checkpoint: Checkpoint, work: Path) -> dict[str, np.ndarray]:
+    """GGUF tensor name -> Hessian diagonal per input column, experts concatenated in order (llama.cpp's layout)."""
+    from mixprec.quant.calibration import Calibration, calibration_windows
+    from mixprec.quant.hessians import CalibConfig
+
+    config = CalibConfig()
+    calibration = Calibration(checkpoint, calibration_windows(checkpoint.path, config), config, work / "calibration")
+    parts: dict[str, dict[int, np.ndarray]] = {}
+    for group in checkpoint.model_map("layer").select():
+        for ref in group.weights:
+            target = gguf_name(ref.key)
+            assert target is not None
+            diag = torch.diagonal(calibration.hessian(group, ref)).clamp_min(0).to(torch.float32).numpy()
+            parts.setdefault(target.name, {})[-1 if target.expert is None else target.expert] = diag
+    return {name: np.ascontiguousarray(np.concatenate([d[e] for e in sorted(d)])) for name, d in parts.items()}
+
+
+def _method(args: argparse.Namespace) -> str:
+    return "gguf-imatrix" if args.imatrix else "gguf"
+
+
 def _search(args: argparse.Namespace, budget: float, engines: EngineCache) -> Recipe:
-    measure = MeasureConfig(work=args.work, model=args.model, granularity="fine", quant=QuantSettings(method="gguf"),
+    measure = MeasureConfig(work=args.work, model=args.model, granularity="fine",
+                            quant=QuantSettings(method=_method(args)),
                             bits=(2, 3, 4, 5, 6, 8), seq_len=args.seq_len)
     search = SearchConfig(trials=args.trials, studies_dir=args.work / "studies",
-                          study_name=f"gguf-{budget:.4f}bpw")
+                          study_name=f"{_method(args)}-{budget:.4f}bpw")
     config = StageConfig(work=args.work, budget=Budget(bpw=budget), model=args.model, measure=measure,
                          search=search, eval_windows=16, eval_seq_len=args.seq_len)
     check(config)
@@ -122,17 +163,18 @@ def _row(name: str, kl: torch.Tensor, sizes: dict[str, object]) -> dict[str, obj
 
 
 def _one(args: argparse.Namespace, ftype: str, base: Path, ctx: dict) -> dict[str, object]:
-    peer_path = args.work / f"{ftype}.gguf"
-    _quantize(base, peer_path, FTYPES[ftype])
+    tag = "-imatrix" if args.imatrix else ""
+    peer_path = args.work / f"{ftype}{tag}.gguf"
+    _quantize(base, peer_path, FTYPES[ftype], imatrix=ctx["imatrix"])
     peer_sizes = _sizes(peer_path, ctx["searchable"], ctx["params"])
     recipe = _search(args, float(peer_sizes["bpw"]), ctx["engines"])  # type: ignore[arg-type]
-    recipe.save(args.work / f"mixprec-{ftype}.yaml")
+    recipe.save(args.work / f"mixprec-{ftype}{tag}.yaml")
     overrides = {f"^{n}$".replace(".", r"\."): t.upper() for n, t in
                  llama_quantize_types(recipe, ctx["checkpoint"]).items()}
     peer_types = peer_sizes["types"]
     for name in ("token_embd.weight", "output.weight"):
         overrides[f"^{name}$".replace(".", r"\.")] = peer_types[name]  # type: ignore[index]
-    ours_path = args.work / f"mixprec-{ftype}.gguf"
+    ours_path = args.work / f"mixprec-{ftype}{tag}.gguf"
     _quantize(base, ours_path, FTYPES["Q5_K_M"], overrides)
     peer = _row(ftype, _llama_kl(peer_path, ctx["windows"], ctx["reference"]), peer_sizes)
     ours = _row(f"mixprec@{ftype}", _llama_kl(ours_path, ctx["windows"], ctx["reference"]),
@@ -160,6 +202,13 @@ def main() -> None:
     checkpoint = Checkpoint.open(args.model)
     model_map = checkpoint.model_map("fine")
     base = args.work / "base-bf16.gguf"
+    args.json = args.json or Path(f"benchmarks/results/gguf_vs_llama_quantize{'_imatrix' if args.imatrix else ''}.json")
+    imatrix = None
+    if args.imatrix:
+        from mixprec.cli import main as cli
+
+        cli(["quantize", str(checkpoint.path), "--work", str(args.work), "--method", "gguf-imatrix"])
+        imatrix = _imatrix(checkpoint, args.work)
     empty = Recipe(ModelRef(checkpoint.path.name, checkpoint.model_type, checkpoint.fingerprint), model_map.granularity,
                    QuantSettings(method="gguf"), {g.name: None for g in model_map.select()})
     compile_gguf(empty, checkpoint, args.work, base)
@@ -167,10 +216,11 @@ def main() -> None:
     searchable, params = _searchable(checkpoint)
     reference = _reference(checkpoint, windows)
     ctx = {"checkpoint": checkpoint, "windows": windows, "reference": reference, "searchable": searchable,
-           "params": params, "engines": EngineCache()}
+           "params": params, "engines": EngineCache(), "imatrix": imatrix}
     floor = _llama_kl(base, windows, reference)
     results = [_one(args, ftype, base, ctx) for ftype in args.ftypes]
-    atomic_write_json(args.json, {"model": str(checkpoint.path), "eval_windows": args.eval_windows,
+    atomic_write_json(args.json, {"model": str(checkpoint.path), "imatrix": args.imatrix,
+                                  "eval_windows": args.eval_windows,
                                   "seq_len": args.seq_len, "trials": args.trials,
                                   "bf16_gguf_floor": {"kl": float(floor.mean()), "se": bootstrap_se(floor)},
                                   "seconds": round(time.perf_counter() - started, 1), "rows": results})
