@@ -249,3 +249,20 @@ def test_pipeline_quantize_search_compile_in_ggml_types(built: dict, tmp_path: P
     items = read_tensor_type_file(types.read_text())
     assert all(match_tensor_type(items, name) == qtype for name, qtype in written.items() if qtype != "F32")
     assert _llama_logits(out, list(range(3, 35))).isfinite().all()
+
+
+@pytest.mark.parametrize("model_type", ["qwen2_moe", "qwen3_moe", "mixtral", "deepseek_v3", "olmoe", "glm4_moe",
+                                        "llama", "qwen3"])
+def test_every_quantizable_matrix_of_every_family_has_one_llama_cpp_tensor(model_type: str,
+                                                                           tiny_model_dirs: dict) -> None:
+    """Naming is data: each family's matrices land on distinct llama.cpp tensors (experts on distinct slices)."""
+    from mixprec.formats.llamacpp import gguf_name
+
+    checkpoint = Checkpoint.open(tiny_model_dirs[model_type])
+    slots = [gguf_name(ref.key) for group in checkpoint.model_map("fine").groups for ref in group.weights]
+    assert None not in slots
+    assert len(set(slots)) == len(slots)
+    names = {slot.name for slot in slots}  # type: ignore[union-attr]
+    assert "token_embd.weight" in names and "output.weight" in names and "blk.1.attn_output.weight" in names
+    if model_type not in ("llama", "qwen3"):
+        assert {"blk.1.ffn_gate_exps.weight", "blk.1.ffn_up_exps.weight", "blk.1.ffn_down_exps.weight"} <= names
