@@ -10,7 +10,8 @@ How:
   the checkpoint once; they are tiny.
 * A unit is a decoder layer (`model.layers.N`) or a top-level module owning parameters outside the
   layers (embedding, final norm, head). `resident(*modules)` reads a unit's tensors from the
-  safetensors shards (memory-mapped, the shard opened only for that read), converts them to the
+  safetensors shards (memory-mapped read-only and shared, `mixprec.model.tensorfile`, each shard mapped only
+  for that read), converts them to the
   model dtype, and swaps them into the skeleton's parameter objects (`torch.utils.swap_tensors`, so
   references held elsewhere, e.g. by the weight swapper, stay valid); on exit they go back to meta.
 * Routed experts are stored per expert on disk and fused in memory (FIELD.md §6.2): the model map's
@@ -34,12 +35,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
 
 from mixprec.core.errors import ModelLoadError
 from mixprec.model.arch import family_for
 from mixprec.model.loading import EXPERTS_IMPLEMENTATION, Checkpoint
 from mixprec.model.modelmap import WeightRef
+from mixprec.model.tensorfile import TensorFile
 
 __all__ = ["STREAMING_MODES", "StreamedModel", "build_skeleton", "weight_bytes", "available_memory", "open_model"]
 
@@ -50,6 +51,8 @@ STREAMING_MODES = ("auto", "on", "off")
 #: Under `auto`, the in-memory path (faster: no reads per layer) is kept while the whole model takes at most this
 #: share of the memory budget; the rest is left for hidden states, logits and quantized weights.
 _AUTO_SHARE = 0.5
+_M_MMAP_THRESHOLD = -3  # mallopt parameter number in glibc's malloc.h
+_MMAP_THRESHOLD_BYTES = 1 << 20
 
 
 def _return_freed_memory() -> None:
@@ -61,6 +64,21 @@ def _return_freed_memory() -> None:
     """
     try:
         ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def _allocate_large_tensors_with_mmap() -> None:
+    """Make glibc serve allocations of 1 MiB and more with their own mmap (glibc only; elsewhere nothing).
+
+    # Note: a process-wide setting, made on purpose when a streamed model is built. glibc raises its mmap
+    # threshold to the size of the largest block freed (up to 32 MiB), after which a streamed layer's tensors
+    # come from the heap, and each layer lands at new addresses while the freed ones stay mapped: the address
+    # space grew by ~17 MB per layer of a 15 MB-per-layer model with flat resident memory, so a run under a
+    # data-size limit failed. With a fixed threshold each tensor is unmapped when freed: flat in both.
+    """
+    try:
+        ctypes.CDLL(None).mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD_BYTES)
     except (OSError, AttributeError):
         pass
 
@@ -77,7 +95,7 @@ def build_skeleton(checkpoint: Checkpoint, dtype: torch.dtype = torch.float32) -
 
 
 class _Reader:
-    """Reads tensors by key from the shards, opening each shard only for the reads of one unit."""
+    """Finds the shard holding a key, mapping each shard only for the reads of one unit."""
 
     def __init__(self, checkpoint: Checkpoint) -> None:
         self.checkpoint = checkpoint
@@ -87,13 +105,13 @@ class _Reader:
         with ExitStack() as stack:
             handles: dict[Path, Any] = {}
 
-            def read(key: str) -> torch.Tensor:
+            def read(key: str) -> TensorFile:
                 file = self.checkpoint.key_to_file.get(key)
                 if file is None:
                     raise ModelLoadError(f"{self.checkpoint.path}: no tensor named {key!r} in the checkpoint")
                 if file not in handles:
-                    handles[file] = stack.enter_context(safe_open(file, "pt"))
-                return handles[file].get_tensor(key)
+                    handles[file] = stack.enter_context(TensorFile(file))
+                return handles[file]
 
             yield read
 
@@ -106,6 +124,7 @@ class StreamedModel:
         self.checkpoint = checkpoint
         self.dtype = dtype
         self.device = torch.device(device)
+        _allocate_large_tensors_with_mmap()
         self.model = build_skeleton(checkpoint, dtype)
         self.reads = 0
         self.bytes_read = 0
@@ -161,7 +180,7 @@ class StreamedModel:
             for name, buffer in self.model.named_buffers():
                 key = self._family.checkpoint_name(name)
                 if key in self.checkpoint.key_to_file:
-                    buffer.copy_(read(key).to(buffer.dtype))
+                    read(key).copy_into(key, buffer)
 
     def _buffers_to(self, device: torch.device) -> None:
         """Buffers are real and small: they live on the compute device for good (parameters stay meta)."""
@@ -224,18 +243,18 @@ class StreamedModel:
         The weight swapper restores swapped matrices this way on a streamed model instead of keeping a copy
         of the originals, which for a layer's routed experts would double the layer's resident size."""
         with self._reader.open() as read, torch.no_grad():
-            view.copy_(ref.slice_disk(read(ref.key)))
+            view.copy_(ref.slice_disk(read(ref.key).view(ref.key)))
 
     def _read_param(self, name: str, read: Any) -> torch.Tensor:
         """One in-memory parameter from disk: a plain key, or the fused experts assembled per expert."""
         refs = self._experts.get(name)
         if refs is None or name in self.checkpoint.key_to_file:
             key = name if refs is not None else self._family.checkpoint_name(name)
-            tensor = read(key).to(self.dtype)
-        else:
+            tensor = read(key).get_tensor(key, self.dtype)
+        else:  # per-expert keys straight from the map into their place in the fused tensor: no temporaries
             tensor = torch.empty(self._params[name].shape, dtype=self.dtype)
             for ref in refs:
-                ref.slice_memory(tensor).copy_(read(ref.key))
+                read(ref.key).copy_into(ref.key, ref.slice_memory(tensor))
         self.reads += 1
         self.bytes_read += tensor.numel() * tensor.element_size()
         return tensor

@@ -21,7 +21,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 
 from mixprec.core.errors import FingerprintMismatchError, MixprecError, VariantError
@@ -32,6 +31,7 @@ from mixprec.core.version import __version__
 from mixprec.model.arch import DEFAULT_QUANTIZED_KINDS, GroupKind
 from mixprec.model.loading import Checkpoint, ModelRecord
 from mixprec.model.modelmap import Group, ModelMap, WeightRef
+from mixprec.model.tensorfile import TensorFile
 from mixprec.quant import QuantConfig, QuantizedWeight, get_quantizer
 
 if TYPE_CHECKING:
@@ -167,7 +167,7 @@ class Variant:
     @cached_property
     def _handle(self) -> Any:
         try:
-            return safe_open(self.path / _WEIGHTS_FILE, "pt")
+            return TensorFile(self.path / _WEIGHTS_FILE)  # shared read-only map: see mixprec.model.tensorfile
         except Exception as exc:
             raise VariantError(f"{self.path / _WEIGHTS_FILE} is corrupt ({exc}); delete {self.path} and "
                                "re-run `mixprec quantize`") from exc
@@ -175,7 +175,9 @@ class Variant:
     def close(self) -> None:
         """Unmap the weights file; the next read maps it again. A streamed run calls this after each layer so
         the file's pages read so far stop counting towards the process's resident memory."""
-        self.__dict__.pop("_handle", None)
+        handle = self.__dict__.pop("_handle", None)
+        if handle is not None:
+            handle.close()
 
     def verify(self) -> None:
         """Check the weights file against the sha256 recorded in the manifest."""

@@ -201,7 +201,10 @@ class KLEngine:
         with torch.no_grad(), strict_fp32(self.device), self._resident(*self._owners(items)), \
                 self._swapper.swapped(items):
             for c, tokens in enumerate(self._chunks):
-                with torch.autocast(self.device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+                # Note: autocast's cast cache would keep a low-precision copy of every layer a streamed model
+                # released until the forward ends, i.e. the whole model; the casts are the same without it
+                with torch.autocast(self.device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None,
+                                    cache_enabled=False):
                     logits = self.model(input_ids=tokens, use_cache=False).logits
                 parts.append(self._compare(c, logits.float()))
         self.layer_forwards += self.num_layers
