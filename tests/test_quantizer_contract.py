@@ -138,6 +138,9 @@ def test_codes_in_range_bits_exact_and_restorable(method: str, symmetric: bool) 
             _check_integer_codes(q, config)
         else:
             assert q.bits == config.bits and q.storage_bits() >= config.bits * ROWS * COLS
+        for shape in ((ROWS, COLS), (ROWS, WIDE)):  # planned costs (budget checks, baselines) are exact
+            assert storage_bits(config, shape) == quantizer.quantize(torch.randn(shape), _hessian(shape[1])
+                                                                     ).storage_bits(), (config, shape)
         values = q.dequantize()
         assert values.shape == (ROWS, COLS) and torch.isfinite(values).all()
         restored = quantizer.restore(q.codes, q.scales, q.zeros, (ROWS, COLS))

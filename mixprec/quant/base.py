@@ -31,6 +31,7 @@ __all__ = [
     "quantizer_class",
     "quantizer_names",
     "storage_bits",
+    "integer_code_bits",
 ]
 
 SUPPORTED_BITS = (2, 3, 4, 5, 6, 7, 8)
@@ -105,7 +106,14 @@ class QuantConfig(QuantSettings):
 
 
 def storage_bits(config: QuantConfig, shape: tuple[int, int]) -> int:
-    """Exact storage of one matrix: b bits per code, 16 per scale, b per zero point (asymmetric).
+    """Exact storage of one matrix of `shape` quantized at `config`, before quantizing it: what the method
+    itself says it will store (`Quantizer.planned_storage_bits`), so planned costs (the search's budget check,
+    the nearest-uniform baseline) equal the bits a variant really holds for every method."""
+    return quantizer_class(config.method).planned_storage_bits(config, shape)
+
+
+def integer_code_bits(config: QuantConfig, shape: tuple[int, int]) -> int:
+    """The plain payload's storage: b bits per code, 16 per scale, b per zero point (asymmetric).
 
     A partial last group (input dimension not a multiple of the group size) still pays a full scale.
     """
@@ -177,6 +185,12 @@ class Quantizer(ABC):
     def check_config(cls, config: QuantConfig) -> None:
         """Refuse settings beyond bits and group size that this method cannot honour (QuantConfigError)."""
         return None
+
+    @classmethod
+    def planned_storage_bits(cls, config: QuantConfig, shape: tuple[int, int]) -> int:
+        """Bits a matrix of `shape` will occupy at `config` (the plain payload's codes, scales, zero points);
+        a method with its own payload overrides it, and the contract test holds every method to it."""
+        return integer_code_bits(config, shape)
 
     @classmethod
     def variant_name(cls, config: QuantConfig) -> str:

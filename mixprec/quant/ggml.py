@@ -218,6 +218,12 @@ class GGMLQuantizer(Quantizer):
     def variant_name(cls, config: QuantConfig) -> str:
         return f"{cls.name}-{ggml_type_for(cls.name, config.bits).lower()}"
 
+    @classmethod
+    def planned_storage_bits(cls, config: QuantConfig, shape: tuple[int, int]) -> int:
+        """The blocks llama.cpp writes: the ladder's type after the row-length fallback (Q2_K is 2.625 bpw)."""
+        rows, cols = shape
+        return rows * row_nbytes(ggml_type_for(cls.name, config.bits, cols), cols) * 8
+
     def quantize(self, weight: torch.Tensor, hessian: torch.Tensor | None = None) -> QuantizedWeight:
         rows, cols = weight.shape
         name = ggml_type_for(self.name, self.config.bits, cols)
