@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import math
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -132,3 +133,12 @@ def test_eval_of_the_checkpoint_equals_what_the_search_engine_measured(setup: tu
     evaluated = compare_models(load_model(reference), load(out), windows.tokens, CONFIG.batch_size)
     torch.testing.assert_close(evaluated.kl, measured.kl, rtol=1e-3, atol=1e-6)
     assert torch.equal(evaluated.same_top1, measured.same_top1)
+
+
+def test_streamed_reference_gives_the_same_result(setup: tuple) -> None:
+    """`--streaming on` (reference, and a plain candidate, read one layer at a time) changes no number."""
+    _, _, out, reference = setup
+    streamed = replace(CONFIG, streaming="on")
+    for candidate in (out, reference):  # repr: exact floats, and empty confidence buckets (nan) compare equal
+        assert repr(evaluate(candidate, reference, streamed).summary) == \
+            repr(evaluate(candidate, reference, replace(CONFIG, streaming="off")).summary)

@@ -29,6 +29,7 @@ from mixprec.core.kl import CONFIDENCE_BINS, KLSummary, TokenComparison, compare
 from mixprec.core.progress import progress
 from mixprec.model.data import DataSpec, TokenWindows, WindowConfig, load_windows
 from mixprec.model.loading import Checkpoint, load_model
+from mixprec.model.streaming import STREAMING_MODES, StreamedModel, open_model
 
 __all__ = ["EvalConfig", "EvalResult", "load_candidate", "compare_models", "evaluate", "format_table",
            "save_result"]
@@ -46,9 +47,12 @@ class EvalConfig:
     split: str = "evaluation"
     n_boot: int = 1000
     seed: int = 0
+    streaming: str = "auto"
 
     def __post_init__(self) -> None:
         WindowConfig(self.seq_len, self.num_windows)  # validates both
+        if self.streaming not in STREAMING_MODES:
+            raise MixprecError(f"streaming={self.streaming!r} is unknown; use one of {STREAMING_MODES}")
         if self.batch_size < 1:
             raise MixprecError(f"batch_size={self.batch_size} must be at least 1")
         if self.n_boot < 2:
@@ -87,12 +91,21 @@ def _refuse_compressed_tensors(path: Path) -> None:
                              "decompresses the compressed-tensors folder to exactly its weights (README)")
 
 
-def load_candidate(path: str | Path, dtype: torch.dtype = torch.float32) -> tuple[torch.nn.Module, str]:
-    """The model in a folder and its format: `mixprec` (compiled, dequantized on load) or `hf`."""
+def load_candidate(path: str | Path, dtype: torch.dtype = torch.float32,
+                   streaming: str = "off") -> tuple[torch.nn.Module, str]:
+    """The model in a folder and its format: `mixprec` (compiled, dequantized on load) or `hf` (fp32 plain
+    checkpoints may be streamed, `mixprec.model.streaming`)."""
     if is_mixprec_checkpoint(path):
         return load(path, dtype=dtype), "mixprec"
     _refuse_compressed_tensors(Path(path))
+    if dtype == torch.float32 and streaming != "off":
+        return _runnable(open_model(Checkpoint.open(path), streaming, torch.device("cpu"))), "hf"
     return load_model(path, dtype=dtype), "hf"
+
+
+def _runnable(model: torch.nn.Module | StreamedModel) -> torch.nn.Module:
+    """A module to call: a streamed model's skeleton streams its layers through its forward hooks."""
+    return model.model if isinstance(model, StreamedModel) else model
 
 
 def _logits(model: torch.nn.Module, tokens: torch.Tensor) -> torch.Tensor:
@@ -137,10 +150,10 @@ def evaluate(candidate: str | Path, reference: str | Path | None = None, config:
     windows: TokenWindows = load_windows(reference_checkpoint.path, config.split, config.windows, text_files)
     timings: dict[str, float] = {}
     started = time.perf_counter()
-    ref_model = load_model(reference_checkpoint, dtype=torch.float32)
+    ref_model = _runnable(open_model(reference_checkpoint, config.streaming, torch.device("cpu")))
     timings["load_reference"] = time.perf_counter() - started
     started = time.perf_counter()
-    cand_model, fmt = load_candidate(candidate)
+    cand_model, fmt = load_candidate(candidate, streaming=config.streaming)
     timings["load_candidate"] = time.perf_counter() - started
     started = time.perf_counter()
     cmp = compare_models(ref_model, cand_model, windows.tokens, config.batch_size)

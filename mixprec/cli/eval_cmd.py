@@ -20,6 +20,7 @@ from pathlib import Path
 
 from mixprec.checkpoint.evaluate import EvalConfig, evaluate, format_table, save_result
 from mixprec.cli.checks import check_windows
+from mixprec.model.streaming import STREAMING_MODES
 
 __all__ = ["register"]
 
@@ -37,6 +38,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         "evaluation: held out from calibration and search)")
     parser.add_argument("--data", type=Path, nargs="+", default=None, metavar="FILE",
                         help="text files to evaluate on instead of the reference folder's split")
+    parser.add_argument("--streaming", choices=STREAMING_MODES, default="auto",
+                        help="read the fp32 reference (and a plain candidate) one layer at a time (on), whole (off), "
+                             "or stream when the fp32 model exceeds half of the free RAM (default auto)")
     parser.add_argument("--json", type=Path, default=None, metavar="FILE", help="also write the result as JSON")
     parser.add_argument("--any-reference", action="store_true",
                         help="allow a reference other than the model the checkpoint was compiled from")
@@ -46,7 +50,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     check_windows(args.reference, args.seq_len)
     config = EvalConfig(seq_len=args.seq_len, num_windows=args.windows, batch_size=args.batch_size,
-                        split=args.split)
+                        split=args.split, streaming=args.streaming)
     result = evaluate(args.candidate, args.reference, config, args.data, args.any_reference)
     print(format_table(result))
     print(f"timings (s): {', '.join(f'{k} {v:.1f}' for k, v in result.timings.items())}")
