@@ -1,7 +1,8 @@
 """Peak memory of the stages on generated MoE checkpoints: in-memory vs streamed measurement, side by side.
 
 Generates random-weight checkpoints in the Qwen3-MoE layout (default: hidden 1024, 64 experts top-8, expert
-width 384, vocab 4096; the layer count is the size knob, so "same layer size, more layers") straight to
+width 384, vocab 4096) or the DeepSeek-V3 layout (`--layout deepseek_v3`: MLA attention, a shared expert, the
+first layer dense); the layer count is the size knob, so "same layer size, more layers") straight to
 sharded bf16 safetensors with per-expert keys, one layer at a time (the generator never holds the model).
 Then, per model, each stage runs as its own `mixprec` process and its peak RSS is read from the kernel
 (`os.wait4` rusage ru_maxrss: the high-water mark, which sampling can miss) next to psutil-sampled peaks
@@ -41,6 +42,8 @@ from mixprec.core.fileio import atomic_write_json
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--layers", type=int, nargs="+", default=[8], help="decoder layers of each generated model")
+    parser.add_argument("--layout", choices=["qwen3_moe", "deepseek_v3"], default="qwen3_moe",
+                        help="module layout of the generated checkpoints")
     parser.add_argument("--hidden", type=int, default=1024)
     parser.add_argument("--experts", type=int, default=64)
     parser.add_argument("--top-k", type=int, default=8)
@@ -60,6 +63,8 @@ def parse_args() -> argparse.Namespace:
 
 
 def model_config(args: argparse.Namespace, layers: int) -> dict[str, object]:
+    if args.layout == "deepseek_v3":
+        return deepseek_config(args, layers)
     head_dim = 128
     return dict(model_type="qwen3_moe", architectures=["Qwen3MoeForCausalLM"], vocab_size=args.vocab,
                 hidden_size=args.hidden, num_hidden_layers=layers, num_attention_heads=args.hidden // head_dim * 2,
@@ -68,6 +73,19 @@ def model_config(args: argparse.Namespace, layers: int) -> dict[str, object]:
                 num_experts_per_tok=args.top_k, norm_topk_prob=True, decoder_sparse_step=1, mlp_only_layers=[],
                 max_position_embeddings=4096, tie_word_embeddings=False, rms_norm_eps=1e-6,
                 rope_parameters={"rope_type": "default", "rope_theta": 1e6}, bos_token_id=1, eos_token_id=2,
+                dtype="bfloat16")
+
+
+def deepseek_config(args: argparse.Namespace, layers: int) -> dict[str, object]:
+    """DeepSeek-V3 layout: MLA attention, one shared expert, first layer dense, same routed experts."""
+    return dict(model_type="deepseek_v3", architectures=["DeepseekV3ForCausalLM"], vocab_size=args.vocab,
+                hidden_size=args.hidden, num_hidden_layers=layers, num_attention_heads=16, num_key_value_heads=16,
+                q_lora_rank=args.hidden // 2, kv_lora_rank=args.hidden // 4, qk_rope_head_dim=32,
+                qk_nope_head_dim=64, v_head_dim=64, intermediate_size=4 * args.hidden,
+                moe_intermediate_size=args.expert_width, n_routed_experts=args.experts, n_shared_experts=1,
+                num_experts_per_tok=args.top_k, first_k_dense_replace=1, n_group=1, topk_group=1,
+                norm_topk_prob=True, max_position_embeddings=4096, tie_word_embeddings=False, rms_norm_eps=1e-6,
+                rope_parameters={"rope_type": "default", "rope_theta": 1e4}, bos_token_id=1, eos_token_id=2,
                 dtype="bfloat16")
 
 
@@ -171,17 +189,18 @@ def measure_command(model: Path, work: Path, args: argparse.Namespace, streaming
 
 
 def bench_model(args: argparse.Namespace, layers: int) -> dict[str, object]:
-    model = generate(args, layers, args.root / f"qwen3moe-{layers}l")
+    name = "qwen3moe" if args.layout == "qwen3_moe" else args.layout.replace("_", "")
+    model = generate(args, layers, args.root / f"{name}-{layers}l")
     size = disk_bytes(model)
-    shared = args.root / f"work-{layers}l"
-    result: dict[str, object] = {"layers": layers, "checkpoint_gb": size / 1e9}
+    shared = args.root / f"work-{name}-{layers}l"
+    result: dict[str, object] = {"layout": args.layout, "layers": layers, "checkpoint_gb": size / 1e9}
     if not (shared / "variants").exists():
         result["quantize"] = run_stage(["quantize", str(model), "--work", str(shared), "--bits", *map(str, args.bits)])
     modes = ["off", "on"] if 2 * size / 1e9 <= args.max_in_memory else ["on"]
     runs: dict[str, list[dict[str, float]]] = {mode: [] for mode in modes}
     for repeat in range(args.repeats):
         for mode in modes if repeat % 2 == 0 else modes[::-1]:
-            work = args.root / f"work-{layers}l-{mode}-{repeat}"
+            work = args.root / f"work-{name}-{layers}l-{mode}-{repeat}"
             shutil.rmtree(work, ignore_errors=True)
             work.mkdir(parents=True)
             (work / "variants").symlink_to((shared / "variants").resolve())
