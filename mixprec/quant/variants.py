@@ -21,7 +21,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
-from safetensors.torch import save_file
 
 from mixprec.core.errors import FingerprintMismatchError, MixprecError, VariantError
 from mixprec.core.fileio import atomic_dir, atomic_write_json, read_json, sha256_file
@@ -31,7 +30,7 @@ from mixprec.core.version import __version__
 from mixprec.model.arch import DEFAULT_QUANTIZED_KINDS, GroupKind
 from mixprec.model.loading import Checkpoint, ModelRecord
 from mixprec.model.modelmap import Group, ModelMap, WeightRef
-from mixprec.model.tensorfile import TensorFile
+from mixprec.model.tensorfile import TensorFile, TensorWriter
 from mixprec.quant import QuantConfig, QuantizedWeight, get_quantizer
 
 if TYPE_CHECKING:
@@ -210,24 +209,36 @@ class Variant:
         return sum(units[ref.unit].storage_bits for ref in group.weights)
 
 
-def _quantize_group(checkpoint: Checkpoint, group: Group, config: QuantConfig,
-                    tensors: dict[str, torch.Tensor], units: dict[str, UnitRecord],
-                    calibration: Calibration | None = None) -> None:
+def _quantize_group(checkpoint: Checkpoint, group: Group, config: QuantConfig, writer: TensorWriter,
+                    units: dict[str, UnitRecord], calibration: Calibration | None = None) -> None:
+    """Quantize one group's matrices, each written out as soon as it is done: memory holds one source tensor
+    (read through a shared read-only map, `mixprec.model.tensorfile`) and one matrix's codes, not the variant."""
     quantizer = get_quantizer(config) if calibration is None else calibration.quantizer(config)
     cache: dict[str, torch.Tensor] = {}
     for ref in group.weights:
         if ref.key not in cache:
-            cache = {ref.key: checkpoint.read(ref.key).to(torch.float32)}
+            cache = {}  # the previous source tensor is freed before the next is read
+            cache = {ref.key: _read_source(checkpoint, ref.key)}
         matrix = ref.slice_disk(cache[ref.key])
         if tuple(matrix.shape) != ref.shape:
             raise VariantError(f"{checkpoint.path}: {ref.key} has shape {tuple(matrix.shape)} on disk but the "
                                f"model expects {ref.shape}; the checkpoint and config.json disagree")
         q = quantizer.quantize(matrix, None if calibration is None else calibration.hessian(group, ref))
-        tensors[f"{ref.unit}.codes"] = q.codes.contiguous()
-        tensors[f"{ref.unit}.scales"] = q.scales.contiguous()
+        writer.add(f"{ref.unit}.codes", q.codes)
+        writer.add(f"{ref.unit}.scales", q.scales)
         if q.zeros is not None:
-            tensors[f"{ref.unit}.zeros"] = q.zeros.contiguous()
+            writer.add(f"{ref.unit}.zeros", q.zeros)
         units[ref.unit] = UnitRecord(ref.numel, tuple(ref.shape), q.storage_bits())
+
+
+def _read_source(checkpoint: Checkpoint, key: str) -> torch.Tensor:
+    """One checkpoint tensor in fp32, read through a shared map that is closed again right away."""
+    file = checkpoint.key_to_file.get(key)
+    if file is None:
+        raise VariantError(f"{checkpoint.path}: no tensor named {key!r} in the checkpoint; the checkpoint and "
+                           "config.json disagree")
+    with TensorFile(file) as handle:
+        return handle.get_tensor(key, torch.float32)
 
 
 def _group_summary(groups: Iterable[Group], units: Mapping[str, UnitRecord]) -> dict[str, GroupRecord]:
@@ -249,12 +260,12 @@ def quantize_variant(checkpoint: Checkpoint, model_map: ModelMap, config: QuantC
     """
     started = time.perf_counter()
     groups = model_map.select(kinds)
-    tensors: dict[str, torch.Tensor] = {}
     units: dict[str, UnitRecord] = {}
-    for group in progress(groups, desc=f"quantize {config.variant_id}", unit="group"):
-        _quantize_group(checkpoint, group, config, tensors, units, calibration)
     with atomic_dir(out_dir) as tmp:
-        save_file(tensors, tmp / _WEIGHTS_FILE, metadata={"format": "pt", "mixprec.variant": config.variant_id})
+        metadata = {"format": "pt", "mixprec.variant": config.variant_id}
+        with TensorWriter(tmp / _WEIGHTS_FILE, metadata) as writer:
+            for group in progress(groups, desc=f"quantize {config.variant_id}", unit="group"):
+                _quantize_group(checkpoint, group, config, writer, units, calibration)
         total_bits = sum(u.storage_bits for u in units.values())
         total_params = sum(u.numel for u in units.values())
         manifest = VariantManifest(
