@@ -171,3 +171,27 @@ def test_streamed_quantize_equals_in_memory_quantization(qwen) -> None:
             expected = quantizer.quantize(ref.slice_disk(checkpoint.read(ref.key).to(torch.float32)))
             stored = variant.quantized(ref)
             assert torch.equal(stored.codes, expected.codes) and torch.equal(stored.scales, expected.scales)
+
+
+@pytest.mark.parametrize("model_type", sorted(TINY_CONFIGS))
+def test_streamed_compiled_candidate_equals_mixprec_load_bitwise(tiny_model_dirs: dict[str, Path], model_type: str,
+                                                                 tmp_path: Path) -> None:
+    """A compiled checkpoint run layer by layer (matrices dequantized while their layer runs) gives the logits of
+    `mixprec.load`'s whole dequantized model, with at most one layer resident."""
+    from mixprec.checkpoint.load import CompiledCheckpoint, load
+    from mixprec.checkpoint.streamed import StreamedCompiled
+    from tests.test_compile import compile_tiny
+
+    _, _, out = compile_tiny(tiny_model_dirs[model_type], tmp_path)
+    streamed = StreamedCompiled(CompiledCheckpoint.open(out))
+    assert _resident(streamed) == []
+    resident_during: list[int] = []
+    for layer in streamed.layers:
+        layer.register_forward_pre_hook(lambda *_: resident_during.append(len(_resident(streamed))))
+    tokens = torch.randint(3, 160, (2, 20), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = load(out)(input_ids=tokens, use_cache=False).logits
+        actual = streamed.model(input_ids=tokens, use_cache=False).logits
+    assert torch.equal(actual, expected), f"max diff {(actual - expected).abs().max():.3e}"
+    assert _resident(streamed) == []
+    assert max(resident_during) <= max(len(list(layer.parameters())) for layer in streamed.layers)

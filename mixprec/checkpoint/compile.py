@@ -40,7 +40,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
 
 from mixprec.checkpoint.pack import pack_codes
 from mixprec.checkpoint.qformat import (
@@ -63,6 +62,7 @@ from mixprec.core.version import __version__
 from mixprec.formats.recipe import Recipe
 from mixprec.model.loading import Checkpoint
 from mixprec.model.modelmap import ModelMap, WeightRef
+from mixprec.model.tensorfile import TensorWriter
 from mixprec.quant import QuantConfig, QuantizedWeight, quantizer_class
 from mixprec.quant.ggml import GGMLQuantizer
 from mixprec.quant.variants import Variant
@@ -210,12 +210,13 @@ def write_shards(folder: Path, plan: CompilePlan, recipe_yaml: str,
     total_bytes = 0
     names = shard_names(len(plan.shards))
     for name, entries in progress(list(zip(names, plan.shards, strict=True)), desc="compile", unit="shard"):
-        tensors: dict[str, torch.Tensor] = {}
-        for entry in entries:
-            tensors.update(produce(entry))
-        save_file(tensors, folder / name, metadata=_shard_metadata(recipe_yaml, entries))
-        weight_map.update(dict.fromkeys(tensors, name))
-        total_bytes += sum(t.numel() * t.element_size() for t in tensors.values())
+        # each entry's tensors go to disk as they are made: memory holds one matrix, not one shard
+        with TensorWriter(folder / name, _shard_metadata(recipe_yaml, entries)) as writer:
+            for entry in entries:
+                for key, tensor in produce(entry).items():
+                    writer.add(key, tensor)
+                    total_bytes += tensor.numel() * tensor.element_size()
+            weight_map.update(dict.fromkeys(writer.keys(), name))
     if len(names) > 1:
         write_index(folder, weight_map, total_bytes)
     return weight_map

@@ -23,13 +23,14 @@ from typing import Any
 import torch
 
 from mixprec.checkpoint.load import CompiledCheckpoint, is_mixprec_checkpoint, load
+from mixprec.checkpoint.streamed import StreamedCompiled, compiled_as_checkpoint
 from mixprec.core.errors import FingerprintMismatchError, MixprecError, ModelLoadError
 from mixprec.core.fileio import atomic_write_json, read_json
 from mixprec.core.kl import CONFIDENCE_BINS, KLSummary, TokenComparison, compare_logits, summarize
 from mixprec.core.progress import progress
 from mixprec.model.data import DataSpec, TokenWindows, WindowConfig, load_windows
 from mixprec.model.loading import Checkpoint, load_model
-from mixprec.model.streaming import STREAMING_MODES, StreamedModel, open_model
+from mixprec.model.streaming import STREAMING_MODES, StreamedModel, open_model, should_stream
 
 __all__ = ["EvalConfig", "EvalResult", "load_candidate", "compare_models", "evaluate", "format_table",
            "save_result"]
@@ -93,9 +94,13 @@ def _refuse_compressed_tensors(path: Path) -> None:
 
 def load_candidate(path: str | Path, dtype: torch.dtype = torch.float32,
                    streaming: str = "off") -> tuple[torch.nn.Module, str]:
-    """The model in a folder and its format: `mixprec` (compiled, dequantized on load) or `hf` (fp32 plain
-    checkpoints may be streamed, `mixprec.model.streaming`)."""
+    """The model in a folder and its format: `mixprec` (compiled: dequantized on load, or layer by layer while
+    each layer runs when streamed, `mixprec.checkpoint.streamed`) or `hf` (plain; fp32 may be streamed)."""
     if is_mixprec_checkpoint(path):
+        if dtype == torch.float32 and streaming != "off":
+            compiled = CompiledCheckpoint.open(path)
+            if should_stream(compiled_as_checkpoint(compiled), streaming, torch.device("cpu")):
+                return StreamedCompiled(compiled).model, "mixprec"
         return load(path, dtype=dtype), "mixprec"
     _refuse_compressed_tensors(Path(path))
     if dtype == torch.float32 and streaming != "off":

@@ -42,7 +42,8 @@ from mixprec.model.loading import EXPERTS_IMPLEMENTATION, Checkpoint
 from mixprec.model.modelmap import WeightRef
 from mixprec.model.tensorfile import TensorFile
 
-__all__ = ["STREAMING_MODES", "StreamedModel", "build_skeleton", "weight_bytes", "available_memory", "open_model"]
+__all__ = ["STREAMING_MODES", "StreamedModel", "build_skeleton", "weight_bytes", "available_memory", "open_model",
+           "should_stream"]
 
 log = logging.getLogger(__name__)
 
@@ -280,18 +281,25 @@ def available_memory(device: torch.device) -> int:
     return int(psutil.virtual_memory().available)
 
 
+def should_stream(checkpoint: Checkpoint, streaming: str, device: torch.device, max_memory: int | None = None) -> bool:
+    """Whether a stage runs `checkpoint` streamed under mode `streaming` (`STREAMING_MODES`)."""
+    if streaming not in STREAMING_MODES:
+        raise ModelLoadError(f"streaming mode {streaming!r} is unknown; use one of {STREAMING_MODES}")
+    if streaming != "auto":
+        return streaming == "on"
+    budget = max_memory if max_memory is not None else available_memory(device)
+    need = weight_bytes(checkpoint)
+    stream = need > _AUTO_SHARE * budget
+    log.info("model weights %.2f GB in fp32 vs memory budget %.2f GB: %s", need / 1e9, budget / 1e9,
+             "streaming one layer at a time" if stream else "loading the whole model")
+    return stream
+
+
 def open_model(checkpoint: Checkpoint, streaming: str, device: torch.device,
                max_memory: int | None = None) -> torch.nn.Module | StreamedModel:
     """The fp32 model for a stage that runs it: streamed, or loaded whole where that fits (`STREAMING_MODES`)."""
     from mixprec.model.loading import load_model
 
-    if streaming not in STREAMING_MODES:
-        raise ModelLoadError(f"streaming mode {streaming!r} is unknown; use one of {STREAMING_MODES}")
-    stream = streaming == "on"
-    if streaming == "auto":
-        budget = max_memory if max_memory is not None else available_memory(device)
-        need = weight_bytes(checkpoint)
-        stream = need > _AUTO_SHARE * budget
-        log.info("model weights %.2f GB in fp32 vs memory budget %.2f GB: %s", need / 1e9, budget / 1e9,
-                 "streaming one layer at a time" if stream else "loading the whole model")
-    return StreamedModel(checkpoint, device=device) if stream else load_model(checkpoint, device=device)
+    if should_stream(checkpoint, streaming, device, max_memory):
+        return StreamedModel(checkpoint, device=device)
+    return load_model(checkpoint, device=device)
