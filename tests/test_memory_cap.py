@@ -7,11 +7,17 @@ short while the model is large against one layer and against the run's fixed cos
 space for the bf16 noise-floor kernels alone). The streamed run measures two batches of jobs (4 jobs, each
 batch through all 40 layers) rather than the whole table, which would take 40 batches.
 
+The second test runs every stage, quantize -> measure (the whole table) -> search (two composed trials, then the
+held-out check) -> compile -> eval, each as its own capped process, on a model of fewer, wider layers (10 layers
+of 64 experts: 520 MB in bf16) so that the whole table is 20 jobs. Every stage runs with its defaults (`auto`
+streaming sees the cap through `available_memory`), and eval with `--streaming off` must fail under the same cap.
+
 Run: .venv/bin/python -m pytest tests/test_memory_cap.py -q   (about a minute on two busy cores)
 """
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -29,12 +35,10 @@ from mixprec.measure.store import STUDY_NAME
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(not sys.platform.startswith("linux"), reason="RLIMIT_DATA")]
 
 
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    folder = tmp_path_factory.mktemp("capped") / "moe"
-    config = AutoConfig.for_model("qwen3_moe", vocab_size=2048, hidden_size=512, num_hidden_layers=40,
+def _random_moe(folder: Path, layers: int, experts: int) -> Path:
+    config = AutoConfig.for_model("qwen3_moe", vocab_size=2048, hidden_size=512, num_hidden_layers=layers,
                                   num_attention_heads=8, num_key_value_heads=2, head_dim=64, intermediate_size=1024,
-                                  moe_intermediate_size=256, num_experts=16, num_experts_per_tok=4,
+                                  moe_intermediate_size=256, num_experts=experts, num_experts_per_tok=4,
                                   norm_topk_prob=True, tie_word_embeddings=False, max_position_embeddings=256)
     torch.manual_seed(0)
     # sharded as real checkpoints are: a layer's read maps only the shard(s) holding it
@@ -46,16 +50,32 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return folder
 
 
-def _mixprec(args: list[str], cap: int | None = None) -> subprocess.CompletedProcess[str]:
-    prefix = ["-m", "tests.capped_run", str(cap), args[1]] if cap is not None else ["-m", "mixprec"]
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return _random_moe(tmp_path_factory.mktemp("capped") / "moe", layers=40, experts=16)
+
+
+@pytest.fixture(scope="module")
+def wide_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return _random_moe(tmp_path_factory.mktemp("capped_wide") / "moe", layers=10, experts=64)
+
+
+def _mixprec(args: list[str], cap: int | None = None, model: Path | None = None) -> subprocess.CompletedProcess[str]:
+    """`mixprec ARGS`, under `cap` when given (`model`, default ARGS[1], is the folder whose code is preloaded)."""
+    prefix = (["-m", "tests.capped_run", str(cap), str(model or args[1])] if cap is not None
+              else ["-m", "mixprec"])
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     return subprocess.run([sys.executable, *prefix, "-q", *args], env=env, capture_output=True, text=True,
                           timeout=600, cwd=Path(__file__).parent.parent)
 
 
+def _allowance(model: Path) -> int:
+    """90% of the checkpoint's bf16 size on disk."""
+    return int(sum(f.stat().st_size for f in model.glob("model-*.safetensors")) * 0.9)
+
+
 def test_streamed_measure_fits_a_cap_below_the_bf16_checkpoint(model_dir: Path, tmp_path: Path) -> None:
-    bf16 = sum(f.stat().st_size for f in model_dir.glob("model-*.safetensors"))
-    allowance = int(bf16 * 0.9)
+    allowance = _allowance(model_dir)
     assert _mixprec(["quantize", str(model_dir), "--work", str(tmp_path), "--bits", "2", "4"]).returncode == 0
     measure = ["measure", str(model_dir), "--work", str(tmp_path), "--bits", "2", "4", "--windows", "4",
                "--seq-len", "32", "--device", "cpu", "--no-quantize", "--kinds", "routed_experts", "--max-jobs", "4",
@@ -69,3 +89,29 @@ def test_streamed_measure_fits_a_cap_below_the_bf16_checkpoint(model_dir: Path, 
     study = optuna.load_study(study_name=STUDY_NAME, storage=optuna.storages.JournalStorage(journal))
     done = [t for t in study.get_trials(deepcopy=False) if t.state.name == "COMPLETE"]
     assert len(done) == 4 and all(t.user_attrs["row"]["kl_mean"] > 0 for t in done)
+
+
+def test_every_stage_fits_a_cap_below_the_bf16_checkpoint(wide_model_dir: Path, tmp_path: Path) -> None:
+    """quantize -> measure -> search -> compile -> eval, each under the cap; the capped streamed eval gives the
+    uncapped in-memory eval's numbers."""
+    model, work, cap = wide_model_dir, tmp_path / "work", _allowance(wide_model_dir)
+    small = ["--seq-len", "32", "--device", "cpu"]
+    stages = [["quantize", str(model), "--work", str(work), "--bits", "2", "4"],
+              ["measure", str(model), "--work", str(work), "--bits", "2", "4", "--windows", "4", *small,
+               "--no-quantize", "--granularity", "layer"],
+              ["search", str(model), "--work", str(work), "--budget", "3.0", "--trials", "2", "--bits", "2", "4",
+               "--granularity", "layer", "--windows", "4", "--eval-windows", "4", *small, "--no-measure",
+               "--out", str(tmp_path / "recipe.yaml"), "--studies-dir", str(tmp_path / "studies")],
+              ["compile", str(tmp_path / "recipe.yaml"), "--model", str(model), "--work", str(work),
+               "--out", str(tmp_path / "out")]]
+    for stage in stages:
+        done = _mixprec(stage, cap=cap, model=model)
+        assert done.returncode == 0, f"{stage[0]} under the cap: {done.stderr[-3000:]}"
+    evaluate = ["eval", str(tmp_path / "out"), "--reference", str(model), "--windows", "4", "--seq-len", "32"]
+    whole = _mixprec([*evaluate, "--streaming", "off"], cap=cap, model=model)
+    assert whole.returncode != 0 and "memory" in whole.stderr.lower(), "the cap must bind: " + whole.stderr[-2000:]
+    streamed = _mixprec([*evaluate, "--json", str(tmp_path / "capped.json")], cap=cap, model=model)
+    assert streamed.returncode == 0, streamed.stderr[-3000:]
+    assert _mixprec([*evaluate, "--streaming", "off", "--json", str(tmp_path / "free.json")]).returncode == 0
+    capped, free = (json.loads((tmp_path / f"{n}.json").read_text())["summary"] for n in ("capped", "free"))
+    assert capped["kl_mean"] > 0 and json.dumps(capped) == json.dumps(free)  # text: empty buckets are NaN

@@ -273,12 +273,31 @@ def weight_bytes(checkpoint: Checkpoint, dtype: torch.dtype = torch.float32) -> 
 
 
 def available_memory(device: torch.device) -> int:
-    """Memory free for this process now: available RAM, or free memory of the CUDA device."""
+    """Memory free for this process now: free memory of the CUDA device, or available RAM, less where the
+    process's own data-size limit (RLIMIT_DATA, e.g. `ulimit -d`) leaves less, so `auto` streams under a cap."""
     if device.type == "cuda":
         return int(torch.cuda.mem_get_info(device)[0])
     import psutil
 
-    return int(psutil.virtual_memory().available)
+    free = int(psutil.virtual_memory().available)
+    limit = _data_limit_left()
+    return free if limit is None else min(free, limit)
+
+
+def _data_limit_left() -> int | None:
+    """Bytes this process may still add under RLIMIT_DATA (None: no limit, or not Linux)."""
+    try:
+        import resource
+
+        soft = resource.getrlimit(resource.RLIMIT_DATA)[0]
+        if soft == resource.RLIM_INFINITY:
+            return None
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmData:"):
+                return max(0, soft - int(line.split()[1]) * 1024)
+    except (ImportError, OSError, ValueError):
+        return None
+    return None
 
 
 def should_stream(checkpoint: Checkpoint, streaming: str, device: torch.device, max_memory: int | None = None) -> bool:

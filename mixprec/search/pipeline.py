@@ -37,10 +37,10 @@ from mixprec.core.errors import FingerprintMismatchError, MixprecError
 from mixprec.core.fileio import sha256_file
 from mixprec.core.kl import bootstrap_se, paired_difference
 from mixprec.formats.recipe import ModelRef, Recipe
-from mixprec.measure.engine.core import KLEngine, resolve_device
+from mixprec.measure.engine.core import EngineConfig, KLEngine, resolve_device
 from mixprec.model.arch import GroupKind
 from mixprec.model.data import BUNDLED_SPLITS, TokenWindows, WindowConfig, load_windows, require_disjoint
-from mixprec.model.streaming import StreamedModel, open_model
+from mixprec.model.streaming import StreamedModel, available_memory, open_model
 from mixprec.quant import QuantConfig
 from mixprec.quant.variants import Variant, ensure_variants
 from mixprec.search.costs import CostTable
@@ -183,8 +183,17 @@ class EngineCache:
             if fingerprint not in self._models:
                 # streamed (one layer resident) when the fp32 model would not fit comfortably in free memory
                 self._models[fingerprint] = open_model(inputs.checkpoint, "auto", resolve_device(device))
-            self._engines[key] = KLEngine(self._models[fingerprint], inputs.model_map, windows, variants, device)
+            model = self._models[fingerprint]
+            self._engines[key] = KLEngine(model, inputs.model_map, windows, variants, device,
+                                          self._engine_config(model, device))
         return self._engines[key]
+
+    def _engine_config(self, model: torch.nn.Module | StreamedModel, device: str) -> EngineConfig:
+        """Default caches; a streamed model was chosen because memory is short, so there every engine's caches
+        share what is free now (several engines, e.g. calibration and held-out windows, each take a share)."""
+        if not isinstance(model, StreamedModel):
+            return EngineConfig()
+        return EngineConfig().within(available_memory(resolve_device(device)) // (len(self._engines) + 2))
 
     def variant_set(self, inputs: Inputs, config: StageConfig, quant: QuantConfig,
                     widths: tuple[int, ...]) -> dict[int, Variant]:
