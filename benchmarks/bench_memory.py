@@ -8,8 +8,13 @@ Then, per model, each stage runs as its own `mixprec` process and its peak RSS i
 (`os.wait4` rusage ru_maxrss: the high-water mark, which sampling can miss) next to psutil-sampled peaks
 of anonymous memory (RSS minus file-backed pages, i.e. what cannot be dropped under pressure):
 
-    quantize --bits 2 4              once per model
+    quantize --bits 2 4              once per model (streams tensor by tensor)
     measure --streaming off / on     interleaved, --repeats times each, same variants
+    compile                          a fixed recipe (layers alternating 2 and 4 bits), written tensor by tensor
+    eval --streaming off / on        the compiled candidate against the model, both whole or both streamed
+
+`--stages` picks which run (default quantize measure; search is covered by tests/test_memory_cap.py, which
+needs a whole measurement table per model, too slow at these sizes on a small machine).
 
 Wall time and the engine's layer forwards (from summary.json) are reported too. Ratios are to the bf16
 checkpoint size on disk. The in-memory run is skipped where the fp32 model would exceed --max-in-memory.
@@ -57,6 +62,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--max-jobs", type=int, default=None,
                         help="measure only the first N jobs (two batches at layers 0-1 each run every layer: wall "
                              "time then grows with the layer count); default the whole table")
+    parser.add_argument("--stages", nargs="+", default=["quantize", "measure"],
+                        choices=["quantize", "measure", "compile", "eval"])
     parser.add_argument("--max-in-memory", type=float, default=8.0, help="skip in-memory runs above this fp32 GB")
     parser.add_argument("--out", type=Path, default=None, help="JSON results file")
     return parser.parse_args()
@@ -194,9 +201,52 @@ def bench_model(args: argparse.Namespace, layers: int) -> dict[str, object]:
     size = disk_bytes(model)
     shared = args.root / f"work-{name}-{layers}l"
     result: dict[str, object] = {"layout": args.layout, "layers": layers, "checkpoint_gb": size / 1e9}
-    if not (shared / "variants").exists():
+    if "quantize" in args.stages or not (shared / "variants").exists():
+        shutil.rmtree(shared / "variants", ignore_errors=True)
         result["quantize"] = run_stage(["quantize", str(model), "--work", str(shared), "--bits", *map(str, args.bits)])
+        print(f"{layers} layers, quantize: {result['quantize']}", flush=True)
     modes = ["off", "on"] if 2 * size / 1e9 <= args.max_in_memory else ["on"]
+    if "measure" in args.stages:
+        result["measure"] = bench_measure(args, model, name, layers, shared, modes, size)
+    if "compile" in args.stages or "eval" in args.stages:
+        result.update(bench_compile_eval(args, model, shared, modes, size))
+    return result
+
+
+def bench_compile_eval(args: argparse.Namespace, model: Path, shared: Path, modes: list[str],
+                       size: int) -> dict[str, object]:
+    """Compile a fixed mixed recipe, then evaluate it against the model whole and streamed."""
+    from mixprec.core.fileio import atomic_write_text
+    from mixprec.formats.recipe import ModelRef, Recipe
+    from mixprec.model.loading import Checkpoint
+    from mixprec.quant import QuantSettings
+
+    checkpoint = Checkpoint.open(model)
+    model_map = checkpoint.model_map("layer")
+    low, high = min(args.bits), max(args.bits)
+    groups: dict[str, int | None] = {g.name: (low if (g.layer or 0) % 2 else high) for g in model_map.select()}
+    recipe = Recipe(ModelRef(model.name, checkpoint.model_type, checkpoint.fingerprint), model_map.granularity,
+                    QuantSettings(), groups)
+    atomic_write_text(shared / "recipe.yaml", recipe.to_yaml())
+    out = shared / "compiled"
+    shutil.rmtree(out, ignore_errors=True)
+    result: dict[str, object] = {"compile": run_stage(["compile", str(shared / "recipe.yaml"), "--model", str(model),
+                                                       "--work", str(shared), "--out", str(out)])}
+    print(f"{model.name}: compile {result['compile']}", flush=True)
+    if "eval" in args.stages:
+        evals = {}
+        for mode in modes:
+            evals[mode] = run_stage(["eval", str(out), "--reference", str(model), "--windows", str(args.windows),
+                                     "--seq-len", str(args.seq_len), "--streaming", mode])
+            evals[mode]["ratio_to_bf16"] = evals[mode]["peak_rss_gb"] / (size / 1e9)
+            print(f"{model.name}: eval --streaming {mode} {evals[mode]}", flush=True)
+        result["eval"] = evals
+    return result
+
+
+def bench_measure(args: argparse.Namespace, model: Path, name: str, layers: int, shared: Path, modes: list[str],
+                  size: int) -> dict[str, object]:
+    """measure --streaming off / on, interleaved, --repeats times each, on the same variants."""
     runs: dict[str, list[dict[str, float]]] = {mode: [] for mode in modes}
     for repeat in range(args.repeats):
         for mode in modes if repeat % 2 == 0 else modes[::-1]:
@@ -210,8 +260,7 @@ def bench_model(args: argparse.Namespace, layers: int) -> dict[str, object]:
                 stats["streamed"] = json.loads(summaries[0].read_text())["engine"].get("streamed")
             runs[mode].append(stats)
             print(f"{layers} layers, streaming {mode}: {stats}", flush=True)
-    result["measure"] = {mode: _summarize(values, size) for mode, values in runs.items()}
-    return result
+    return {mode: _summarize(values, size) for mode, values in runs.items()}
 
 
 def _summarize(runs: list[dict[str, float]], size: int) -> dict[str, object]:
@@ -228,7 +277,7 @@ def main() -> None:
     args = parse_args()
     results = [bench_model(args, layers) for layers in args.layers]
     for r in results:
-        for mode, m in r["measure"].items():  # type: ignore[union-attr]
+        for mode, m in r.get("measure", {}).items():  # type: ignore[union-attr]
             print(f"{r['layers']:>3} layers ({r['checkpoint_gb']:.2f} GB bf16)  measure --streaming {mode:<3}: "
                   f"peak RSS {m['peak_rss_gb']:.2f} ± {m['peak_rss_pm']:.2f} GB = {m['ratio_to_bf16']:.2f}x "
                   f"checkpoint, anon {m['peak_anon_gb']:.2f} GB, {m['wall_s']:.0f} s")

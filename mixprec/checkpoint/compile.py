@@ -68,7 +68,7 @@ from mixprec.quant.ggml import GGMLQuantizer
 from mixprec.quant.variants import Variant
 
 __all__ = ["CompileError", "CompileConfig", "open_variants", "prepare_compile", "build_plan", "entry_tensors",
-           "write_shards", "copy_side_files", "compile_recipe"]
+           "write_shards", "copy_side_files", "compile_recipe", "per_layer"]
 
 log = logging.getLogger(__name__)
 
@@ -196,6 +196,28 @@ def _packed_tensors(entry: PlanEntry, q: QuantizedWeight) -> dict[str, torch.Ten
     return tensors
 
 
+_Produce = Callable[[PlanEntry], dict[str, torch.Tensor]]
+_LAYER = re.compile(r"\.layers\.(\d+)\.")
+
+
+def per_layer(variants: dict[int, Variant], produce: _Produce) -> _Produce:
+    """`produce`, with the variants' files unmapped whenever the plan (in natural name order) reaches another
+    layer: the pages read from a mapped variant count towards resident memory until it is closed, so without
+    this a compile's peak RSS grew with the model (by the variants' size) although each matrix is freed."""
+    current: list[str | None] = [None]
+
+    def run(entry: PlanEntry) -> dict[str, torch.Tensor]:
+        found = _LAYER.search(entry.name)
+        layer = found.group(1) if found else None
+        if layer != current[0]:
+            for variant in variants.values():
+                variant.close()
+            current[0] = layer
+        return produce(entry)
+
+    return run
+
+
 def _shard_metadata(recipe_yaml: str, entries: list[PlanEntry]) -> dict[str, str]:
     bits = {e.name: e.bits for e in entries if e.bits is not None}
     return {"format": "pt", META_RECIPE: recipe_yaml, META_RECIPE_SHA: sha256_text(recipe_yaml),
@@ -317,7 +339,8 @@ def compile_recipe(recipe: Recipe, checkpoint: Checkpoint, work_dir: str | Path,
     plan = build_plan(recipe, model_map, checkpoint, variants, config.max_shard_bytes)
     recipe_yaml = recipe.to_yaml()
     with atomic_dir(out_dir) as tmp:
-        write_shards(tmp, plan, recipe_yaml, lambda e: entry_tensors(e, checkpoint, variants, _packed_tensors))
+        write_shards(tmp, plan, recipe_yaml,
+                     per_layer(variants, lambda e: entry_tensors(e, checkpoint, variants, _packed_tensors)))
         source_config = dict(checkpoint.config)
         source_config["quantization_config"] = _quantization_config(recipe, plan, checkpoint.fingerprint)
         (tmp / "config.json").write_text(json.dumps(source_config, indent=2, sort_keys=True) + "\n")

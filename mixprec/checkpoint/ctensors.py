@@ -52,6 +52,7 @@ from mixprec.checkpoint.compile import (
     build_plan,
     copy_side_files,
     entry_tensors,
+    per_layer,
     prepare_compile,
     write_shards,
 )
@@ -360,7 +361,7 @@ def compile_ctensors(recipe: Recipe, checkpoint: Checkpoint, work_dir: str | Pat
     validated_by = _validate_with_library(qconfig)
     with atomic_dir(out_dir) as tmp:
         write_shards(tmp, plan, recipe.to_yaml(),
-                     lambda e: signs.count(entry_tensors(e, checkpoint, variants, _encode)))
+                     per_layer(variants, lambda e: signs.count(entry_tensors(e, checkpoint, variants, _encode))))
         source_config = dict(checkpoint.config) | {"quantization_config": qconfig}
         (tmp / "config.json").write_text(json.dumps(source_config, indent=2, sort_keys=True) + "\n")
         side_files = copy_side_files(checkpoint.path, tmp, set(checkpoint.files))
