@@ -154,6 +154,18 @@ def disk_bytes(folder: Path) -> int:
     return sum(f.stat().st_size for f in folder.glob("model-*.safetensors"))
 
 
+def _vm_hwm(status: Path) -> int:
+    """The process's resident high-water mark (VmHWM), in bytes.
+
+    # Note: ru_maxrss of a child counts what the forked copy of this process held before exec, so after this
+    # script generated a model in memory, small stages report this script's size; VmHWM starts again at exec.
+    """
+    for line in status.read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
 def run_stage(command: list[str]) -> dict[str, float]:
     """Run one mixprec process; its kernel peak RSS (ru_maxrss) and sampled peak anonymous RSS, in GB."""
     import psutil
@@ -162,16 +174,18 @@ def run_stage(command: list[str]) -> dict[str, float]:
     started = time.perf_counter()
     child = subprocess.Popen([sys.executable, "-m", "mixprec", "-q", *command], env=env,
                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    peak_anon = [0]
+    peak_anon, hwm = [0], [0]
     done = threading.Event()
 
     def sample() -> None:
         process = psutil.Process(child.pid)
+        status = Path(f"/proc/{child.pid}/status")
         while not done.is_set():
             try:
                 info = process.memory_full_info()
                 peak_anon[0] = max(peak_anon[0], info.rss - info.shared)
-            except psutil.Error:
+                hwm[0] = max(hwm[0], _vm_hwm(status))
+            except (psutil.Error, OSError):
                 break
             time.sleep(0.05)
 
@@ -184,8 +198,9 @@ def run_stage(command: list[str]) -> dict[str, float]:
     sampler.join()
     if child.returncode != 0:
         raise SystemExit(f"{' '.join(command)} failed:\n{stderr.decode()[-3000:]}")
-    return {"peak_rss_gb": usage.ru_maxrss * 1024 / 1e9, "peak_anon_gb": peak_anon[0] / 1e9,
-            "wall_s": time.perf_counter() - started, "cpu_s": usage.ru_utime + usage.ru_stime}
+    return {"peak_rss_gb": usage.ru_maxrss * 1024 / 1e9, "peak_hwm_gb": hwm[0] / 1e9,
+            "peak_anon_gb": peak_anon[0] / 1e9, "wall_s": time.perf_counter() - started,
+            "cpu_s": usage.ru_utime + usage.ru_stime}
 
 
 def measure_command(model: Path, work: Path, args: argparse.Namespace, streaming: str) -> list[str]:
