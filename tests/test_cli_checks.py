@@ -96,6 +96,7 @@ def test_search_does_not_overwrite_a_file_it_did_not_write(flag: str, tiny_model
     _fails([*base, flag, str(target)], capsys, flag, "--force")
     assert target.read_text() == "my notes\n" and not (tmp_path / "w").exists()
     _fails([*base, flag, str(tmp_path)], capsys, "is a folder")
+    _fails([*base, flag, "/dev/null/sub/r.yaml"], capsys, "/dev/null is not a folder")
 
 
 def test_files_mixprec_wrote_may_be_replaced(tmp_path: Path) -> None:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from mixprec.core.fileio import atomic_dir, atomic_path, atomic_write_json, atomic_write_text
+from mixprec.core.fileio import atomic_dir, atomic_path, atomic_write_json, atomic_write_text, nearest_existing
 
 
 @pytest.fixture(params=[0o022, 0o027])
@@ -81,3 +81,11 @@ def test_temporaries_of_a_killed_writer_are_removed_by_the_next_write(tmp_path: 
     with atomic_dir(tmp_path / "out") as tmp:
         (tmp / "shard").write_bytes(b"y")
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["out", live.name, other_host.name])
+
+
+def test_nearest_existing_is_where_creating_folders_would_start(tmp_path: Path) -> None:
+    (tmp_path / "a").mkdir()
+    (tmp_path / "f").write_text("x")
+    assert nearest_existing(tmp_path / "a" / "b" / "c.db") == tmp_path / "a"
+    assert nearest_existing(tmp_path / "a") == tmp_path / "a"
+    assert nearest_existing(tmp_path / "f" / "x" / "y") == tmp_path / "f"  # a file: the caller refuses it

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from mixprec.core.errors import MixprecError
+from mixprec.core.fileio import nearest_existing
 from mixprec.core.storage_url import check_storage, describe_open_error, storage_path
 from mixprec.model.data import check_seq_len
 from mixprec.model.loading import resolve_model_path
@@ -140,9 +141,7 @@ def check_out_file(path: Path | None, flag: str, ours: Callable[[Path], bool], f
         return
     if path.is_dir():
         raise MixprecError(f"{flag} {path} is a folder; give a file path")
-    ancestor = path.parent
-    while not ancestor.exists() and ancestor != ancestor.parent:
-        ancestor = ancestor.parent
+    ancestor = nearest_existing(path.parent)
     if not ancestor.is_dir():
         raise MixprecError(f"{flag} {path}: {ancestor} is not a folder, so the file cannot be written")
     if path.exists() and not force and not ours(path):

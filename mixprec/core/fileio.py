@@ -21,6 +21,7 @@ from typing import Any
 
 __all__ = [
     "clean_stale_temps",
+    "nearest_existing",
     "atomic_write_text",
     "atomic_write_json",
     "atomic_path",
@@ -242,3 +243,11 @@ def sha256_file(path: str | os.PathLike[str], chunk_bytes: int = 1 << 22) -> str
 def sha256_text(text: str) -> str:
     """Hex sha256 of a UTF-8 string."""
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def nearest_existing(path: Path) -> Path:
+    """`path` itself or its nearest ancestor that exists: where creating the missing folders would start, so
+    callers can tell before any work whether a file can be written there (it must be a folder)."""
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path

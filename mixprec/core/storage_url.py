@@ -14,6 +14,7 @@ import re
 from pathlib import Path
 
 from mixprec.core.errors import MixprecError
+from mixprec.core.fileio import nearest_existing
 
 __all__ = ["StorageError", "RDB_SCHEMES", "JOURNAL_SUFFIX", "check_storage", "storage_path", "redact",
            "describe_open_error"]
@@ -41,9 +42,7 @@ def _check_folder(path: Path, flag: str, url: str) -> None:
     """The file's folder exists or can be made: its nearest existing ancestor is a folder, the path no folder."""
     if path.is_dir():
         raise StorageError(f"{flag} {url}: {path} is a folder; name a file in it")
-    ancestor = path.parent
-    while not ancestor.exists() and ancestor != ancestor.parent:
-        ancestor = ancestor.parent
+    ancestor = nearest_existing(path.parent)
     if not ancestor.is_dir():
         raise StorageError(f"{flag} {url}: {ancestor} is not a folder, so {path} cannot be created")
 
