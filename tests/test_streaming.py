@@ -27,23 +27,27 @@ def _resident(streamed: StreamedModel) -> list[str]:
     return [name for name, p in streamed.model.named_parameters() if p.device.type != "meta"]
 
 
-@pytest.mark.parametrize("model_type", sorted(TINY_CONFIGS))
-def test_streamed_logits_equal_in_memory_bitwise(tiny_model_dirs: dict[str, Path], model_type: str) -> None:
-    """Every family (per-expert keys fused on read, Mixtral renames, MLA, tied or not): identical logits."""
-    checkpoint = Checkpoint.open(tiny_model_dirs[model_type])
-    streamed = StreamedModel(checkpoint)
+def _assert_streams_like(streamed: StreamedModel, reference: torch.nn.Module) -> None:
+    """Bitwise the reference's logits, nothing resident before or after, at most one layer during the forward."""
     assert _resident(streamed) == [], "the skeleton holds no weights"
     resident_during: list[int] = []
     for layer in streamed.layers:
         layer.register_forward_pre_hook(lambda *_: resident_during.append(len(_resident(streamed))))
     tokens = torch.randint(3, 160, (2, 20), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        expected = load_model(checkpoint)(input_ids=tokens, use_cache=False).logits
+        expected = reference(input_ids=tokens, use_cache=False).logits
         actual = streamed.model(input_ids=tokens, use_cache=False).logits
     assert torch.equal(actual, expected), f"max diff {(actual - expected).abs().max():.3e}"
     assert _resident(streamed) == [], "every weight is released after the forward"
     per_layer = max(len(list(layer.parameters())) for layer in streamed.layers)
     assert max(resident_during) <= per_layer, "at most one layer is resident while a layer runs"
+
+
+@pytest.mark.parametrize("model_type", sorted(TINY_CONFIGS))
+def test_streamed_logits_equal_in_memory_bitwise(tiny_model_dirs: dict[str, Path], model_type: str) -> None:
+    """Every family (per-expert keys fused on read, Mixtral renames, MLA, tied or not): identical logits."""
+    checkpoint = Checkpoint.open(tiny_model_dirs[model_type])
+    _assert_streams_like(StreamedModel(checkpoint), load_model(checkpoint))
 
 
 @pytest.fixture(scope="module")
@@ -183,15 +187,4 @@ def test_streamed_compiled_candidate_equals_mixprec_load_bitwise(tiny_model_dirs
     from tests.test_compile import compile_tiny
 
     _, _, out = compile_tiny(tiny_model_dirs[model_type], tmp_path)
-    streamed = StreamedCompiled(CompiledCheckpoint.open(out))
-    assert _resident(streamed) == []
-    resident_during: list[int] = []
-    for layer in streamed.layers:
-        layer.register_forward_pre_hook(lambda *_: resident_during.append(len(_resident(streamed))))
-    tokens = torch.randint(3, 160, (2, 20), generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        expected = load(out)(input_ids=tokens, use_cache=False).logits
-        actual = streamed.model(input_ids=tokens, use_cache=False).logits
-    assert torch.equal(actual, expected), f"max diff {(actual - expected).abs().max():.3e}"
-    assert _resident(streamed) == []
-    assert max(resident_during) <= max(len(list(layer.parameters())) for layer in streamed.layers)
+    _assert_streams_like(StreamedCompiled(CompiledCheckpoint.open(out)), load(out))
