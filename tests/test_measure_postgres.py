@@ -17,6 +17,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import optuna
 import pytest
 
 from mixprec.measure.run import Worker
@@ -43,38 +44,37 @@ def model_dir(tiny_model_dirs: dict[str, Path], tmp_path_factory: pytest.TempPat
     return model_with_splits(tiny_model_dirs["qwen2_moe"], tmp_path_factory.mktemp("pg") / "tiny")
 
 
-def _trials(url: str) -> list:
-    import optuna
-
+def _trials(storage: object) -> list:
     from mixprec.measure.store import STUDY_NAME
 
-    study = optuna.load_study(study_name=STUDY_NAME, storage=optuna.storages.get_storage(url))
-    return study.get_trials(deepcopy=False)
+    return optuna.load_study(study_name=STUDY_NAME, storage=storage).get_trials(deepcopy=False)
 
 
-def _held_by(url: str, pid: int) -> list:
-    """RUNNING trials whose recorded owner is process `pid`."""
-    return [t for t in _trials(url) if t.state.name == "RUNNING" and t.user_attrs.get("owner", {}).get("pid") == pid]
-
-
-def _kill_mid_job(url: str, victim: subprocess.Popen, timeout: float = 240) -> int:
+def _kill_mid_job(url: str, victim: subprocess.Popen, survivor: subprocess.Popen, timeout: float = 240) -> int:
     """SIGKILL `victim` while it holds claimed jobs whose owner is written; returns how many it held.
 
-    The victim is frozen (SIGSTOP) before its claims are read, so the count cannot change before the kill,
-    and unfrozen to try again if it was caught between a claim and its owner record.
+    Both workers are frozen (SIGSTOP) while the table is read, so neither can claim, finish or record an owner
+    between the read and the kill: the count is exact, and a check that takes long (a slow CI machine) costs
+    the workers no progress, so the victim cannot run to the end while the test is still looking. A claim
+    seen without its owner record yet (it is written just after the state) means try again.
     """
+    storage = optuna.storages.get_storage(url)  # one connection pool: a fresh one per check is slow
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         assert victim.poll() is None, "the victim finished before it could be killed; give it more jobs"
-        if _held_by(url, victim.pid):
-            victim.send_signal(signal.SIGSTOP)
-            held = _held_by(url, victim.pid)
-            ownerless = [t for t in _trials(url) if t.state.name == "RUNNING" and "owner" not in t.user_attrs]
-            if held and not ownerless:
+        for worker in (victim, survivor):
+            worker.send_signal(signal.SIGSTOP)
+        try:
+            running = [t for t in _trials(storage) if t.state.name == "RUNNING"]
+            held = [t for t in running if t.user_attrs.get("owner", {}).get("pid") == victim.pid]
+            if held and all("owner" in t.user_attrs for t in running):
                 victim.send_signal(signal.SIGKILL)
                 victim.wait()
                 return len(held)
-            victim.send_signal(signal.SIGCONT)
+        finally:
+            for worker in (victim, survivor):
+                if worker.poll() is None:
+                    worker.send_signal(signal.SIGCONT)
         time.sleep(0.05)
     raise AssertionError("the victim never held a job")
 
@@ -92,12 +92,12 @@ def test_two_workers_on_postgres_one_killed_table_complete(postgres_url: str, mo
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     victim, survivor = (subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
                         for _ in range(2))
-    held = _kill_mid_job(postgres_url, victim)
+    held = _kill_mid_job(postgres_url, victim, survivor)
     _, stderr = survivor.communicate(timeout=300)
     assert survivor.returncode == 0, stderr.decode()[-2000:]
 
     states: dict[str, int] = {}
-    for trial in _trials(postgres_url):
+    for trial in _trials(optuna.storages.get_storage(postgres_url)):
         states[trial.state.name] = states.get(trial.state.name, 0) + 1
     assert states == {"COMPLETE": expected, "FAIL": held}, "each job done once; exactly the victim's jobs redone"
     table = load_measurement(config.folder).table  # written by the survivor, which finished last
