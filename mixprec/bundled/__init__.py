@@ -28,7 +28,7 @@ def bundled_model_path() -> Path:
     if missing:
         raise FileNotFoundError(
             f"bundled model at {path} is missing {', '.join(missing)}; recreate it with "
-            f"`python -m mixprec.bundled.train --out {path}` (about 15 minutes on 2 CPU cores), "
+            f"`python -m mixprec.bundled.train --out {path}` (6 CPU-minutes on 2 cores; longer on a busy machine), "
             "or restore it from git with `git checkout -- mixprec/bundled/stdlib-moe`"
         )
     return path

@@ -1,9 +1,11 @@
 """Shape of the bundled Qwen2-MoE model and how to build it.
 
-The shape is chosen so every group kind mixprec handles exists in one small model: attention with
-q/k/v bias, a dense MLP (layer 0, through `mlp_only_layers`), routed experts (fused 3-D
-parameters), a router, and a shared expert with its sigmoid gate. It stays within 5-15M parameters
-so it trains in minutes on two CPU cores and ships as a bf16 file of about 20 MB.
+The shape is chosen so the MoE group kinds mixprec handles exist in one small model: attention with
+q/k/v bias, routed experts (fused 3-D parameters), a router, and a shared expert with its sigmoid
+gate. Every layer is MoE and top-k weights are not renormalised, the layout of Qwen2-MoE as released
+and the one llama.cpp's `qwen2moe` graph computes, so the bundled model also runs in llama.cpp
+(`dense_layers` and `norm_topk_prob` give the other layouts). It stays within 5-15M parameters so it
+trains in minutes on two CPU cores and ships as a bf16 file of about 20 MB.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ class ModelConfig:
     num_layers: int = 4
     num_heads: int = 4
     num_kv_heads: int = 2
-    dense_layers: tuple[int, ...] = (0,)
+    dense_layers: tuple[int, ...] = ()
     intermediate_size: int = 768
     num_experts: int = 8
     top_k: int = 2
@@ -38,9 +40,9 @@ class ModelConfig:
     max_position_embeddings: int = 1024
     rope_theta: float = 10000.0
     router_aux_loss_coef: float = 0.01
-    #: Renormalise the top-k routing weights to sum to one. llama.cpp's `qwen2moe` graph never does, so a
-    #: model meant to run there trains with False (and no dense layers).
-    norm_topk_prob: bool = True
+    #: Renormalise the top-k routing weights to sum to one. llama.cpp's `qwen2moe` graph never does, so the
+    #: bundled model (meant to run there too) trains with False and no dense layers.
+    norm_topk_prob: bool = False
 
     def __post_init__(self) -> None:
         if self.hidden_size % self.num_heads:

@@ -1,7 +1,12 @@
 """Train the bundled stdlib MoE model and write it, with its tokenizer and data splits, to a folder.
 
 Usage:
-    python -m mixprec.bundled.train --out mixprec/bundled/stdlib-moe [--minutes 12] [--seed 0]
+    python -m mixprec.bundled.train --out mixprec/bundled/stdlib-moe [--seed 0]
+
+The defaults rebuild the shipped model (TRAINING.json records its config): 6 CPU-minutes per thread
+within a 40-minute wall-clock budget, in the bundled layout: every layer MoE with a shared expert and no top-k
+renormalisation, which llama.cpp's `qwen2moe` graph runs (`--dense-layers 0 --norm-topk` gives the
+older layout with a dense first layer).
 
 The run: discover the stdlib corpus and split it by file; train a byte-level BPE on the train split;
 train a small Qwen2-MoE in fp32 master weights (bf16 autocast for speed) against a wall-clock
@@ -92,10 +97,11 @@ class TrainSummary:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m mixprec.bundled.train", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", type=Path, required=True, help="output folder (replaced atomically on success)")
-    p.add_argument("--minutes", type=float, default=10.0, help="training wall-clock budget in minutes")
+    p.add_argument("--minutes", type=float, default=40.0, help="training wall-clock budget in minutes")
     p.add_argument("--seed", type=int, default=0, help="seed for weight init and batch order")
-    p.add_argument("--cpu-minutes", type=float, default=None,
-                   help="also stop after this much CPU time per thread (= idle-machine minutes); for busy machines")
+    p.add_argument("--cpu-minutes", type=float, default=6.0,
+                   help="also stop after this much CPU time per thread (= idle-machine minutes), so a busy machine "
+                        "trains as far as an idle one; 0 for none")
     p.add_argument("--max-steps", type=int, default=None, help="stop after this many steps even if time is left")
     p.add_argument("--lr", type=float, default=LoopConfig.lr, help="peak AdamW learning rate")
     p.add_argument("--batch-size", type=int, default=LoopConfig.batch_size, help="windows per step")
@@ -106,7 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-bf16", action="store_true", help="train without bf16 autocast (slower, fp32 matmuls)")
     p.add_argument("--vocab-size", type=int, default=ModelConfig.vocab_size, help="BPE and model vocabulary")
     p.add_argument("--hidden-size", type=int, default=ModelConfig.hidden_size, help="model width")
-    p.add_argument("--num-layers", type=int, default=ModelConfig.num_layers, help="decoder layers (layer 0 dense)")
+    p.add_argument("--num-layers", type=int, default=ModelConfig.num_layers, help="decoder layers")
     p.add_argument("--num-experts", type=int, default=ModelConfig.num_experts, help="routed experts per MoE layer")
     p.add_argument("--intermediate-size", type=int, default=ModelConfig.intermediate_size, help="dense MLP width")
     p.add_argument("--moe-intermediate-size", type=int, default=ModelConfig.moe_intermediate_size,
@@ -114,9 +120,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shared-intermediate-size", type=int, default=ModelConfig.shared_expert_intermediate_size,
                    help="shared expert width")
     p.add_argument("--dense-layers", type=int, nargs="*", default=list(ModelConfig.dense_layers), metavar="I",
-                   help="layers with a dense MLP instead of experts (default 0; none for llama.cpp's qwen2moe)")
-    p.add_argument("--no-norm-topk", action="store_true",
-                   help="do not renormalise top-k routing weights (the layout llama.cpp's qwen2moe computes)")
+                   help="layers with a dense MLP instead of experts (default none; llama.cpp's qwen2moe needs none)")
+    p.add_argument("--norm-topk", action="store_true",
+                   help="renormalise top-k routing weights (llama.cpp's qwen2moe never does; default off)")
     p.add_argument("--corpus-root", type=Path, default=None, help="folder of .py files (default: the stdlib)")
     p.add_argument("--heldout-fraction", type=float, default=CorpusConfig.evaluation_fraction,
                    help="fraction of files in each of calibration and evaluation")
@@ -126,7 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
     """Turn parsed flags into a validated TrainConfig."""
-    cpu_budget = None if args.cpu_minutes is None else args.cpu_minutes * 60.0
+    cpu_budget = args.cpu_minutes * 60.0 if args.cpu_minutes else None
     loop = LoopConfig(
         budget_seconds=args.minutes * 60.0, cpu_budget_seconds=cpu_budget, max_steps=args.max_steps,
         lr=args.lr, batch_size=args.batch_size, seq_len=args.seq_len, warmup_steps=args.warmup_steps,
@@ -137,7 +143,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         num_experts=args.num_experts, intermediate_size=args.intermediate_size,
         moe_intermediate_size=args.moe_intermediate_size,
         shared_expert_intermediate_size=args.shared_intermediate_size,
-        dense_layers=tuple(args.dense_layers), norm_topk_prob=not args.no_norm_topk,
+        dense_layers=tuple(args.dense_layers), norm_topk_prob=args.norm_topk,
         max_position_embeddings=max(ModelConfig.max_position_embeddings, args.seq_len),
     )
     corpus = CorpusConfig(root=args.corpus_root, calibration_fraction=args.heldout_fraction,
