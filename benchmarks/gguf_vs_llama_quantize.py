@@ -8,13 +8,13 @@ mixprec's `--tensor-type-file` items (`--pure`), with token_embd / output given 
 both files differ only in how the searchable tensors are mixed. Every file is evaluated by llama.cpp
 (llama-cpp-python logits) against the fp32 transformers reference on held-out windows: KL per sequence,
 mean ± SE, and the paired difference (same tokens) with its SE. The model must be in a layout llama.cpp
-computes (train one with `python -m mixprec.bundled.train --dense-layers --no-norm-topk ...`).
+computes (the bundled model is).
 
 With --imatrix both sides get the same importance matrix: the diagonals of mixprec's calibration Hessians
 (train split, each routed expert's from its own routed tokens) are passed to `llama_model_quantize` as its
 imatrix for the ftypes, and mixprec searches `--method gguf-imatrix` variants quantized with them.
 
-Run: .venv/bin/python benchmarks/gguf_vs_llama_quantize.py MODEL --work work/llamacpp --trials 24
+Run: .venv/bin/python benchmarks/gguf_vs_llama_quantize.py [MODEL] --work work/llamacpp --trials 24
 """
 
 from __future__ import annotations
@@ -48,7 +48,8 @@ FTYPES = {"Q2_K": 10, "Q3_K_S": 11, "Q3_K_M": 12, "Q4_K_S": 14, "Q4_K_M": 15, "Q
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("model", help="model folder in a layout llama.cpp computes")
+    p.add_argument("model", nargs="?", default=None,
+                   help="model folder in a layout llama.cpp computes (default: the bundled model)")
     p.add_argument("--work", type=Path, required=True)
     p.add_argument("--ftypes", nargs="+", default=list(FTYPES), choices=list(FTYPES))
     p.add_argument("--trials", type=int, default=24)
