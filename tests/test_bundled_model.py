@@ -72,7 +72,8 @@ def test_trained_model_beats_random_init(model_dir: Path) -> None:
     trained = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, experts_implementation="eager")
     torch.manual_seed(0)
     random = AutoModelForCausalLM.from_config(trained.config, dtype=torch.float32, experts_implementation="eager")
-    assert trained.config.model_type == "qwen2_moe" and trained.config.mlp_only_layers == [] and not trained.config.norm_topk_prob
+    assert trained.config.model_type == "qwen2_moe"
+    assert trained.config.mlp_only_layers == [] and not trained.config.norm_topk_prob, "llama.cpp's qwen2moe layout"
     trained_loss = heldout_loss(trained, window, seq_len=128)
     random_loss = heldout_loss(random, window, seq_len=128)
     assert random_loss > 7.5, f"random-init loss {random_loss:.2f} should be near ln(4096) = 8.3"
