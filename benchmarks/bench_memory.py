@@ -11,12 +11,15 @@ of anonymous memory (RSS minus file-backed pages, i.e. what cannot be dropped un
     quantize --bits 2 4              once per model (streams tensor by tensor)
     measure --streaming off / on     interleaved, --repeats times each, same variants
     compile                          a fixed recipe (layers alternating 2 and 4 bits), written tensor by tensor
+    search --streaming off / on      after measuring the whole drop table once (streamed): --trials composed
+                                     trials, then the held-out check of the recipe and its baselines
     eval --streaming off / on        the compiled candidate against the model, both whole or both streamed
 
-`--stages` picks which run (default quantize measure; search is covered by tests/test_memory_cap.py, which
-needs a whole measurement table per model, too slow at these sizes on a small machine).
+`--stages` picks which run (default quantize measure).
 
-Wall time and the engine's layer forwards (from summary.json) are reported too. Ratios are to the bf16
+Wall time and layer forwards are reported too: measure and search log the engines' count (one job's pass of one
+decoder layer over all windows); eval runs every layer twice (reference and candidate); quantize and compile run
+none. Ratios are to the bf16
 checkpoint size on disk. The in-memory run is skipped where the fp32 model would exceed --max-in-memory.
 
 Usage:
@@ -30,6 +33,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import statistics
 import subprocess
@@ -63,7 +67,9 @@ def parse_args() -> argparse.Namespace:
                         help="measure only the first N jobs (two batches at layers 0-1 each run every layer: wall "
                              "time then grows with the layer count); default the whole table")
     parser.add_argument("--stages", nargs="+", default=["quantize", "measure"],
-                        choices=["quantize", "measure", "compile", "eval"])
+                        choices=["quantize", "measure", "search", "compile", "eval"])
+    parser.add_argument("--trials", type=int, default=3, help="search: completed composed trials of the study")
+    parser.add_argument("--budget", type=float, default=3.0, help="search: bits per weight")
     parser.add_argument("--max-in-memory", type=float, default=8.0, help="skip in-memory runs above this fp32 GB")
     parser.add_argument("--out", type=Path, default=None, help="JSON results file")
     return parser.parse_args()
@@ -131,12 +137,16 @@ def generate(args: argparse.Namespace, layers: int, folder: Path) -> Path:
     with torch.device("meta"):
         skeleton = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(tmp))
     shapes = {n: tuple(p.shape) for n, p in skeleton.named_parameters()}
+    # persistent buffers a real checkpoint stores too (DeepSeek's expert-score bias), zero as at initialisation
+    buffers = {n: tuple(t.shape) for n, t in skeleton.state_dict().items() if n not in shapes}
     generator = torch.Generator().manual_seed(layers)
     weight_map: dict[str, str] = {}
     total = 0
     for shard, prefix in enumerate([f"model.layers.{i}." for i in range(layers)] + [""]):
         names = [n for n in shapes if n.startswith(prefix) and (prefix or not n.startswith("model.layers."))]
         tensors = {k: v for n in names for k, v in _disk_tensors(n, shapes[n], generator).items()}
+        tensors.update({n: torch.zeros(shape) for n, shape in buffers.items()
+                        if n.startswith(prefix) and (prefix or not n.startswith("model.layers."))})
         file = f"model-{shard + 1:05d}-of-{layers + 1:05d}.safetensors"
         save_file(tensors, tmp / file, metadata={"format": "pt"})
         weight_map.update(dict.fromkeys(tensors, file))
@@ -172,7 +182,7 @@ def run_stage(command: list[str]) -> dict[str, float]:
 
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     started = time.perf_counter()
-    child = subprocess.Popen([sys.executable, "-m", "mixprec", "-q", *command], env=env,
+    child = subprocess.Popen([sys.executable, "-m", "mixprec", *command], env=env,
                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     peak_anon, hwm = [0], [0]
     done = threading.Event()
@@ -198,9 +208,11 @@ def run_stage(command: list[str]) -> dict[str, float]:
     sampler.join()
     if child.returncode != 0:
         raise SystemExit(f"{' '.join(command)} failed:\n{stderr.decode()[-3000:]}")
+    forwards = re.findall(rb"(\d+) layer forwards", stderr)  # logged by measure and search at INFO
     return {"peak_rss_gb": usage.ru_maxrss * 1024 / 1e9, "peak_hwm_gb": hwm[0] / 1e9,
             "peak_anon_gb": peak_anon[0] / 1e9, "wall_s": time.perf_counter() - started,
-            "cpu_s": usage.ru_utime + usage.ru_stime}
+            "cpu_s": usage.ru_utime + usage.ru_stime,
+            **({"layer_forwards": int(forwards[-1])} if forwards else {})}
 
 
 def measure_command(model: Path, work: Path, args: argparse.Namespace, streaming: str) -> list[str]:
@@ -223,6 +235,8 @@ def bench_model(args: argparse.Namespace, layers: int) -> dict[str, object]:
     modes = ["off", "on"] if 2 * size / 1e9 <= args.max_in_memory else ["on"]
     if "measure" in args.stages:
         result["measure"] = bench_measure(args, model, name, layers, shared, modes, size)
+    if "search" in args.stages:
+        result.update(bench_search(args, model, shared, modes, size))
     if "compile" in args.stages or "eval" in args.stages:
         result.update(bench_compile_eval(args, model, shared, modes, size))
     return result
@@ -254,8 +268,33 @@ def bench_compile_eval(args: argparse.Namespace, model: Path, shared: Path, mode
             evals[mode] = run_stage(["eval", str(out), "--reference", str(model), "--windows", str(args.windows),
                                      "--seq-len", str(args.seq_len), "--streaming", mode])
             evals[mode]["ratio_to_bf16"] = evals[mode]["peak_rss_gb"] / (size / 1e9)
+            evals[mode]["layer_forwards"] = 2 * checkpoint.model_map("layer").num_layers  # reference + candidate
             print(f"{model.name}: eval --streaming {mode} {evals[mode]}", flush=True)
         result["eval"] = evals
+    return result
+
+
+def bench_search(args: argparse.Namespace, model: Path, shared: Path, modes: list[str],
+                 size: int) -> dict[str, object]:
+    """The whole drop table (streamed; search reads it), then `search --trials N` per streaming mode: the study's
+    composed trials and the held-out check of the recipe and its baselines (one group size: no extra variants)."""
+    table = ["--windows", str(args.windows), "--seq-len", str(args.seq_len), "--bits", *map(str, args.bits),
+             "--granularity", "layer", "--device", "cpu"]
+    result: dict[str, object] = {}
+    if not list(shared.glob("measure/drop-layer/table.csv")):
+        result["measure_table"] = run_stage(["measure", str(model), "--work", str(shared), *table,
+                                             "--streaming", "on", "--no-quantize"])
+        print(f"{model.name}: whole table {result['measure_table']}", flush=True)
+    searches = {}
+    for mode in modes:
+        shutil.rmtree(shared / f"studies-{mode}", ignore_errors=True)
+        searches[mode] = run_stage(["search", str(model), "--work", str(shared), *table, "--budget", str(args.budget),
+                                    "--trials", str(args.trials), "--eval-windows", str(args.windows), "--no-measure",
+                                    "--uniform-group-sizes", "64", "--studies-dir", str(shared / f"studies-{mode}"),
+                                    "--out", str(shared / f"search-{mode}.yaml"), "--force", "--streaming", mode])
+        searches[mode]["ratio_to_bf16"] = searches[mode]["peak_rss_gb"] / (size / 1e9)
+        print(f"{model.name}: search --streaming {mode} {searches[mode]}", flush=True)
+    result["search"] = searches
     return result
 
 

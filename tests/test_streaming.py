@@ -188,3 +188,35 @@ def test_streamed_compiled_candidate_equals_mixprec_load_bitwise(tiny_model_dirs
 
     _, _, out = compile_tiny(tiny_model_dirs[model_type], tmp_path)
     _assert_streams_like(StreamedCompiled(CompiledCheckpoint.open(out)), load(out))
+
+
+def test_search_streamed_equals_in_memory(tiny_model_dirs: dict[str, Path], tmp_path: Path,
+                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """`mixprec search --streaming on --max-memory` runs its engines on a streamed model and finds the same
+    recipe with the same calibration and held-out KL as `--streaming off`."""
+    import argparse
+
+    from mixprec.cli import search_cmd
+    from mixprec.search.inputs import measure_missing, prepare
+    from mixprec.search.pipeline import EngineCache, run_stage
+    from tests.test_search import _tiny_model
+
+    model = _tiny_model(tiny_model_dirs, tmp_path, monkeypatch)
+    parser = argparse.ArgumentParser()
+    search_cmd.register(parser.add_subparsers())
+    results, models = {}, {}
+    for mode in ("off", "on"):
+        args = parser.parse_args(["search", str(model), "--work", str(tmp_path / "work"), "--bits", "2", "4",
+                                  "--windows", "4", "--seq-len", "32", "--eval-windows", "4", "--budget", "3",
+                                  "--trials", "4", "--granularity", "layer", "--uniform-group-sizes", "64",
+                                  "--studies-dir", str(tmp_path / mode), "--streaming", mode, "--max-memory", "2GB"])
+        config = search_cmd.config_from_args(args)
+        assert (config.measure.streaming, config.measure.max_memory) == (mode, 2 * 10**9)
+        measure_missing(config)
+        engines = EngineCache.for_config(config)
+        results[mode] = run_stage(config, prepare(config), engines)
+        models[mode] = list(engines._models.values())
+    assert [type(m).__name__ for m in models["on"]] == ["StreamedModel"]
+    assert not any(isinstance(m, StreamedModel) for m in models["off"])
+    assert results["on"].recipe.groups == results["off"].recipe.groups
+    assert results["on"].comparison == results["off"].comparison

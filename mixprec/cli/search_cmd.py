@@ -20,6 +20,7 @@ Advanced:
     --sampler local|tpe|random          proposal strategy (default local: budget-preserving moves)
     --export-exl3 FILE --exl3-source 4=/quants/4.0bpw ...   exllamav3 override YAML
     --export-llama-quantize FILE        llama-quantize --tensor-type-file (recipes of --method gguf*)
+    --streaming on --max-memory 24GB    one layer's weights resident at a time, caches within 24 GB
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from pathlib import Path
 
 from mixprec.checkpoint.compile import open_variants
 from mixprec.checkpoint.gguf import llama_quantize_types
+from mixprec.checkpoint.shards import parse_size
 from mixprec.cli.checks import check_out_file, check_storage_arg, check_windows, is_override_file, is_recipe_file
 from mixprec.cli.common import add_model_argument, add_work_argument, default_work_dir, print_table
 from mixprec.core.errors import MixprecError, QuantConfigError
@@ -38,6 +40,7 @@ from mixprec.formats.recipe import Budget
 from mixprec.measure.config import MeasureConfig
 from mixprec.model.loading import resolve_model_path
 from mixprec.model.modelmap import DEFAULT_GRANULARITY
+from mixprec.model.streaming import STREAMING_MODES
 from mixprec.quant import SUPPORTED_GROUP_SIZES, QuantSettings, quantizer_class, quantizer_names
 from mixprec.quant.ggml import GGMLQuantizer
 from mixprec.search.costs import Constraints, parse_settings
@@ -114,6 +117,13 @@ def _add_advanced(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--exl3-source", nargs="+", default=[], metavar="BITS=DIR",
                        help="exllamav3 quant folder per width (default: the mixprec variant folders)")
     group.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="engine device")
+    group.add_argument("--streaming", choices=STREAMING_MODES, default="auto",
+                       help="read each layer's weights from the checkpoint only while it runs (on), load the whole "
+                            "model (off), or stream when the fp32 model exceeds half of --max-memory (default auto); "
+                            "also used by the measure step")
+    group.add_argument("--max-memory", default=None, metavar="SIZE", type=parse_size,
+                       help="memory budget shared by the engines' caches, e.g. 24GB (default: the RAM / VRAM "
+                            "available when the model is opened)")
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -173,7 +183,8 @@ def config_from_args(args: argparse.Namespace, group_size: int | None = None,
         study = f"{study}-g{size}"  # one study per group size
     measure = MeasureConfig(work=work, model=args.model, mode=args.mode, bits=tuple(args.bits),
                             base_bits=args.base_bits, granularity=args.granularity, num_windows=args.windows,
-                            seq_len=args.seq_len, device=args.device,
+                            seq_len=args.seq_len, device=args.device, streaming=args.streaming,
+                            max_memory=args.max_memory,
                             quant=QuantSettings(method=args.method, group_size=size, clip_search=args.clip_search))
     constraints = Constraints(pins=parse_settings(args.pin, "--pin", allow_null=True),
                               floors=parse_settings(args.floor, "--floor"),  # type: ignore[arg-type]

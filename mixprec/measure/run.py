@@ -170,6 +170,8 @@ class Worker:
             done += len(batch)
             for _ in batch:
                 next(ticks, None)
+        if self.engine is not None:
+            log.info("%d jobs measured; %d layer forwards", done, self.engine.layer_forwards)
         return done
 
     def _measure(self, batch: list[tuple[int, Job]]) -> None:

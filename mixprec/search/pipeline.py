@@ -164,9 +164,13 @@ def _provenance(inputs: Inputs, config: StageConfig, windows: TokenWindows) -> d
 
 class EngineCache:
     """Engines (fp32 model + reference on fixed windows) kept across searches of one model and granularity,
-    so a sweep over budgets captures each reference once. Pass one to `run_stage` to share it."""
+    so a sweep over budgets captures each reference once. Pass one to `run_stage` to share it.
 
-    def __init__(self) -> None:
+    `streaming` (`STREAMING_MODES`) and `max_memory` (bytes; default what is free) choose how the fp32 model is
+    opened and, when streamed, what the engines' caches share."""
+
+    def __init__(self, streaming: str = "auto", max_memory: int | None = None) -> None:
+        self.streaming, self.max_memory = streaming, max_memory
         self._engines: dict[tuple[str, str, str, tuple[str, ...]], KLEngine] = {}
         self._models: dict[str, torch.nn.Module | StreamedModel] = {}
         self._variant_sets: dict[tuple[str, str, tuple[int, ...]], dict[int, Variant]] = {}
@@ -181,8 +185,9 @@ class EngineCache:
         if key not in self._engines:
             fingerprint = inputs.checkpoint.fingerprint
             if fingerprint not in self._models:
-                # streamed (one layer resident) when the fp32 model would not fit comfortably in free memory
-                self._models[fingerprint] = open_model(inputs.checkpoint, "auto", resolve_device(device))
+                # streamed (one layer resident) when the fp32 model would not fit comfortably in the budget
+                self._models[fingerprint] = open_model(inputs.checkpoint, self.streaming, resolve_device(device),
+                                                       self.max_memory)
             model = self._models[fingerprint]
             self._engines[key] = KLEngine(model, inputs.model_map, windows, variants, device,
                                           self._engine_config(model, device))
@@ -193,7 +198,19 @@ class EngineCache:
         share what is free now (several engines, e.g. calibration and held-out windows, each take a share)."""
         if not isinstance(model, StreamedModel):
             return EngineConfig()
-        return EngineConfig().within(available_memory(resolve_device(device)) // (len(self._engines) + 2))
+        budget = self.max_memory if self.max_memory is not None else available_memory(resolve_device(device))
+        return EngineConfig().within(budget // (len(self._engines) + 2))
+
+    @property
+    def layer_forwards(self) -> int:
+        """Decoder-layer forwards (of one job over all its windows) run by every engine of this cache so far."""
+        return sum(engine.layer_forwards for engine in self._engines.values())
+
+    @classmethod
+    def for_config(cls, config: StageConfig) -> EngineCache:
+        """An empty cache opening the model as `config`'s measurement settings say (streaming, memory budget)."""
+        measure = config.measure_config()
+        return cls(measure.streaming, measure.max_memory)
 
     def variant_set(self, inputs: Inputs, config: StageConfig, quant: QuantConfig,
                     widths: tuple[int, ...]) -> dict[int, Variant]:
@@ -322,6 +339,7 @@ def _finish(searched: _Searched, engines: EngineCache, extra: dict[str, _Candida
     if not math.isnan(best.loss):
         kl["predicted"] = best.loss
     recipe = _recipe(inputs, config, best, kl, provenance, candidates[shipped].variants)
+    log.info("search at %s: %d layer forwards so far", config.budget, engines.layer_forwards)
     return StageResult(recipe, rows, result, _Candidate(best, candidates[shipped].variants), curve,
                        {**searched.cost, "shipped": shipped})  # type: ignore[dict-item]
 
@@ -345,7 +363,7 @@ def uniform_curve(inputs: Inputs, config: StageConfig, engines: EngineCache, win
 
 def run_stage(config: StageConfig, inputs: Inputs | None = None, engines: EngineCache | None = None) -> StageResult:
     """Search, check on held-out data, and return the recipe plus the comparison table (see module doc)."""
-    engines = engines or EngineCache()
+    engines = engines or EngineCache.for_config(config)
     return _finish(_study(config, inputs or prepare(config), engines), engines)
 
 
@@ -356,7 +374,7 @@ def run_stages(configs: Sequence[StageConfig], inputs: Sequence[Inputs] | None =
     as `mixprec-g<size>`. A recipe holds one group size, so this is the recipe-level group-size choice."""
     if not configs:
         raise MixprecError("run_stages needs at least one stage configuration")
-    engines = engines or EngineCache()
+    engines = engines or EngineCache.for_config(configs[0])
     prepared = list(inputs) if inputs is not None else [prepare(c) for c in configs]
     searched = [_study(c, i, engines) for c, i in zip(configs, prepared, strict=True)]
     sizes = [s.group_size for s in searched]

@@ -65,7 +65,7 @@ def run_budgets(configs: Sequence[StageConfig], inputs: Sequence[Inputs] | None 
     results in the order of `configs`."""
     if not configs:
         raise MixprecError("run_budgets needs at least one stage configuration")
-    engines = engines or EngineCache()
+    engines = engines or EngineCache.for_config(configs[0])
     prepared = list(inputs) if inputs is not None else [prepare(c) for c in configs]
     order = sorted(range(len(configs)), key=lambda k: prepared[k].limit_bits)
     searched: dict[int, _Searched] = {}
