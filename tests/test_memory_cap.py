@@ -12,6 +12,9 @@ held-out check) -> compile -> eval, each as its own capped process, on a model o
 of 64 experts: 520 MB in bf16) so that the whole table is 20 jobs. Every stage runs with its defaults (`auto`
 streaming sees the cap through `available_memory`), and eval with `--streaming off` must fail under the same cap.
 
+The third test collects GPTQ's Hessians (`quantize --method gptq`, attention only so that little time goes to the
+solver) on the 40-layer model under the same cap: streamed it completes, on the whole fp32 model it cannot.
+
 Run: .venv/bin/python -m pytest tests/test_memory_cap.py -q   (about a minute on two busy cores)
 """
 
@@ -19,6 +22,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -28,15 +32,17 @@ import pytest
 import torch
 from optuna.storages.journal import JournalFileBackend
 from safetensors.torch import save_file
-from transformers import AutoConfig, AutoModelForCausalLM
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+from mixprec.bundled import bundled_model_path
 from mixprec.measure.store import STUDY_NAME
+from mixprec.quant.variants import Variant
 
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(not sys.platform.startswith("linux"), reason="RLIMIT_DATA")]
 
 
-def _random_moe(folder: Path, layers: int, experts: int) -> Path:
-    config = AutoConfig.for_model("qwen3_moe", vocab_size=2048, hidden_size=512, num_hidden_layers=layers,
+def _random_moe(folder: Path, layers: int, experts: int, vocab: int = 2048) -> Path:
+    config = AutoConfig.for_model("qwen3_moe", vocab_size=vocab, hidden_size=512, num_hidden_layers=layers,
                                   num_attention_heads=8, num_key_value_heads=2, head_dim=64, intermediate_size=1024,
                                   moe_intermediate_size=256, num_experts=experts, num_experts_per_tok=4,
                                   norm_topk_prob=True, tie_word_embeddings=False, max_position_embeddings=256)
@@ -52,7 +58,14 @@ def _random_moe(folder: Path, layers: int, experts: int) -> Path:
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return _random_moe(tmp_path_factory.mktemp("capped") / "moe", layers=40, experts=16)
+    """The 40-layer model, with the bundled model's tokenizer (GPTQ calibrates on tokenized stdlib text)."""
+    tokenizer = bundled_model_path()
+    vocab = max(2048, len(AutoTokenizer.from_pretrained(tokenizer, local_files_only=True)))
+    folder = _random_moe(tmp_path_factory.mktemp("capped") / "moe", layers=40, experts=16, vocab=vocab)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        if (tokenizer / name).exists():
+            shutil.copy(tokenizer / name, folder / name)
+    return folder
 
 
 @pytest.fixture(scope="module")
@@ -89,6 +102,24 @@ def test_streamed_measure_fits_a_cap_below_the_bf16_checkpoint(model_dir: Path, 
     study = optuna.load_study(study_name=STUDY_NAME, storage=optuna.storages.JournalStorage(journal))
     done = [t for t in study.get_trials(deepcopy=False) if t.state.name == "COMPLETE"]
     assert len(done) == 4 and all(t.user_attrs["row"]["kl_mean"] > 0 for t in done)
+
+
+def test_gptq_hessians_stream_under_a_cap_below_the_bf16_checkpoint(model_dir: Path, tmp_path: Path) -> None:
+    """`quantize --method gptq` collects its Hessians one layer resident at a time under the cap (the default,
+    `auto`, sees the cap); on the whole fp32 model (--streaming off) it cannot."""
+    allowance = _allowance(model_dir)
+    gptq = ["quantize", str(model_dir), "--method", "gptq", "--bits", "4", "--calib-windows", "4",
+            "--calib-seq-len", "32", "--kinds", "attention"]  # few matrices to solve: the Hessians are what streams
+    whole = _mixprec([*gptq, "--work", str(tmp_path / "whole"), "--streaming", "off"], cap=allowance)
+    assert whole.returncode != 0, "the cap must be too small for the in-memory model, or it proves nothing"
+    assert "memory" in whole.stderr.lower(), whole.stderr[-2000:]
+    streamed = _mixprec([*gptq, "--work", str(tmp_path / "streamed")], cap=allowance)
+    assert streamed.returncode == 0, streamed.stderr[-3000:]
+    folders = list((tmp_path / "streamed" / "variants").iterdir())
+    assert len(folders) == 1
+    variant = Variant.open(folders[0])
+    assert variant.config.method == "gptq" and variant.manifest.calibration is not None
+    assert len(variant.manifest.calibration["layers"]) == 41  # 40 layers + head
 
 
 def test_every_stage_fits_a_cap_below_the_bf16_checkpoint(wide_model_dir: Path, tmp_path: Path) -> None:

@@ -15,6 +15,7 @@ Usage:
     mixprec quantize --bits 2 3 4 5 6 8
     mixprec quantize path/to/model --bits 3 4 --group-size 128 --asym --work work/mymodel
     mixprec quantize --method gptq --bits 2 3 4 --calib-windows 32 --damp 0.01
+    mixprec quantize --method gptq --bits 4 --streaming on     Hessians with one layer resident at a time
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from mixprec.cli.checks import check_windows
 from mixprec.cli.common import add_model_argument, add_work_argument, default_work_dir, print_table
 from mixprec.model.arch import DEFAULT_QUANTIZED_KINDS, GroupKind
 from mixprec.model.loading import Checkpoint
+from mixprec.model.streaming import STREAMING_MODES
 from mixprec.quant import (
     SUPPORTED_BITS,
     SUPPORTED_GROUP_SIZES,
@@ -78,6 +80,9 @@ def _add_calibration_arguments(parser: argparse.ArgumentParser) -> None:
                             f"(default {'on' if GPTQSettings.act_order else 'off'})")
     calib.add_argument("--damp", type=float, default=GPTQSettings.damp,
                        help=f"Hessian dampening as a fraction of its mean diagonal (default {GPTQSettings.damp})")
+    calib.add_argument("--streaming", choices=STREAMING_MODES, default="auto",
+                       help="collect the Hessians reading each layer's weights only while it runs (on), on the "
+                            "whole fp32 model (off), or stream when it exceeds half the free memory (default auto)")
 
 
 def configs_from_args(args: argparse.Namespace) -> list[QuantConfig]:
@@ -107,7 +112,8 @@ def run(args: argparse.Namespace) -> int:
     calibration = None
     if settings is not None:
         windows = calibration_windows(checkpoint.path, settings[0], args.calib_data)
-        calibration = Calibration(checkpoint, windows, settings[0], work / "calibration", settings[1])
+        calibration = Calibration(checkpoint, windows, settings[0], work / "calibration", settings[1],
+                                  args.streaming)
     variants = ensure_variants(checkpoint, model_map, configs, work, kinds, calibration)
     rows = [{"variant": v.manifest.variant_id, "bpw": f"{v.manifest.totals.bpw:.4f}",
              "params": v.manifest.totals.params,

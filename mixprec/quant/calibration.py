@@ -31,8 +31,9 @@ from mixprec.core.fileio import atomic_dir, atomic_write_json, read_json, sha256
 from mixprec.core.progress import progress
 from mixprec.model.arch import GroupKind
 from mixprec.model.data import TokenWindows, WindowConfig, check_seq_len, load_windows, windows_from_tokens
-from mixprec.model.loading import Checkpoint, load_model
+from mixprec.model.loading import Checkpoint
 from mixprec.model.modelmap import Group, WeightRef
+from mixprec.model.streaming import STREAMING_MODES, open_model
 from mixprec.quant import QuantConfig, Quantizer, get_quantizer
 from mixprec.quant.gptq import GPTQSettings
 from mixprec.quant.hessians import HEAD_LAYER, CalibConfig, collect_hessians, hessian_key
@@ -109,11 +110,13 @@ class Calibration:
     """
 
     def __init__(self, checkpoint: Checkpoint, windows: TokenWindows, config: CalibConfig, cache_root: Path,
-                 solver: GPTQSettings | None = None) -> None:
+                 solver: GPTQSettings | None = None, streaming: str = "auto") -> None:
         if tuple(windows.tokens.shape) != (config.num_windows, config.seq_len):
             raise MixprecError(f"calibration windows are {tuple(windows.tokens.shape)} but the config asks for "
                                f"{config.num_windows} x {config.seq_len}; build them with calibration_windows()")
-        self.checkpoint, self.windows, self.config = checkpoint, windows, config
+        if streaming not in STREAMING_MODES:
+            raise MixprecError(f"streaming={streaming!r} is unknown; use one of {STREAMING_MODES}")
+        self.checkpoint, self.windows, self.config, self.streaming = checkpoint, windows, config, streaming
         self.solver = solver or GPTQSettings()
         key = sha256_text(json.dumps([checkpoint.fingerprint, windows.spec.sha256,
                                       config.fallback_tokens_per_input, _HESSIAN_INPUTS]))[:16]
@@ -137,7 +140,8 @@ class Calibration:
         if self._complete():
             return
         started = time.perf_counter()
-        model = load_model(self.checkpoint)
+        # the fp32 model, one layer resident at a time when it would not fit comfortably (STREAMING_MODES)
+        model = open_model(self.checkpoint, self.streaming, torch.device("cpu"))
         model_map = self.checkpoint.model_map("layer")
         layers: dict[str, Any] = {}
         with atomic_dir(self.cache_dir) as tmp:

@@ -18,7 +18,8 @@ calibration text also starve on held-out text. It guards against a singular, ove
 
 Layers are processed one at a time: the inputs of layer 0 are captured once, each layer runs on them
 with hooks attached, its Hessians are handed to the caller and released, and its outputs become the
-next layer's inputs. Memory is bounded by one layer's Hessians plus the calibration hidden states.
+next layer's inputs. Memory is bounded by one layer's Hessians plus the calibration hidden states, and,
+given a `StreamedModel`, one layer's weights: a model larger than memory is calibrated the way it is measured.
 
 Note: layer i's inputs come from the **fp32** model, not from already-quantized earlier layers (as
 sequential GPTQ would do). Variants are used one group at a time by measurement (one group quantized,
@@ -31,6 +32,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterator
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -39,6 +41,7 @@ import torch
 from mixprec.core.errors import MixprecError, UnsupportedArchitectureError
 from mixprec.model.arch import GroupKind
 from mixprec.model.modelmap import ModelMap
+from mixprec.model.streaming import StreamedModel
 
 __all__ = ["CalibConfig", "HessianSum", "ExpertStats", "LayerHessians", "hessian_key", "blend_hessian",
            "collect_hessians", "HEAD_LAYER"]
@@ -271,7 +274,8 @@ def _capture_inputs(model: torch.nn.Module, tokens: torch.Tensor,
         captured.append((_input_of(args, kwargs).detach(), rest))
         raise _InputsCaptured
 
-    handle = _decoder(model).layers[0].register_forward_pre_hook(hook, with_kwargs=True)
+    # prepended: on a streamed model it runs before the hook that reads layer 0, which is then never read here
+    handle = _decoder(model).layers[0].register_forward_pre_hook(hook, with_kwargs=True, prepend=True)
     try:
         for chunk in tokens.split(batch):
             try:
@@ -289,27 +293,36 @@ def _layer_params(model_map: ModelMap, layer: int) -> list[str]:
     return list(dict.fromkeys(params))
 
 
-def collect_hessians(model: torch.nn.Module, model_map: ModelMap, tokens: torch.Tensor,
+def collect_hessians(model: torch.nn.Module | StreamedModel, model_map: ModelMap, tokens: torch.Tensor,
                      config: CalibConfig, include_head: bool = True) -> Iterator[LayerHessians]:
     """Yield each decoder layer's Hessians in order (then the head's), running the fp32 model layer by layer.
 
     `tokens` [N, T] are the calibration windows. Every weight group of the map gets a Hessian except the
     embedding, whose "input" is a one-hot token (its Hessian along the hidden dimension is the identity).
+    A `StreamedModel` holds one layer's weights at a time: the layer is read once, stays resident while every
+    batch of windows runs through it and its Hessians are finished (the down-projection fallback reruns the
+    experts), and is released before the Hessians are yielded.
     """
-    decoder = _decoder(model)
+    streamed = model if isinstance(model, StreamedModel) else None
+    module = streamed.model if streamed is not None else model
+    decoder = _decoder(module)
     with torch.no_grad():
-        states = _capture_inputs(model, tokens, config.batch_windows)
+        with streamed.resident(module.get_input_embeddings()) if streamed is not None else nullcontext():
+            states = _capture_inputs(module, tokens, config.batch_windows)  # the embedding read once
         for index, layer in enumerate(decoder.layers):
-            observer = _LayerObserver(model, _layer_params(model_map, index))
-            try:
-                outputs = [layer(hidden, **kwargs) for hidden, kwargs in states]
-            finally:
-                observer.close()
-            states = [(out[0] if isinstance(out, tuple) else out, kwargs)
-                      for out, (_, kwargs) in zip(outputs, states, strict=True)]
-            yield observer.finish(index, config.fallback_tokens_per_input)
+            with streamed.resident(layer) if streamed is not None else nullcontext():
+                observer = _LayerObserver(module, _layer_params(model_map, index))
+                try:
+                    outputs = [layer(hidden, **kwargs) for hidden, kwargs in states]
+                finally:
+                    observer.close()
+                states = [(out[0] if isinstance(out, tuple) else out, kwargs)
+                          for out, (_, kwargs) in zip(outputs, states, strict=True)]
+                result = observer.finish(index, config.fallback_tokens_per_input)
+            yield result
         if include_head:
             head = HessianSum(states[0][0].shape[-1])
-            for hidden, _ in states:
-                head.add(decoder.norm(hidden))
+            with streamed.resident(decoder.norm) if streamed is not None else nullcontext():
+                for hidden, _ in states:
+                    head.add(decoder.norm(hidden))
             yield LayerHessians(HEAD_LAYER, {"lm_head.weight": head.mean()}, tokens=head.count)
