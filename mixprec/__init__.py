@@ -16,7 +16,7 @@ __all__ = ["__version__", "load"]
 def __getattr__(name: str) -> Any:
     """Lazy public names: `mixprec.load` imports torch and transformers only when first used."""
     if name == "load":
-        from mixprec.checkpoint.load import load
+        from mixprec.checkpoint.streamed import load  # whole, or one layer at a time when it does not fit
 
         return load
     raise AttributeError(f"module 'mixprec' has no attribute {name!r}")

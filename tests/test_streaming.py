@@ -245,3 +245,22 @@ def test_streamed_hessians_equal_in_memory_bitwise(tiny_model_dirs: dict[str, Pa
         assert {n: s.to_dict() for n, s in a.experts.items()} == {n: s.to_dict() for n, s in b.experts.items()}
     layer_reads = sum(len(list(layer.parameters())) for layer in streamed.layers)
     assert streamed.reads == layer_reads + 2, "each layer is read once, and the embedding and final norm"
+
+
+def test_mixprec_load_streams_a_compiled_checkpoint(tiny_model_dirs: dict[str, Path], tmp_path: Path) -> None:
+    """`mixprec.load(..., streaming="on")` gives the model class with no weight resident between forwards, whose
+    logits and greedy generation equal the whole dequantized model's; `auto` keeps a small model whole."""
+    import mixprec
+    from mixprec.checkpoint.load import load
+    from tests.test_compile import compile_tiny
+
+    _, _, out = compile_tiny(tiny_model_dirs["qwen2_moe"], tmp_path)
+    whole, streamed = load(out), mixprec.load(out, streaming="on")
+    assert type(streamed) is type(whole) and {p.device.type for p in streamed.parameters()} == {"meta"}
+    tokens = torch.randint(3, 160, (2, 12), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        assert torch.equal(streamed(input_ids=tokens).logits, whole(input_ids=tokens).logits)
+    assert torch.equal(streamed.generate(tokens[:1, :4], max_new_tokens=4, do_sample=False),
+                       whole.generate(tokens[:1, :4], max_new_tokens=4, do_sample=False))
+    assert {p.device.type for p in streamed.parameters()} == {"meta"}, "every layer released after running"
+    assert next(mixprec.load(out).parameters()).device.type == "cpu"

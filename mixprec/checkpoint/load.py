@@ -34,7 +34,7 @@ from mixprec.model.loading import EXPERTS_IMPLEMENTATION
 from mixprec.model.modelmap import WeightRef, build_model_map
 from mixprec.quant import QuantizedWeight
 
-__all__ = ["CompiledCheckpoint", "is_mixprec_checkpoint", "load"]
+__all__ = ["CompiledCheckpoint", "is_mixprec_checkpoint", "load", "dequantize_whole"]
 
 log = logging.getLogger(__name__)
 
@@ -209,7 +209,13 @@ def load(path: str | Path, dtype: torch.dtype = torch.float32, device: str | tor
         model = mixprec.load("out/stdlib-moe-3bpw")
         logits = model(input_ids).logits
     """
-    checkpoint = CompiledCheckpoint.open(path, verify_hashes)
+    return dequantize_whole(CompiledCheckpoint.open(path, verify_hashes), dtype, device)
+
+
+def dequantize_whole(checkpoint: CompiledCheckpoint, dtype: torch.dtype = torch.float32,
+                     device: str | torch.device = "cpu") -> torch.nn.Module:
+    """The opened compiled checkpoint as a whole model in `dtype`, every matrix dequantized (see `load`)."""
+    path = checkpoint.path
     model = _build_model(checkpoint.path, dtype)
     filler = _Filler(model, checkpoint)
     ignored = [key for key in checkpoint.plain_keys() if not filler.fill_plain(key)]
