@@ -1,11 +1,12 @@
 """Recipe + variants -> one Hugging Face-style checkpoint with really bit-packed integer weights.
 
 The compiled folder holds exactly the codes the search measured: every quantized matrix is taken
-from the variant of its group's bit width (`WORK/variants/<variant id>/`), never re-quantized, so
-`mixprec.load` of the result reproduces the in-memory recipe model bit for bit.
+from the variant of its group's bit width or option (`WORK/variants/<variant id>/`), never re-quantized,
+so `mixprec.load` of the result reproduces the in-memory recipe model bit for bit.
 
-Tensor layout (format version 1). For a quantized matrix stored in the source under key
-`K = <base>.weight` (per-expert keys such as `model.layers.3.mlp.experts.5.gate_proj.weight`):
+Tensor layout (format version 2; version 1 is the same with one group size for all matrices). For a
+quantized matrix stored in the source under key `K = <base>.weight` (per-expert keys such as
+`model.layers.3.mlp.experts.5.gate_proj.weight`):
 
 * `<base>.qweight`  uint8 [out, ceil(in*b/8)]: the codes as one little-endian bitstream per row
   (`mixprec.checkpoint.pack`); a row's last byte is zero-padded, the only size overhead (< 1 byte per row, none
@@ -21,7 +22,8 @@ source key; a fused source tensor is copied too unless all its matrices are quan
 
 Each shard's `__metadata__` holds `format: pt`, the recipe YAML (`mixprec.formats.recipe`), its sha256, and
 `mixprec.tensor_bits` (JSON: base -> bits for the quantized matrices in that shard). config.json
-gains `quantization_config` (quant_method `mixprec`, bits per matrix, group size, symmetry,
+gains `quantization_config` (quant_method `mixprec`, `version` 2, bits per matrix, `group_sizes` and
+`methods` per matrix (a recipe may pick them per group), the recipe's own group size, symmetry,
 fingerprints), and `mixprec_compile.json` reports predicted vs actual bytes and shard hashes.
 Everything is written into a temporary folder, re-read and verified, and only then moved into place.
 """
@@ -103,27 +105,29 @@ def _quantize_hint(checkpoint: Checkpoint, config: QuantConfig, work_dir: Path) 
     return f"mixprec quantize {checkpoint.path} " + " ".join(flags)
 
 
-def open_variants(recipe: Recipe, checkpoint: Checkpoint, work_dir: Path) -> dict[int, Variant]:
-    """The verified variant of every bit width the recipe uses, made from this model with its settings."""
-    variants: dict[int, Variant] = {}
-    for bits in sorted({b for b in recipe.groups.values() if b is not None}):
-        config = recipe.quant_config(bits)
+def open_variants(recipe: Recipe, checkpoint: Checkpoint, work_dir: Path) -> dict[Any, Variant]:
+    """The verified variant of every width or option label the recipe uses, made from this model with its
+    settings, keyed as the recipe names it."""
+    variants: dict[Any, Variant] = {}
+    for option in sorted({o for o in recipe.groups.values() if o is not None}, key=str):
+        config = recipe.quant_config(option)
         folder = Path(work_dir) / "variants" / config.variant_id
         hint = _quantize_hint(checkpoint, config, Path(work_dir))
         if not (folder / "manifest.json").exists():
-            raise CompileError(f"the recipe uses {bits} bits but variant folder {folder} is missing or "
+            used = f"{option} bits" if isinstance(option, int) else f"option {option}"
+            raise CompileError(f"the recipe uses {used} but variant folder {folder} is missing or "
                                f"unfinished; create it with `{hint}`")
         variant = Variant.open(folder, checkpoint.fingerprint)
         variant.verify()
         if variant.config != config:
             raise CompileError(f"{folder} was made with {variant.config} but the recipe needs {config}; "
                                f"re-create it with `{hint}`")
-        variants[bits] = variant
+        variants[option] = variant
     return variants
 
 
-def _assignments(recipe: Recipe, model_map: ModelMap) -> list[tuple[WeightRef, int]]:
-    return [(ref, bits) for name, bits in recipe.groups.items() if bits is not None
+def _assignments(recipe: Recipe, model_map: ModelMap) -> list[tuple[WeightRef, int | str]]:
+    return [(ref, option) for name, option in recipe.groups.items() if option is not None
             for ref in model_map.group(name).weights]
 
 
@@ -132,7 +136,7 @@ def _natural(name: str) -> list[Any]:
     return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
 
 
-def _source_keys_replaced(model_map: ModelMap, assigned: list[tuple[WeightRef, int]]) -> set[str]:
+def _source_keys_replaced(model_map: ModelMap, assigned: list[tuple[WeightRef, int | str]]) -> set[str]:
     """Source keys all of whose matrices are quantized (a fused key may be only partly quantized)."""
     covered: dict[str, int] = defaultdict(int)
     for ref, _ in assigned:
@@ -144,44 +148,46 @@ def _source_keys_replaced(model_map: ModelMap, assigned: list[tuple[WeightRef, i
     return {key for key, count in covered.items() if count == total[key]}
 
 
-def build_plan(recipe: Recipe, model_map: ModelMap, checkpoint: Checkpoint, variants: dict[int, Variant],
+def build_plan(recipe: Recipe, model_map: ModelMap, checkpoint: Checkpoint, variants: dict[Any, Variant],
                max_shard_bytes: int, sizes: SizeFn = quantized_nbytes,
                suffixes: tuple[str, ...] = ("qweight", "scales", "qzeros")) -> CompilePlan:
-    """What goes into which shard: each quantized matrix (stored as the tensors `sizes` describes) and every
-    source tensor not wholly replaced, in natural name order. `sizes` and `suffixes` describe the compiled
-    format's tensors per matrix (the mixprec format's by default)."""
+    """What goes into which shard: each quantized matrix (stored as the tensors `sizes` describes, at its own
+    option's width and group size) and every source tensor not wholly replaced, in natural name order.
+    `sizes` and `suffixes` describe the compiled format's tensors per matrix (the mixprec format's by default)."""
     assigned = _assignments(recipe, model_map)
-    entries: list[PlanEntry] = []
-    predicted = 0
-    for ref, bits in assigned:
-        variant = variants[bits]
-        if ref.unit not in variant.manifest.units:
-            raise CompileError(f"{variant.path} has no matrix {ref.unit!r} (it quantized kinds "
-                               f"{list(variant.manifest.kinds)}); re-run `mixprec quantize` with --kinds covering it")
-        predicted += variant.manifest.units[ref.unit].storage_bits
-        q = recipe.quantizer
-        entries.append(PlanEntry(quantized_base(ref), sum(sizes(ref.shape, bits, q.group_size, q.symmetric).values()),
-                                 ref, bits))
+    entries = [_quantized_entry(ref, option, variants[option], sizes) for ref, option in assigned]
     replaced = _source_keys_replaced(model_map, assigned)
     headers = {name: info for h in checkpoint_shards(checkpoint.path) for name, info in h.tensors.items()}
     copied = [PlanEntry(key, info.nbytes) for key, info in headers.items() if key not in replaced]
     ordered = sorted(entries + copied, key=lambda e: _natural(e.name))
+    predicted = sum(variants[o].manifest.units[ref.unit].storage_bits for ref, o in assigned)
     return CompilePlan(plan_shards([(e, e.nbytes) for e in ordered], max_shard_bytes),
-                       {quantized_base(ref): bits for ref, bits in assigned}, predicted,
+                       {e.name: e.bits for e in entries}, predicted,  # type: ignore[misc]
                        sum(e.nbytes for e in copied), recipe.quantizer.group_size, recipe.quantizer.symmetric,
-                       sorted(replaced), suffixes)
+                       sorted(replaced), suffixes, {e.name: e.group_size for e in entries})  # type: ignore[misc]
 
 
-def entry_tensors(entry: PlanEntry, checkpoint: Checkpoint, variants: dict[int, Variant],
+def _quantized_entry(ref: WeightRef, option: int | str, variant: Variant, sizes: SizeFn) -> PlanEntry:
+    """One quantized matrix of the plan, at its variant's width and group size."""
+    if ref.unit not in variant.manifest.units:
+        raise CompileError(f"{variant.path} has no matrix {ref.unit!r} (it quantized kinds "
+                           f"{list(variant.manifest.kinds)}); re-run `mixprec quantize` with --kinds covering it")
+    q = variant.config
+    nbytes = sum(sizes(ref.shape, q.bits, q.group_size, q.symmetric).values())
+    return PlanEntry(quantized_base(ref), nbytes, ref, q.bits, option, q.group_size)
+
+
+def entry_tensors(entry: PlanEntry, checkpoint: Checkpoint, variants: dict[Any, Variant],
                   encode: Callable[[PlanEntry, QuantizedWeight], dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
     """One plan entry's tensors: a copied tensor as stored in the source, a quantized matrix read from its
     variant (shape checked) and written by `encode`, the part each compiled format does its own way."""
     if entry.ref is None:
         return {entry.name: checkpoint.read(entry.name).contiguous()}
     assert entry.bits is not None
-    q = variants[entry.bits].quantized(entry.ref)
+    variant = variants[entry.variant_key]
+    q = variant.quantized(entry.ref)
     if tuple(q.codes.shape) != entry.ref.shape:
-        raise CompileError(f"{variants[entry.bits].path}: {entry.ref.unit} has shape {tuple(q.codes.shape)}, "
+        raise CompileError(f"{variant.path}: {entry.ref.unit} has shape {tuple(q.codes.shape)}, "
                            f"the model expects {entry.ref.shape}; re-create the variant")
     return encode(entry, q)
 
@@ -200,7 +206,7 @@ _Produce = Callable[[PlanEntry], dict[str, torch.Tensor]]
 _LAYER = re.compile(r"\.layers\.(\d+)\.")
 
 
-def per_layer(variants: dict[int, Variant], produce: _Produce) -> _Produce:
+def per_layer(variants: dict[Any, Variant], produce: _Produce) -> _Produce:
     """`produce`, with the variants' files unmapped whenever the plan (in natural name order) reaches another
     layer: the pages read from a mapped variant count towards resident memory until it is closed, so without
     this a compile's peak RSS grew with the model (by the variants' size) although each matrix is freed."""
@@ -251,6 +257,9 @@ def _quantization_config(recipe: Recipe, plan: CompilePlan, fingerprint: str) ->
             "packing": "uint8 little-endian bitstream per row", "default": None,
             "granularity": recipe.granularity.value, "groups": dict(recipe.groups),
             "bits": dict(sorted(plan.bits_map.items(), key=lambda kv: _natural(kv[0]))),
+            "group_sizes": dict(sorted(plan.group_sizes.items(), key=lambda kv: _natural(kv[0]))),
+            "methods": {e.name: recipe.quant_config(e.option).method for e in sorted(
+                plan.entries(), key=lambda e: _natural(e.name)) if e.option is not None},
             "recipe_sha256": sha256_text(recipe.to_yaml()), "model_fingerprint": fingerprint}
 
 
@@ -306,7 +315,7 @@ def _check_target(out_dir: Path, checkpoint: Checkpoint, work_dir: Path, force: 
 
 
 def prepare_compile(recipe: Recipe, checkpoint: Checkpoint, work_dir: Path, out_dir: Path,
-                    force: bool = False) -> tuple[ModelMap, dict[int, Variant]]:
+                    force: bool = False) -> tuple[ModelMap, dict[Any, Variant]]:
     """Validate everything a compile needs before writing anything: an unquantized source, a safe output
     folder, a recipe for this model, and every variant present and intact. Shared by all compiled formats."""
     if issubclass(quantizer_class(recipe.quantizer.method), GGMLQuantizer):

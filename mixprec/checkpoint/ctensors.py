@@ -127,6 +127,7 @@ def ct_tensors(module: str, q: QuantizedWeight) -> dict[str, torch.Tensor]:
 
 def _check_exportable(recipe: Recipe, model_map: ModelMap) -> None:
     """Refuse, before any work, what compressed-tensors (or vLLM) cannot represent."""
+    recipe.require_widths("the compressed-tensors export (one config group per width)")
     g = recipe.quantizer.group_size
     for name, bits in recipe.groups.items():
         if bits is None:

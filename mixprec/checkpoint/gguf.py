@@ -312,6 +312,7 @@ def compile_gguf(recipe: Recipe, checkpoint: Checkpoint, work_dir: str | Path, o
     """
     started = time.perf_counter()
     out = Path(out)
+    recipe.require_widths("GGUF (one ggml type ladder per recipe)")
     _check_out(out, checkpoint, (config or CompileConfig()).force)
     model_map = checkpoint.model_map(recipe.granularity)
     recipe.check_model(model_map, checkpoint.fingerprint)

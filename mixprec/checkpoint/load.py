@@ -25,7 +25,13 @@ import torch
 from safetensors import safe_open
 
 from mixprec.checkpoint.pack import PackError, unpack_codes
-from mixprec.checkpoint.qformat import REPORT_FILE, original_key, quantization_config_of, quantized_base
+from mixprec.checkpoint.qformat import (
+    REPORT_FILE,
+    group_size_of,
+    original_key,
+    quantization_config_of,
+    quantized_base,
+)
 from mixprec.checkpoint.shards import ShardHeader, checkpoint_shards
 from mixprec.core.errors import ModelLoadError
 from mixprec.core.fileio import read_json, sha256_file
@@ -181,7 +187,7 @@ class _Filler:
             zeros = None if q["symmetric"] else unpack_codes(self.read(f"{base}.qzeros"), bits, (ref.shape[0], groups))
         except PackError as exc:
             raise ModelLoadError(f"{self.checkpoint.key_to_file[f'{base}.qweight']}: {base}: {exc}") from exc
-        weight = QuantizedWeight(codes, self.read(f"{base}.scales"), zeros, bits, int(q["group_size"]))
+        weight = QuantizedWeight(codes, self.read(f"{base}.scales"), zeros, bits, group_size_of(q, base))
         view = ref.slice_memory(self.state[ref.param])
         self._copy(view, weight.dequantize(view.dtype), base)
         self.filled_refs.add(ref)

@@ -17,6 +17,7 @@ from mixprec.model.modelmap import WeightRef
 
 __all__ = [
     "FORMAT_VERSION",
+    "READ_VERSIONS",
     "QUANT_METHOD",
     "REPORT_FILE",
     "META_RECIPE",
@@ -27,9 +28,14 @@ __all__ = [
     "original_key",
     "quantized_nbytes",
     "quantization_config_of",
+    "group_size_of",
 ]
 
-FORMAT_VERSION = 1
+#: Version 2 records each matrix's group size (`group_sizes`) and method (`methods`), since a recipe may pick
+#: them per group (`--options`); version 1 had one group size for all. Both are read; mixprec releases that read
+#: only version 1 refuse version 2 with their "format version ... is not supported" error.
+FORMAT_VERSION = 2
+READ_VERSIONS = (1, 2)
 QUANT_METHOD = "mixprec"
 REPORT_FILE = "mixprec_compile.json"
 META_RECIPE = "mixprec.recipe"
@@ -76,10 +82,18 @@ def quantization_config_of(config: dict[str, Any], where: str) -> dict[str, Any]
         method = qconfig.get("quant_method") if isinstance(qconfig, dict) else None
         raise ModelLoadError(f"{where}: quantization_config.quant_method is {method!r}, not {QUANT_METHOD!r}; "
                              "this is not a `mixprec compile` output (load plain models with load_model)")
-    if qconfig.get("version") != FORMAT_VERSION:
+    if qconfig.get("version") not in READ_VERSIONS:
         raise ModelLoadError(f"{where}: mixprec format version {qconfig.get('version')!r} is not supported "
-                             f"(this mixprec reads version {FORMAT_VERSION}); re-compile the recipe")
+                             f"(this mixprec reads versions {READ_VERSIONS}); upgrade mixprec or re-compile the recipe")
     for key, kind in (("bits", dict), ("group_size", int), ("symmetric", bool)):
         if not isinstance(qconfig.get(key), kind):
             raise ModelLoadError(f"{where}: quantization_config.{key} is missing or not a {kind.__name__}")
+    sizes = qconfig.get("group_sizes", {})
+    if not isinstance(sizes, dict) or not all(isinstance(v, int) and v > 0 for v in sizes.values()):
+        raise ModelLoadError(f"{where}: quantization_config.group_sizes must map matrices to positive integers")
     return qconfig
+
+
+def group_size_of(qconfig: dict[str, Any], base: str) -> int:
+    """The group size of one stored matrix: its own (format version 2), else the checkpoint's one."""
+    return int(qconfig.get("group_sizes", {}).get(base, qconfig["group_size"]))

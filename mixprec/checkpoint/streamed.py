@@ -20,7 +20,7 @@ import torch
 
 from mixprec.checkpoint.load import CompiledCheckpoint, dequantize_whole
 from mixprec.checkpoint.pack import PackError, unpack_codes
-from mixprec.checkpoint.qformat import original_key, quantized_base
+from mixprec.checkpoint.qformat import group_size_of, original_key, quantized_base
 from mixprec.core.errors import ModelLoadError
 from mixprec.model.loading import Checkpoint
 from mixprec.model.modelmap import WeightRef
@@ -80,7 +80,7 @@ class StreamedCompiled(StreamedModel):
                                   (ref.shape[0], scales.shape[1])))
         except PackError as exc:
             raise ModelLoadError(f"{self.compiled.key_to_file[f'{base}.qweight']}: {base}: {exc}") from exc
-        return QuantizedWeight(codes, scales, zeros, bits, int(q["group_size"])).dequantize(self.dtype)
+        return QuantizedWeight(codes, scales, zeros, bits, group_size_of(q, base)).dequantize(self.dtype)
 
 
 def load(path: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",

@@ -40,12 +40,22 @@ _EXPECTED_DTYPE = {"qweight": "U8", "scales": "F16", "qzeros": "U8"}
 
 @dataclass(frozen=True)
 class PlanEntry:
-    """One unit written to a shard: a quantized matrix (`ref` and `bits` set) or one copied source tensor."""
+    """One unit written to a shard: a quantized matrix (`ref` and `bits` set) or one copied source tensor.
+
+    `option` is the recipe's choice for the matrix (a width, or an option label, which keys its variant) and
+    `group_size` its group size (None: the plan's)."""
 
     name: str
     nbytes: int
     ref: WeightRef | None = None
     bits: int | None = None
+    option: int | str | None = None
+    group_size: int | None = None
+
+    @property
+    def variant_key(self) -> int | str | None:
+        """The key of the matrix's variant: its option, or its width for plans made without one."""
+        return self.bits if self.option is None else self.option
 
 
 @dataclass
@@ -61,6 +71,8 @@ class CompilePlan:
     skipped_keys: list[str] = field(default_factory=list)
     #: Names of the tensors one quantized matrix is stored as (`<base>.<suffix>`), per compiled format.
     suffixes: tuple[str, ...] = ("qweight", "scales", "qzeros")
+    #: Per matrix base, its group size (every matrix; format version 2).
+    group_sizes: dict[str, int] = field(default_factory=dict)
 
     def entries(self) -> list[PlanEntry]:
         return [entry for shard in self.shards for entry in shard]
@@ -88,7 +100,8 @@ def _check_entry(folder: Path, entry: PlanEntry, plan: CompilePlan, tensors: dic
         return
     assert entry.bits is not None
     rows = entry.ref.shape[0]
-    sizes = quantized_nbytes(entry.ref.shape, entry.bits, plan.group_size, plan.symmetric)
+    sizes = quantized_nbytes(entry.ref.shape, entry.bits, plan.group_sizes.get(entry.name, plan.group_size),
+                             plan.symmetric)
     for suffix, nbytes in sizes.items():
         info = tensors.get(f"{entry.name}.{suffix}")
         if info is None or info.nbytes != nbytes or info.dtype != _EXPECTED_DTYPE[suffix] or info.shape[0] != rows:
@@ -130,18 +143,22 @@ def _quantized_bytes(headers: list[ShardHeader], bits_map: dict[str, int],
     return sizes
 
 
-def _per_bits(plan: CompilePlan, variants: dict[int, Variant]) -> dict[str, dict[str, int]]:
+def _per_bits(plan: CompilePlan, variants: dict[Any, Variant]) -> dict[str, dict[str, int]]:
+    """Matrices, weights and predicted bits per option (a width, or an option label with `--options`)."""
     table: dict[str, dict[str, int]] = {}
+    widths: dict[str, int] = {}
     for entry in plan.entries():
         if entry.ref is not None and entry.bits is not None:
-            row = table.setdefault(str(entry.bits), {"matrices": 0, "params": 0, "predicted_bits": 0})
+            key = str(entry.variant_key)
+            widths[key] = entry.bits
+            row = table.setdefault(key, {"matrices": 0, "params": 0, "predicted_bits": 0})
             row["matrices"] += 1
             row["params"] += entry.ref.numel
-            row["predicted_bits"] += variants[entry.bits].manifest.units[entry.ref.unit].storage_bits
-    return dict(sorted(table.items(), key=lambda kv: int(kv[0])))
+            row["predicted_bits"] += variants[entry.variant_key].manifest.units[entry.ref.unit].storage_bits
+    return dict(sorted(table.items(), key=lambda kv: (widths[kv[0]], kv[0])))
 
 
-def build_report(folder: Path, recipe: Recipe, checkpoint: Checkpoint, variants: dict[int, Variant],
+def build_report(folder: Path, recipe: Recipe, checkpoint: Checkpoint, variants: dict[Any, Variant],
                  plan: CompilePlan, side_files: list[str], max_shard_bytes: int, elapsed_s: float) -> dict[str, Any]:
     """Sizes (predicted vs actual), shards with hashes, inputs with fingerprints; written as mixprec_compile.json."""
     headers = checkpoint_shards(folder)
@@ -156,7 +173,8 @@ def build_report(folder: Path, recipe: Recipe, checkpoint: Checkpoint, variants:
         "model": {"path": str(checkpoint.path), "model_type": checkpoint.model_type,
                   "fingerprint": checkpoint.fingerprint},
         "variants": {str(b): {"id": v.manifest.variant_id, "path": str(v.path),
-                              "file_sha256": v.manifest.file_sha256} for b, v in sorted(variants.items())},
+                              "file_sha256": v.manifest.file_sha256}
+                     for b, v in sorted(variants.items(), key=lambda kv: str(kv[0]))},
         "quantizer": asdict(recipe.quantizer), "bits": _per_bits(plan, variants),
         "predicted": {"quantized_bytes": predicted_q, "copied_bytes": plan.copied_bytes,
                       "tensor_bytes": predicted_q + plan.copied_bytes,

@@ -24,11 +24,13 @@ Advanced:
 from __future__ import annotations
 
 import argparse
+from dataclasses import replace
 from pathlib import Path
 
 from mixprec.checkpoint.shards import parse_size
 from mixprec.cli.checks import check_storage_arg, check_windows
 from mixprec.cli.common import add_model_argument, add_work_argument, default_work_dir, print_table
+from mixprec.core.errors import MixprecError
 from mixprec.measure.config import MeasureConfig
 from mixprec.measure.engine.core import EngineConfig
 from mixprec.measure.run import run_measure
@@ -37,6 +39,7 @@ from mixprec.model.arch import DEFAULT_QUANTIZED_KINDS, GroupKind
 from mixprec.model.modelmap import DEFAULT_GRANULARITY
 from mixprec.model.streaming import STREAMING_MODES
 from mixprec.quant import SUPPORTED_BITS, SUPPORTED_GROUP_SIZES, QuantSettings, quantizer_names
+from mixprec.quant.options import parse_families
 
 __all__ = ["register", "config_from_args"]
 
@@ -70,6 +73,10 @@ def _add_advanced(parser: argparse.ArgumentParser) -> None:
                        help=f"quantizer (default {QuantSettings.method})")
     group.add_argument("--clip-search", action=argparse.BooleanOptionalAction, default=QuantSettings.clip_search,
                        help="per-group MSE clipping search instead of sign-aware absmax scales (default off)")
+    group.add_argument("--options", nargs="+", default=None, metavar="FAMILY",
+                       help="measure a table over options: one table per family, e.g. rtn-g32 rtn-g128 gptq-g64, "
+                            "on the same tokens (replaces --method/--group-size; `mixprec search --options` reads "
+                            "them together)")
     group.add_argument("--no-quantize", action="store_true",
                        help="fail instead of quantizing missing variants")
     group.add_argument("--storage", default=None, metavar="URL",
@@ -113,15 +120,33 @@ def config_from_args(args: argparse.Namespace) -> MeasureConfig:
     )
 
 
+def configs_from_args(args: argparse.Namespace) -> list[MeasureConfig]:
+    """One configuration per option family (`--options`), else the one of `config_from_args`."""
+    config = config_from_args(args)
+    if not args.options:
+        return [config]
+    return [replace(config, quant=family) for family in parse_families(args.options, config.quant)]
+
+
 def run(args: argparse.Namespace) -> int:
     check_windows(args.model, args.seq_len)
     check_storage_arg(args.storage)
-    config = config_from_args(args)
+    configs = configs_from_args(args)
+    if args.options and args.storage is not None:
+        raise MixprecError("--options measures one table per family; give each its own --storage (run them one "
+                           "by one with --method/--group-size) or leave --storage out")
+    for config in configs:
+        _measure_one(args, config)
+    return 0
+
+
+def _measure_one(args: argparse.Namespace, config: MeasureConfig) -> int:
+    """Measure (or resume) one table and print it; 1 when other workers still hold jobs of it."""
     folder = run_measure(config, workers=args.workers)
     if folder is None:
         print(f"measured this worker's share; other workers still hold jobs of {config.folder} "
               "(the last one writes the table; re-run this command to check or to take over stale jobs)")
-        return 0
+        return 1
     measurement = load_measurement(folder)
     rows = format_table(measurement)
     label = "KL(ref||q) with one group dropped" if config.mode == "drop" else (

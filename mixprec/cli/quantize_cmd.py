@@ -39,6 +39,7 @@ from mixprec.quant import (
 from mixprec.quant.calibration import Calibration, calibration_windows
 from mixprec.quant.gptq import GPTQSettings
 from mixprec.quant.hessians import CalibConfig
+from mixprec.quant.options import option_configs, parse_families
 from mixprec.quant.variants import ensure_variants
 
 __all__ = ["register", "configs_from_args", "calibration_settings"]
@@ -62,6 +63,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         choices=[k.value for k in GroupKind], metavar="KIND",
                         help="group kinds to quantize (default: attention dense_mlp shared_experts "
                              "routed_experts; add router, embedding or lm_head to include them)")
+    parser.add_argument("--options", nargs="+", default=None, metavar="FAMILY",
+                        help="option families to quantize, each at every --bits width, e.g. rtn-g32 rtn-g128 "
+                             "gptq-g64 (<method>-g<group size>; --asym/--clip-search apply to all); replaces "
+                             "--method/--group-size")
     _add_calibration_arguments(parser)
     parser.set_defaults(run=run)
 
@@ -89,12 +94,15 @@ def configs_from_args(args: argparse.Namespace) -> list[QuantConfig]:
     """Validated settings, one per requested bit width (duplicates removed, order kept)."""
     settings = QuantSettings(method=args.method, group_size=args.group_size, symmetric=not args.asym,
                              clip_search=args.clip_search)
-    return [settings.config(bits) for bits in dict.fromkeys(args.bits)]
+    widths = list(dict.fromkeys(args.bits))
+    if getattr(args, "options", None):
+        return option_configs(parse_families(args.options, settings), widths)
+    return [settings.config(bits) for bits in widths]
 
 
 def calibration_settings(args: argparse.Namespace) -> tuple[CalibConfig, GPTQSettings] | None:
-    """Validated calibration and solver settings for methods that need the Hessian, else None."""
-    if not quantizer_class(args.method).needs_hessian:
+    """Validated calibration and solver settings when some method asked for needs the Hessian, else None."""
+    if not any(quantizer_class(c.method).needs_hessian for c in configs_from_args(args)):
         return None
     return (CalibConfig(num_windows=args.calib_windows, seq_len=args.calib_seq_len),
             GPTQSettings(damp=args.damp, act_order=args.act_order))
@@ -114,7 +122,11 @@ def run(args: argparse.Namespace) -> int:
         windows = calibration_windows(checkpoint.path, settings[0], args.calib_data)
         calibration = Calibration(checkpoint, windows, settings[0], work / "calibration", settings[1],
                                   args.streaming)
-    variants = ensure_variants(checkpoint, model_map, configs, work, kinds, calibration)
+    # only the methods that need the Hessian get the calibration (it is part of their variants' identity)
+    plain = [c for c in configs if not quantizer_class(c.method).needs_hessian]
+    variants = ensure_variants(checkpoint, model_map, plain, work, kinds)
+    variants += ensure_variants(checkpoint, model_map, [c for c in configs if c not in plain], work, kinds,
+                                calibration)
     rows = [{"variant": v.manifest.variant_id, "bpw": f"{v.manifest.totals.bpw:.4f}",
              "params": v.manifest.totals.params,
              "MiB": f"{v.manifest.totals.storage_bits / 8 / 2**20:.2f}", "folder": str(v.path)}

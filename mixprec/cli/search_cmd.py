@@ -36,13 +36,14 @@ from mixprec.cli.common import add_model_argument, add_work_argument, default_wo
 from mixprec.core.errors import MixprecError, QuantConfigError
 from mixprec.formats.exl3 import recipe_to_exl3
 from mixprec.formats.llamacpp import is_tensor_type_file, write_tensor_type_file
-from mixprec.formats.recipe import Budget
+from mixprec.formats.recipe import Budget, Recipe
 from mixprec.measure.config import MeasureConfig
 from mixprec.model.loading import resolve_model_path
 from mixprec.model.modelmap import DEFAULT_GRANULARITY
 from mixprec.model.streaming import STREAMING_MODES
 from mixprec.quant import SUPPORTED_GROUP_SIZES, QuantSettings, quantizer_class, quantizer_names
 from mixprec.quant.ggml import GGMLQuantizer
+from mixprec.quant.options import option_width, parse_families
 from mixprec.search.costs import Constraints, parse_settings
 from mixprec.search.inputs import Inputs, StageConfig, check, measure_missing, prepare
 from mixprec.search.pipeline import StageResult, run_stage, run_stages
@@ -100,6 +101,10 @@ def _add_advanced(parser: argparse.ArgumentParser) -> None:
                        help=f"quantizer (default {QuantSettings.method})")
     group.add_argument("--clip-search", action=argparse.BooleanOptionalAction, default=QuantSettings.clip_search,
                        help="RTN per-group MSE clipping search (default off)")
+    group.add_argument("--options", nargs="+", default=None, metavar="FAMILY",
+                       help="search options beyond bits: each group picks width, method and group size jointly "
+                            "among these families, each at every --bits width, e.g. rtn-g32 rtn-g128 gptq-g64 "
+                            "(measured one table per family; GPTQ variants need `mixprec quantize --options` first)")
     group.add_argument("--uniform-group-sizes", type=int, nargs="+", default=list(SUPPORTED_GROUP_SIZES),
                        metavar="G", help="group sizes of the uniform quants the nearest-uniform baseline is picked "
                                          f"from (default {' '.join(map(str, SUPPORTED_GROUP_SIZES))})")
@@ -181,11 +186,18 @@ def config_from_args(args: argparse.Namespace, group_size: int | None = None,
         study = f"{args.study}-{_label(budget)}"  # one study per budget of a sweep
     if len(sizes) > 1 or (size != 64 and not args.study):
         study = f"{study}-g{size}"  # one study per group size
+    quant = QuantSettings(method=args.method, group_size=size, clip_search=args.clip_search)
+    families = parse_families(args.options, quant) if args.options else ()
+    if families:
+        if len(sizes) > 1:
+            raise MixprecError("--options picks the group size per group; give the sizes as option families "
+                               "(e.g. --options rtn-g32 rtn-g64 rtn-g128) instead of several --group-size")
+        quant = families[0]
+        study = f"{study}-o" + "-".join(f"{f.method}{f.group_size}" for f in families)  # one study per option set
     measure = MeasureConfig(work=work, model=args.model, mode=args.mode, bits=tuple(args.bits),
                             base_bits=args.base_bits, granularity=args.granularity, num_windows=args.windows,
                             seq_len=args.seq_len, device=args.device, streaming=args.streaming,
-                            max_memory=args.max_memory,
-                            quant=QuantSettings(method=args.method, group_size=size, clip_search=args.clip_search))
+                            max_memory=args.max_memory, quant=quant)
     constraints = Constraints(pins=parse_settings(args.pin, "--pin", allow_null=True),
                               floors=parse_settings(args.floor, "--floor"),  # type: ignore[arg-type]
                               ceilings=parse_settings(args.ceiling, "--ceiling"))  # type: ignore[arg-type]
@@ -194,7 +206,8 @@ def config_from_args(args: argparse.Namespace, group_size: int | None = None,
     return StageConfig(work=work, budget=budget, model=args.model, granularity=args.granularity, measure=measure,
                        constraints=constraints, search=search, eval_windows=args.eval_windows,
                        eval_seq_len=args.seq_len, eval_files=tuple(args.eval_data or ()), device=args.device,
-                       uniform_group_sizes=tuple(dict.fromkeys(args.uniform_group_sizes)), gain_curve=args.gain)
+                       uniform_group_sizes=tuple(dict.fromkeys(args.uniform_group_sizes)), gain_curve=args.gain,
+                       options=families)
 
 
 def configs_from_args(args: argparse.Namespace) -> list[StageConfig]:
@@ -264,6 +277,22 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _write_exl3(recipe: Recipe, inputs: Inputs, config: StageConfig, sources: dict[int, str], out: Path) -> None:
+    """exllamav3 overrides hold one width per group: option labels are mapped to their widths (exllamav3 quantizes
+    with its own trellis, so a group size or method has no meaning there), and said so."""
+    variants = open_variants(recipe, inputs.checkpoint, config.work)
+    dirs = sources or {option_width(k): str(Path(v.path).resolve()) for k, v in sorted(variants.items(), key=_key)}
+    recipe_to_exl3(recipe.widths(), inputs.model_map, dirs).save(out)
+    if recipe.uses_options and not sources:
+        print("note: exllamav3 holds bits only; the recipe's options were mapped to their widths (group size "
+              "and method dropped), with one variant folder per width as its source (give --exl3-source)")
+    print(f"wrote {out}")
+
+
+def _key(item: tuple[object, object]) -> str:
+    return str(item[0])
+
+
 def _write(args: argparse.Namespace, config: StageConfig, inputs: Inputs, result: StageResult,
            sources: dict[int, str]) -> None:
     """Print one budget's comparison and write its recipe (and exllamav3 overrides)."""
@@ -273,10 +302,7 @@ def _write(args: argparse.Namespace, config: StageConfig, inputs: Inputs, result
     print(f"wrote {out} (group size {result.recipe.quantizer.group_size}; shipped {result.cost.get('shipped')}; "
           f"study {result.search.study_name} in {result.search.storage_url})")
     if exl3 is not None:
-        variants = open_variants(result.recipe, inputs.checkpoint, config.work)
-        dirs = sources or {b: str(Path(v.path).resolve()) for b, v in variants.items()}
-        recipe_to_exl3(result.recipe.groups, inputs.model_map, dirs).save(exl3)
-        print(f"wrote {exl3}")
+        _write_exl3(result.recipe, inputs, config, sources, exl3)
     llama = _llama_path(args, config.budget)
     if llama is not None:
         write_tensor_type_file(str(llama), llama_quantize_types(result.recipe, inputs.checkpoint))

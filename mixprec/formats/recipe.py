@@ -1,4 +1,4 @@
-"""The recipe: a versioned, ordered map from weight group to bit width, written as YAML.
+"""The recipe: a versioned, ordered map from weight group to bit width (or option), written as YAML.
 
 A recipe is what the search writes and what `mixprec compile` reads. It names groups exactly as
 the model map does (`layers.3.attn`, `layers.3.experts.down`, ...) at one granularity; `null` keeps a
@@ -22,6 +22,12 @@ Example::
     provenance: {solver: dp}
     kl: {predicted: 0.0123, evaluation: 0.0119}
 
+A group may also name an option label instead of a width (`layers.0.attn: gptq-b4-g32`,
+`mixprec.quant.options`): that width at its own method and group size, with the `quantizer:` section's
+symmetry and clip settings. A recipe that uses a label is written as schema version 2 (older mixprec
+versions refuse it with their schema-version error); one with widths only stays version 1, so both
+load here.
+
 Only `yaml.safe_load` is used; unknown keys and group names get errors naming the nearest valid ones.
 """
 
@@ -38,10 +44,13 @@ from mixprec.core.fileio import atomic_write_text, dump_yaml, parse_yaml, read_y
 from mixprec.model.arch import DEFAULT_QUANTIZED_KINDS
 from mixprec.model.modelmap import Granularity, ModelMap
 from mixprec.quant import QuantConfig, QuantSettings, quantizer_class
+from mixprec.quant.options import OptionKey, is_option_label, option_config, option_width
 
-__all__ = ["RECIPE_SCHEMA_VERSION", "RecipeError", "ModelRef", "Budget", "Recipe"]
+__all__ = ["RECIPE_SCHEMA_VERSION", "RECIPE_SCHEMA_VERSIONS", "RecipeError", "ModelRef", "Budget", "Recipe"]
 
-RECIPE_SCHEMA_VERSION = 1
+#: The version written when a recipe names option labels; widths-only recipes are written as version 1.
+RECIPE_SCHEMA_VERSION = 2
+RECIPE_SCHEMA_VERSIONS = (1, 2)
 _KIND = "mixprec.recipe"
 
 
@@ -95,12 +104,13 @@ class Budget:
 
 @dataclass(frozen=True)
 class Recipe:
-    """Group -> bits (None keeps the original precision), plus what the recipe is for and where it came from."""
+    """Group -> bits or option label (None keeps the original precision), plus what the recipe is for and
+    where it came from."""
 
     model: ModelRef
     granularity: Granularity
     quantizer: QuantSettings
-    groups: dict[str, int | None]
+    groups: dict[str, OptionKey]
     budget: Budget | None = None
     achieved: dict[str, float] = field(default_factory=dict)
     provenance: dict[str, Any] = field(default_factory=dict)
@@ -110,13 +120,39 @@ class Recipe:
         object.__setattr__(self, "quantizer", self.quantizer.settings)  # a QuantConfig's width is no recipe's
         supported = quantizer_class(self.quantizer.method).supported_bits
         for name, bits in self.groups.items():
-            if bits is not None and (type(bits) is not int or bits not in supported):
-                raise RecipeError(f"group {name!r}: bits {bits!r} is not one of {supported} (an integer) or null")
+            if is_option_label(bits):
+                self._check_label(name, str(bits))
+            elif bits is not None and (type(bits) is not int or bits not in supported):
+                raise RecipeError(f"group {name!r}: bits {bits!r} is not one of {supported} (an integer), an "
+                                  "option label such as gptq-b4-g32, or null")
+
+    def _check_label(self, name: str, label: str) -> None:
+        try:
+            option_config(label, self.quantizer)
+        except QuantConfigError as exc:
+            raise RecipeError(f"group {name!r}: option {label!r}: {exc}") from exc
+
+    @property
+    def uses_options(self) -> bool:
+        """Whether some group names an option label (a width at its own method or group size)."""
+        return any(isinstance(o, str) for o in self.groups.values())
+
+    def widths(self) -> dict[str, int | None]:
+        """Group -> bit width, with each option label reduced to its width (for bits-only formats)."""
+        return {name: None if o is None else option_width(o) for name, o in self.groups.items()}
+
+    def require_widths(self, target: str) -> None:
+        """Refuse a recipe with option labels for a format that holds one group size and method for all."""
+        if self.uses_options:
+            used = sorted({str(o) for o in self.groups.values() if isinstance(o, str)})
+            raise RecipeError(f"{target} holds one group size and method per checkpoint, but the recipe picks "
+                              f"them per group ({', '.join(used[:3])}); compile it in the mixprec format, or search "
+                              "without --options")
 
     # -- YAML -------------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
         return {
-            "schema_version": RECIPE_SCHEMA_VERSION,
+            "schema_version": RECIPE_SCHEMA_VERSION if self.uses_options else 1,
             "kind": _KIND,
             "model": asdict(self.model),
             "granularity": self.granularity.value,
@@ -141,9 +177,9 @@ class Recipe:
             raise RecipeError(f"{where}: expected a mapping at the top level, got {type(data).__name__}")
         top = [f.name for f in fields(cls)] + ["schema_version", "kind"]
         _check_keys(where, data, top, ["schema_version", "model", "granularity", "quantizer", "groups"])
-        if data["schema_version"] != RECIPE_SCHEMA_VERSION:
+        if data["schema_version"] not in RECIPE_SCHEMA_VERSIONS:
             raise RecipeError(f"{where}: schema_version {data['schema_version']!r} is not supported "
-                              f"(this mixprec reads version {RECIPE_SCHEMA_VERSION})")
+                              f"(this mixprec reads versions {RECIPE_SCHEMA_VERSIONS})")
         if data.get("kind", _KIND) != _KIND:
             raise RecipeError(f"{where}: kind {data['kind']!r} is not {_KIND!r}; is this an exllamav3 override "
                               "YAML? Convert it with the exllamav3 importer")
@@ -170,8 +206,9 @@ class Recipe:
         return cls.from_dict(*read_yaml(path, "recipe", RecipeError))
 
     # -- checks against a model ------------------------------------------------------------------
-    def quant_config(self, bits: int) -> QuantConfig:
-        return self.quantizer.config(bits)
+    def quant_config(self, option: int | str) -> QuantConfig:
+        """The settings of one width or option label under the recipe's shared settings."""
+        return option_config(option, self.quantizer)
 
     def check_model(self, model_map: ModelMap, fingerprint: str | None = None) -> None:
         """Refuse a recipe for another model, of another granularity, or with unknown or missing groups."""
@@ -225,7 +262,7 @@ def _numbers(where: str, data: dict[str, Any], key: str) -> dict[str, float]:
     return value
 
 
-def _groups(where: str, groups: Any) -> dict[str, int | None]:
+def _groups(where: str, groups: Any) -> dict[str, OptionKey]:
     if not isinstance(groups, dict) or not groups:
         raise RecipeError(f"{where}: 'groups' must be a non-empty mapping of group name to bits")
-    return {str(name): bits for name, bits in groups.items()}
+    return {str(name): str(bits) if isinstance(bits, str) else bits for name, bits in groups.items()}

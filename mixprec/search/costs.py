@@ -29,6 +29,7 @@ from mixprec.formats.recipe import Budget
 from mixprec.model.arch import GroupKind
 from mixprec.model.modelmap import Group, ModelMap, nearest_names
 from mixprec.quant import QuantConfig, storage_bits
+from mixprec.quant.options import OptionKey, is_option_label, option_width
 from mixprec.quant.variants import Variant
 
 __all__ = [
@@ -50,7 +51,8 @@ _GIB_BITS = 8 * 2**30
 _SHORT_KINDS = {"attn": GroupKind.ATTENTION, "experts": GroupKind.ROUTED_EXPERTS,
                 "shared": GroupKind.SHARED_EXPERTS, "mlp": GroupKind.DENSE_MLP}
 
-Option = int | None
+#: A group's choice: a width (int), an option label such as `gptq-b4-g32` (`--options`), or None.
+Option = OptionKey
 
 
 class BudgetError(MixprecError):
@@ -63,13 +65,13 @@ class InfeasibleBudgetError(BudgetError):
 
 @dataclass(frozen=True)
 class GroupCost:
-    """One searchable group and its exact storage at every option (bits -> storage bits)."""
+    """One searchable group and its exact storage at every option (width or option label -> storage bits)."""
 
     name: str
     kind: GroupKind
     layer: int | None
     params: int
-    bits: dict[int, int]
+    bits: dict[Option, int]
 
     def cost(self, option: Option) -> int:
         if option is None:
@@ -78,7 +80,8 @@ class GroupCost:
             return self.bits[option]
         except KeyError:
             raise BudgetError(f"group {self.name!r} has no {option}-bit variant; available: "
-                              f"{sorted(self.bits)} (quantize that width with `mixprec quantize --bits`)") from None
+                              f"{sorted(self.bits, key=str)} (quantize it with `mixprec quantize --bits` "
+                              "and the same --options)") from None
 
 
 @dataclass(frozen=True)
@@ -86,7 +89,7 @@ class CostTable:
     """Exact costs of every searchable group, in model-map order, from the variants' manifests."""
 
     groups: tuple[GroupCost, ...]
-    variant_ids: dict[int, str] = field(default_factory=dict)
+    variant_ids: dict[Option, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "_by_name", {g.name: g for g in self.groups})
@@ -94,36 +97,37 @@ class CostTable:
             raise BudgetError("no searchable groups: the variants quantized none of the model map's groups")
 
     @classmethod
-    def from_variants(cls, model_map: ModelMap, variants: Mapping[int, Variant]) -> CostTable:
-        """Costs of the groups every variant quantized (the variants' `kinds`), read from their manifests."""
+    def from_variants(cls, model_map: ModelMap, variants: Mapping[Option, Variant]) -> CostTable:
+        """Costs of the groups every variant quantized (the variants' `kinds`), read from their manifests;
+        the variants are keyed by width, or by option label when the search picks among options."""
         if not variants:
             raise BudgetError("no variants given; run `mixprec quantize --bits 2 3 4 5 6 8` first")
         kinds = {GroupKind(k) for v in variants.values() for k in v.manifest.kinds}
         groups: list[Group] = model_map.select(kinds)
         costs = tuple(GroupCost(g.name, g.kind, g.layer, g.num_params,
-                                {bits: variants[bits].storage_bits(g) for bits in sorted(variants)})
+                                {key: variants[key].storage_bits(g) for key in sorted(variants, key=_order)})
                       for g in groups)
-        return cls(costs, {bits: v.manifest.variant_id for bits, v in sorted(variants.items())})
+        return cls(costs, {key: variants[key].manifest.variant_id for key in sorted(variants, key=_order)})
 
     @classmethod
-    def from_configs(cls, model_map: ModelMap, configs: Mapping[int, QuantConfig],
+    def from_configs(cls, model_map: ModelMap, configs: Mapping[Option, QuantConfig],
                      kinds: Iterable[GroupKind]) -> CostTable:
         """The same table computed from quantizer settings (`mixprec.quant.storage_bits`, exact per matrix),
         for validating a budget before any variant exists; the search itself uses `from_variants`."""
-        ordered = sorted(configs.items())
+        ordered = sorted(configs.items(), key=lambda kv: _order(kv[0]))
         costs = tuple(GroupCost(g.name, g.kind, g.layer, g.num_params,
                                 {b: sum(storage_bits(c, r.shape) for r in g.weights) for b, c in ordered})
                       for g in model_map.select(kinds))
-        return cls(costs, {b: c.variant_id for b, c in sorted(configs.items())})
+        return cls(costs, {b: c.variant_id for b, c in ordered})
 
     @property
     def names(self) -> list[str]:
         return [g.name for g in self.groups]
 
     @property
-    def levels(self) -> list[int]:
-        """Bit widths available to every group."""
-        return sorted(set.intersection(*(set(g.bits) for g in self.groups)))
+    def levels(self) -> list[Option]:
+        """Options (widths or labels) available to every group."""
+        return sorted(set.intersection(*(set(g.bits) for g in self.groups)), key=_order)
 
     @property
     def params(self) -> int:
@@ -165,6 +169,11 @@ class CostTable:
         return []
 
 
+def _order(option: Option) -> tuple[int, str]:
+    """Sort key of options: by width, then by label (widths and labels never mix in one table)."""
+    return option_width(option), str(option)
+
+
 def budget_limit_bits(budget: Budget, table: CostTable) -> int:
     """The largest storage (bits) the budget allows over the searched weights."""
     if budget.bpw is not None:
@@ -173,7 +182,8 @@ def budget_limit_bits(budget: Budget, table: CostTable) -> int:
 
 
 def parse_settings(items: Iterable[str], flag: str, allow_null: bool = False) -> dict[str, Option]:
-    """`["attention=5", "layers.0.*=8"]` -> {selector: bits}; errors name the flag and the bad item."""
+    """`["attention=5", "layers.0.*=8"]` -> {selector: bits}; errors name the flag and the bad item. A pin may
+    name an option label (`attention=gptq-b6-g32`) when the search picks among options."""
     result: dict[str, Option] = {}
     for item in items:
         selector, sep, value = item.partition("=")
@@ -181,6 +191,9 @@ def parse_settings(items: Iterable[str], flag: str, allow_null: bool = False) ->
             raise BudgetError(f"{flag} {item!r}: expected SELECTOR=BITS, e.g. {flag} attention=5")
         if allow_null and value.lower() in ("null", "none"):
             result[selector] = None
+            continue
+        if allow_null and is_option_label(value):
+            result[selector] = value
             continue
         try:
             result[selector] = int(value)
@@ -193,7 +206,7 @@ def parse_settings(items: Iterable[str], flag: str, allow_null: bool = False) ->
 class Constraints:
     """Pins (exact option), floors and ceilings (bit bounds) by selector; later selectors override earlier."""
 
-    pins: dict[str, Option] = field(default_factory=dict)
+    pins: dict[str, Option] = field(default_factory=dict)  # width, option label or None
     floors: dict[str, int] = field(default_factory=dict)
     ceilings: dict[str, int] = field(default_factory=dict)
 
@@ -210,7 +223,7 @@ class Constraints:
                 allowed[g.name] = (option,)
                 continue
             lo, hi = floor.get(g.name, 0), ceiling.get(g.name, 99)
-            allowed[g.name] = tuple(b for b in sorted(g.bits, key=g.cost) if lo <= b <= hi)
+            allowed[g.name] = tuple(b for b in sorted(g.bits, key=g.cost) if lo <= option_width(b) <= hi)
             if not allowed[g.name]:
                 raise BudgetError(f"group {g.name!r}: no width satisfies floor {lo} and ceiling {hi}; "
                                   f"available widths: {sorted(g.bits)}")

@@ -22,6 +22,7 @@ from mixprec.model.data import WindowConfig
 from mixprec.model.loading import Checkpoint
 from mixprec.model.modelmap import DEFAULT_GRANULARITY, Granularity, ModelMap
 from mixprec.quant import SUPPORTED_GROUP_SIZES, QuantConfig, QuantSettings, quantizer_class, storage_bits
+from mixprec.quant.options import option_configs, option_label, option_width
 from mixprec.quant.variants import Variant
 from mixprec.search.costs import Constraints, CostTable, Option, budget_limit_bits, check_feasible
 from mixprec.search.estimate import measurement_losses
@@ -37,8 +38,8 @@ from mixprec.search.solve import (
 )
 from mixprec.search.study import SearchConfig
 
-__all__ = ["StageConfig", "Inputs", "UniformQuant", "check", "measure_missing", "prepare", "baselines", "uniform_grid",
-           "nearest_uniform", "seeds"]
+__all__ = ["StageConfig", "Inputs", "restrict", "UniformQuant", "check", "measure_missing", "prepare", "baselines",
+           "uniform_grid", "nearest_uniform", "seeds"]
 
 log = logging.getLogger(__name__)
 
@@ -60,12 +61,24 @@ class StageConfig:
     device: str = "auto"
     uniform_group_sizes: tuple[int, ...] = SUPPORTED_GROUP_SIZES
     gain_curve: bool = False
+    #: Option families (`--options`): each group picks width, method and group size among them jointly.
+    options: tuple[QuantSettings, ...] = ()
 
     def __post_init__(self) -> None:
         Granularity(self.granularity)
         WindowConfig(self.eval_seq_len, self.eval_windows)
         for size in self.uniform_group_sizes:
             QuantSettings(group_size=size)  # validates the value
+        if len(set(self.options)) != len(self.options):
+            listed = [f"{o.method}-g{o.group_size}" for o in self.options]
+            raise MixprecError(f"--options lists a family twice: {listed}")
+
+    def measure_configs(self) -> list[MeasureConfig]:
+        """The measurements this search reads: one per option family (`options`), else the one table. Each
+        family's drop-mode table measures its options alone against the same reference, so together they
+        are one table over options."""
+        measure = self.measure_config()
+        return [replace(measure, quant=family) for family in self.options] if self.options else [measure]
 
     def measure_config(self) -> MeasureConfig:
         """The measurement this search reads (default: drop mode at the search granularity)."""
@@ -84,12 +97,30 @@ class Inputs:
     checkpoint: Checkpoint
     model_map: ModelMap
     measurement: Measurement
-    variants: dict[int, Variant]
+    variants: dict[Option, Variant]
     table: CostTable
     options: dict[str, tuple[Option, ...]]
     limit_bits: int
     problem: Problem
     others: dict[str, Problem] = field(default_factory=dict)
+    #: The option families searched jointly (variants keyed by option label); empty: one family, by width.
+    families: tuple[QuantSettings, ...] = ()
+
+    def family_problem(self, family: QuantSettings) -> Problem:
+        """The estimate restricted to one family's options (pinned groups keep theirs): what a search of that
+        family alone would solve, and what the width-based baselines (greedy, `--hq`) run on."""
+        keep = {key for key, v in self.variants.items() if v.config.settings == family}
+        return restrict(self.problem, keep)
+
+
+def restrict(problem: Problem, keep: set[Option]) -> Problem:
+    """`problem` with each group's options cut to `keep` (a group with none of them keeps all its own)."""
+    rows = []
+    for opts, costs, losses in zip(problem.options, problem.costs, problem.losses, strict=True):
+        picks = [k for k, o in enumerate(opts) if o in keep] or list(range(len(opts)))
+        rows.append((tuple(opts[k] for k in picks), tuple(costs[k] for k in picks), tuple(losses[k] for k in picks)))
+    options, costs, losses = (tuple(r[i] for r in rows) for i in range(3))
+    return Problem(problem.names, options, costs, losses, problem.kinds, problem.layers, problem.params)
 
 
 def _check_settings(measurement: Measurement, measure: MeasureConfig) -> Measurement:
@@ -112,7 +143,10 @@ def measure_missing(config: StageConfig) -> Path:
     A separate step, taken after every flag is validated (`check`), rather than a side effect of loading:
     `prepare` only reads a finished table and says how to make one when it is missing.
     """
-    measure = config.measure_config()
+    return [_measure_one(measure) for measure in config.measure_configs()][0]
+
+
+def _measure_one(measure: MeasureConfig) -> Path:
     if is_finished(measure.folder):
         return measure.folder
     log.info("no finished measurement in %s: measuring it now (as `mixprec measure --granularity %s`)",
@@ -123,7 +157,7 @@ def measure_missing(config: StageConfig) -> Path:
     return folder
 
 
-def _variants(measurement: Measurement, checkpoint: Checkpoint) -> dict[int, Variant]:
+def _variants(measurement: Measurement, checkpoint: Checkpoint) -> dict[Option, Variant]:
     if measurement.summary.model.fingerprint != checkpoint.fingerprint:
         raise FingerprintMismatchError(f"{measurement.folder} was measured on another model; use this model's "
                                        "own --work folder or re-run `mixprec measure`")
@@ -151,7 +185,8 @@ def check(config: StageConfig) -> tuple[Checkpoint, ModelMap]:
     checkpoint = Checkpoint.open(config.model)
     model_map = checkpoint.model_map(config.granularity)
     measure = config.measure_config()
-    planned = {b: measure.quant_config(b) for b in measure.bits}
+    planned: dict[Option, QuantConfig] = ({option_label(c): c for c in option_configs(config.options, measure.bits)}
+                                          if config.options else {b: measure.quant_config(b) for b in measure.bits})
     _check_budget(CostTable.from_configs(model_map, planned, [GroupKind(k) for k in measure.kinds]), config)
     return checkpoint, model_map
 
@@ -163,6 +198,8 @@ def prepare(config: StageConfig) -> Inputs:
     before anything is measured, then again against the variants' manifests.
     """
     checkpoint, model_map = check(config)
+    if config.options:
+        return _prepare_options(config, checkpoint, model_map)
     measure = config.measure_config()
     measurement = _check_settings(load_measurement(measure.folder), measure)
     variants = _variants(measurement, checkpoint)
@@ -171,6 +208,29 @@ def prepare(config: StageConfig) -> Inputs:
     problem = Problem.build(table, options, measurement_losses(measurement))
     others = _other_estimates(measurement, checkpoint, table, options)
     return Inputs(checkpoint, model_map, measurement, variants, table, options, limit, problem, others)
+
+
+def _prepare_options(config: StageConfig, checkpoint: Checkpoint, model_map: ModelMap) -> Inputs:
+    """One table over options from the families' tables: variants and losses keyed by option label. The
+    tables must share their calibration tokens, so their losses are comparable and one engine serves all."""
+    measurements = [_check_settings(load_measurement(m.folder), m) for m in config.measure_configs()]
+    first = measurements[0]
+    for other in measurements[1:]:
+        if other.summary.data.sha256 != first.summary.data.sha256:
+            raise FingerprintMismatchError(f"{other.folder} and {first.folder} were measured on other calibration "
+                                           "tokens; measure every option family with the same data settings")
+    variants: dict[Option, Variant] = {}
+    losses: dict[str, dict[Option, float]] = {}
+    for measurement in measurements:
+        found = _variants(measurement, checkpoint)
+        labels = {bits: option_label(v.config) for bits, v in found.items()}
+        variants.update({labels[bits]: v for bits, v in found.items()})
+        for group, row in measurement_losses(measurement).items():
+            losses.setdefault(group, {}).update({labels[b]: loss for b, loss in row.items() if b in labels})
+    table = CostTable.from_variants(model_map, variants)
+    options, limit = _check_budget(table, config)
+    problem = Problem.build(table, options, losses)
+    return Inputs(checkpoint, model_map, first, variants, table, options, limit, problem, {}, config.options)
 
 
 def _other_estimates(main: Measurement, checkpoint: Checkpoint, table: CostTable,
@@ -199,9 +259,11 @@ def baselines(inputs: Inputs) -> dict[str, Solution]:
     """DP at the budget, greedy, `--hq` fitted to the budget, and the best uniform recipe of the searched
     group size that fits (a seed). The "nearest uniform at or above" baseline comes from `uniform_grid`."""
     problem, limit = inputs.problem, inputs.limit_bits
-    result = {"dp": pareto_front(problem).best_under(limit), "greedy": greedy(problem, limit),
-              "hq": hq_at_budget(problem, limit)}
-    fitting = [uniform(problem, b) for b in inputs.table.levels]
+    # the width-based baselines run on one family (the first of --options): they are exllamav3's rules
+    family = inputs.family_problem(inputs.families[0]) if inputs.families else problem
+    result = {"dp": pareto_front(problem).best_under(limit), "greedy": greedy(family, limit),
+              "hq": hq_at_budget(family, limit)}
+    fitting = [uniform(family, b) for b in sorted({option_width(o) for o in family.options[0]})]
     fitting = [s for s in fitting if s.cost <= limit]
     if fitting:
         result["uniform-fit"] = fitting[-1]
@@ -223,26 +285,28 @@ class UniformQuant:
 
     @property
     def label(self) -> str:
-        return f"uniform-{self.config.bits}b-g{self.config.group_size}"
+        method = "" if self.config.method == "rtn" else f"-{self.config.method}"
+        return f"uniform-{self.config.bits}b-g{self.config.group_size}{method}"
 
 
 def uniform_grid(inputs: Inputs, group_sizes: tuple[int, ...]) -> list[UniformQuant]:
-    """Every uniform quant of the measured widths at each group size, cheapest first (exact storage bits).
-
-    Only quantizers that need no Hessian can be made here without calibration data, so the others keep to
-    the measured group size.
-    """
-    base = next(iter(inputs.variants.values())).config
-    method = quantizer_class(base.method)
-    sizes = ([base.group_size] if method.needs_hessian else
-             sorted({s for s in group_sizes if s in method.supported_group_sizes} | {base.group_size}))
+    """Every uniform quant of the measured widths at each group size, cheapest first (exact storage bits):
+    every measured family (each `--options` family) at its own settings, and each family whose quantizer
+    needs no Hessian also at every size in `group_sizes` (the others need calibration data to be made)."""
+    measured = {v.config.settings for v in inputs.variants.values()}
+    widths = sorted({v.config.bits for v in inputs.variants.values()})
+    families = set(measured)
+    for family in measured:
+        method = quantizer_class(family.method)
+        if not method.needs_hessian:
+            families |= {replace(family, group_size=s) for s in group_sizes if s in method.supported_group_sizes}
     groups = [inputs.model_map.group(name) for name in inputs.table.names]
     grid = []
-    for bits in sorted(inputs.variants):
-        for size in sizes:
-            config = replace(base, bits=bits, group_size=size)
+    for family in families:
+        for bits in widths:
+            config = family.config(bits)
             grid.append(UniformQuant(config, sum(storage_bits(config, r.shape) for g in groups for r in g.weights)))
-    return sorted(grid, key=lambda u: (u.cost, u.config.bits))
+    return sorted(grid, key=lambda u: (u.cost, u.config.bits, u.label))
 
 
 def nearest_uniform(grid: list[UniformQuant], limit_bits: int) -> UniformQuant:
@@ -267,5 +331,18 @@ def seeds(inputs: Inputs, compared: dict[str, Solution], front_seeds: int) -> li
     solutions, and the solutions of the other tables' estimates."""
     front = pareto_front(inputs.problem).near(inputs.limit_bits, front_seeds)
     fitting = [compared[k] for k in ("greedy", "hq", "uniform-fit") if k in compared]
-    return (front + fitting + compressed_solutions(inputs.problem, inputs.limit_bits)
+    return (front + fitting + _family_seeds(inputs) + compressed_solutions(inputs.problem, inputs.limit_bits)
             + tied_solutions(inputs.problem, inputs.limit_bits) + _seeds_from_others(inputs))
+
+
+def _family_seeds(inputs: Inputs) -> list[Solution]:
+    """With `--options`: the DP of each family alone (the best one-family recipe the estimate knows), so the
+    joint search starts from what choosing a family per recipe would give."""
+    found = []
+    for family in inputs.families:
+        try:
+            solution = pareto_front(inputs.family_problem(family)).best_under(inputs.limit_bits)
+        except MixprecError:
+            continue  # this family alone cannot meet the budget
+        found.append(inputs.problem.solution(solution.assignment, f"dp-{family.method}-g{family.group_size}"))
+    return found

@@ -143,9 +143,9 @@ def _recipe(inputs: Inputs, config: StageConfig, solution: Solution, kl: dict[st
         provenance=provenance, kl=kl)
 
 
-def _variant_provenance(variants: dict[int, Variant]) -> dict[str, dict[str, str]]:
+def _variant_provenance(variants: dict[Any, Variant]) -> dict[str, dict[str, str]]:
     return {str(b): {"variant_id": v.manifest.variant_id, "sha256": v.manifest.file_sha256}
-            for b, v in sorted(variants.items())}
+            for b, v in sorted(variants.items(), key=lambda kv: str(kv[0]))}
 
 
 def _provenance(inputs: Inputs, config: StageConfig, windows: TokenWindows) -> dict[str, Any]:
@@ -230,9 +230,10 @@ def _uniform_candidate(inputs: Inputs, config: StageConfig, quant: UniformQuant,
     """A uniform quant as a candidate; another group size than measured runs on its own variants (its own
     width, or `widths` of that size so that one engine serves a whole curve), built on demand."""
     bits = quant.config.bits
-    solution = Solution({name: bits for name in inputs.table.names}, quant.cost, math.nan, quant.label)
-    if inputs.variants[bits].config == quant.config:
-        return _Candidate(solution)
+    measured = next((key for key, v in inputs.variants.items() if v.config == quant.config), None)
+    if measured is not None:  # one of the searched options (a width, or an option label with --options)
+        return _Candidate(Solution(dict.fromkeys(inputs.table.names, measured), quant.cost, math.nan, quant.label))
+    solution = Solution(dict.fromkeys(inputs.table.names, bits), quant.cost, math.nan, quant.label)
     return _Candidate(solution, engines.variant_set(inputs, config, quant.config, widths or (bits,)))
 
 
@@ -261,11 +262,15 @@ def _uniform_candidates(inputs: Inputs, config: StageConfig, engines: EngineCach
     grid = uniform_grid(inputs, config.uniform_group_sizes)
     nearest = nearest_uniform(grid, inputs.limit_bits)
     found = {"uniform": _uniform_candidate(inputs, config, nearest, engines)}
-    measured = next(iter(inputs.variants.values())).config.group_size
-    for size in sorted({u.config.group_size for u in grid} - ({measured} if "uniform-fit" in compared else set())):
-        fitting = [u for u in grid if u.config.group_size == size and u.cost <= inputs.limit_bits]
+    searched = next(iter(inputs.variants.values())).config.settings  # its fitting uniform is `uniform-fit`
+    for family in sorted({u.config.settings for u in grid}, key=lambda f: (f.method != "rtn", f.method, f.group_size)):
+        if family == searched and "uniform-fit" in compared:
+            continue
+        fitting = [u for u in grid if u.config.settings == family and u.cost <= inputs.limit_bits]
         if fitting and fitting[-1].label != nearest.label:
-            found[f"uniform-fit-g{size}"] = _uniform_candidate(inputs, config, fitting[-1], engines)
+            method = "" if family.method == "rtn" else f"-{family.method}"
+            found[f"uniform-fit-g{family.group_size}{method}"] = _uniform_candidate(inputs, config, fitting[-1],
+                                                                                     engines)
     return nearest, found
 
 
@@ -353,7 +358,8 @@ def uniform_curve(inputs: Inputs, config: StageConfig, engines: EngineCache, win
     if key not in engines.curves:
         points = []
         for quant in grid:
-            candidate = _uniform_candidate(inputs, config, quant, engines, tuple(sorted(inputs.variants)))
+            widths = tuple(sorted({v.config.bits for v in inputs.variants.values()}))
+            candidate = _uniform_candidate(inputs, config, quant, engines, widths)
             engine = engines.get(inputs, windows, config.device, candidate.variants)
             kl = float(engine.evaluate(candidate.solution.assignment).kl.double().mean())
             points.append(UniformPoint(quant.label, quant.cost / inputs.table.params, kl))

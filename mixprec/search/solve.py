@@ -29,6 +29,7 @@ import numpy as np
 
 from mixprec.core.errors import MixprecError
 from mixprec.model.arch import GroupKind
+from mixprec.quant.options import option_width
 from mixprec.search.costs import CostTable, Option
 
 __all__ = [
@@ -88,7 +89,9 @@ class Problem:
         """Assemble a problem from exact costs, allowed options and per-group losses (None = 0 loss)."""
         rows = []
         for g in table.groups:
-            opts = sorted(options[g.name], key=lambda o: (o is None, o or 0))
+            # by width, then cost: ascending cost for widths and for option labels alike (a bit of width
+            # outweighs any group size's scales), which greedy and the moves assume
+            opts = sorted(options[g.name], key=lambda o: (o is None, option_width(o), g.cost(o), str(o)))
             missing = [o for o in opts if o is not None and o not in losses.get(g.name, {})]
             if missing:
                 raise MixprecError(f"group {g.name!r}: the sensitivity table has no loss at {missing} bits; "
@@ -227,7 +230,7 @@ def greedy(problem: Problem, limit_bits: int) -> Solution:
 
 
 def _nearest_index(options: tuple[Option, ...], bits: int, at_least: bool = False) -> int:
-    widths = [(-1 if o is None else o) for o in options]
+    widths = [(-1 if o is None else option_width(o)) for o in options]
     if at_least and any(w >= bits for w in widths):
         return min((w, i) for i, w in enumerate(widths) if w >= bits)[1]
     return min((abs(w - bits), -w, i) for i, w in enumerate(widths))[2]

@@ -262,7 +262,7 @@ class KLEngine:
                 raise MixprecError(f"group {name!r} is not in the {bits}-bit variant {self.variants[bits].path} "
                                    f"(it quantized kinds {list(self.variants[bits].manifest.kinds)}); re-run "
                                    "`mixprec quantize --kinds ...` including that kind, or leave the group out")
-            per_position[position].append((name, int(bits)))
+            per_position[position].append((name, bits))
         return {p: tuple(sorted(items)) for p, items in per_position.items()}
 
     def _plan(self, assignment: Mapping[str, int | None], use_cache: bool = True) -> _Plan:
