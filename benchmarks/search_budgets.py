@@ -10,8 +10,14 @@ bootstrap SE, the paired margin of the study's own decision, and the calibration
 (tokens x decoder layers run) beside the measurement's. Uniform is the nearest uniform quant at or
 above the budget over every group size (more bits than the others, usually).
 
+With `--options rtn-g32 rtn-g64 rtn-g128 [gptq-g64 ...]` every group picks width, group size and method
+jointly (one table per family on the same tokens; GPTQ families are quantized first with their calibration);
+the uniform curve, and the gain read from it, is then the lower envelope of every family's uniform quants,
+i.e. the best uniform option at each size, and the measurement cost is the sum over the families' tables.
+
 Run: .venv/bin/python benchmarks/search_budgets.py [MODEL] --budgets 2.5 3.0 3.5 4.0 --granularity fine
-     (--method gptq for the GPTQ family; --data/--eval-data FILES for another text; --no-correct to ablate)
+     (--method gptq for the GPTQ family; --options FAMILY... for options beyond bits; --data/--eval-data FILES
+     for another text; --no-correct to ablate)
 """
 
 from __future__ import annotations
@@ -22,11 +28,13 @@ import time
 from pathlib import Path
 from typing import Any
 
+from mixprec.cli import main as mixprec_main
 from mixprec.cli.common import default_work_dir
 from mixprec.core.fileio import atomic_write_json
 from mixprec.formats.recipe import Budget
 from mixprec.measure.config import MeasureConfig
-from mixprec.quant import QuantSettings
+from mixprec.quant import QuantSettings, quantizer_class
+from mixprec.quant.options import option_family, parse_families
 from mixprec.search.inputs import Inputs, StageConfig, measure_missing, prepare
 from mixprec.search.pipeline import EngineCache, StageResult, run_stage, run_stages
 from mixprec.search.study import SearchConfig, quiet_optuna
@@ -46,6 +54,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--method", default="rtn", help="quantizer family (rtn, gptq)")
     p.add_argument("--group-size", type=int, nargs="+", default=[64],
                    help="group size(s) of the searched variants (default 64); several run `run_stages` per budget")
+    p.add_argument("--options", nargs="+", default=None, metavar="FAMILY",
+                   help="option families searched jointly per group, e.g. rtn-g32 rtn-g64 rtn-g128 gptq-g64")
+    p.add_argument("--bits", type=int, nargs="+", default=[2, 3, 4, 5, 6, 8], help="measured widths")
     p.add_argument("--independent", action="store_true", help="one unlinked stage per budget (the old behaviour)")
     p.add_argument("--no-correct", action="store_true", help="no interaction correction of the estimate")
     p.add_argument("--windows", type=int, default=32, help="calibration windows of the measurement (default 32)")
@@ -64,17 +75,38 @@ def _config(args: argparse.Namespace, budget: float, size: int) -> StageConfig:
     name = (args.model and Path(args.model).name) or "stdlib-moe"
     default = (size, args.method) == (QuantSettings.group_size, QuantSettings.method)
     suffix = "" if default else f"-{args.method}-g{size}"
+    families = _families(args, size)
+    if families:
+        suffix = "-o" + "-".join(f"{f.method}{f.group_size}" for f in families)
     mode = "ind" if args.independent else "sweep"
-    measure = MeasureConfig(work=work, model=args.model, granularity=args.granularity,
-                            quant=QuantSettings(method=args.method, group_size=size), num_windows=args.windows,
-                            seq_len=args.seq_len, data_files=tuple(args.data or ()))
+    measure = MeasureConfig(work=work, model=args.model, granularity=args.granularity, bits=tuple(args.bits),
+                            quant=families[0] if families else QuantSettings(method=args.method, group_size=size),
+                            num_windows=args.windows, seq_len=args.seq_len, data_files=tuple(args.data or ()))
     search = SearchConfig(trials=args.trials, seed=args.seed, studies_dir=args.studies_dir,
                           correct=not args.no_correct,
                           study_name=f"{name}-{args.granularity}{suffix}-{budget:g}bpw-{mode}"
                                      f"{'-nocorr' if args.no_correct else ''}-s{args.seed}")
     return StageConfig(work=work, budget=Budget(bpw=budget), model=args.model, granularity=args.granularity,
                        measure=measure, eval_windows=args.eval_windows, eval_seq_len=args.seq_len,
-                       eval_files=tuple(args.eval_data or ()), search=search, gain_curve=True)
+                       eval_files=tuple(args.eval_data or ()), search=search, gain_curve=True, options=families)
+
+
+def _families(args: argparse.Namespace, size: int) -> tuple[QuantSettings, ...]:
+    return parse_families(args.options, QuantSettings(method=args.method, group_size=size)) if args.options else ()
+
+
+def _quantize_calibrated(args: argparse.Namespace) -> None:
+    """Variants of the option families that need a Hessian (GPTQ), made as `mixprec quantize --options` makes
+    them (calibration on the train split); the measurement quantizes the others itself."""
+    calibrated = [f"{f.method}-g{f.group_size}" for f in _families(args, args.group_size[0])
+                  if quantizer_class(f.method).needs_hessian]
+    if calibrated:
+        work = default_work_dir(args.model, args.work)
+        model = [args.model] if args.model else []
+        code = mixprec_main(["quantize", *model, "--work", str(work), "--bits", *map(str, args.bits),
+                             "--options", *calibrated, "-q"])
+        if code != 0:
+            raise SystemExit(f"quantizing {calibrated} failed (exit {code})")
 
 
 def _measurement_token_layers(inputs: Inputs) -> float:
@@ -82,11 +114,13 @@ def _measurement_token_layers(inputs: Inputs) -> float:
     summary = inputs.measurement.summary
     layers = inputs.checkpoint.num_layers
     per_group = sum(layers - (g.layer or 0) for g in inputs.table.groups)
-    return float(per_group * len(summary.settings.measured_bits) * summary.data.num_tokens)
+    tables = max(len(inputs.families), 1)  # with --options, one table per family on the same tokens
+    return float(per_group * len(summary.settings.measured_bits) * summary.data.num_tokens * tables)
 
 
 def _run(args: argparse.Namespace, engines: EngineCache) -> tuple[list[StageResult], list[float], float]:
     sizes = list(dict.fromkeys(args.group_size))
+    _quantize_calibrated(args)
     for size in sizes:
         measure_missing(_config(args, args.budgets[0], size))
     started = time.perf_counter()
@@ -110,10 +144,23 @@ def _run(args: argparse.Namespace, engines: EngineCache) -> tuple[list[StageResu
 def _summary(budget: float, result: StageResult, seconds: float) -> dict[str, Any]:
     best = result.search.best.extra
     return {"budget": budget, "group_size": result.recipe.quantizer.group_size, "seconds": round(seconds, 1),
+            "options": _option_shares(result), "recipe_groups": dict(result.recipe.groups),
             "shipped": result.cost.get("shipped"), "cost": {k: v for k, v in result.cost.items() if k != "shipped"},
             "decision": {k: best[k] for k in ("decision_margin", "decision_se") if k in best},
             "correction": result.search.correction, "rows": result.comparison,
             "curve": result.curve.to_dict() if result.curve else None}
+
+
+def _option_shares(result: StageResult) -> dict[str, float]:
+    """Share of the groups per option family (`<method>-g<size>`) in the shipped recipe."""
+    recipe, shares = result.recipe, {}
+    for option in recipe.groups.values():
+        if option is not None:
+            family = option_family(option, recipe.quantizer)
+            key = f"{family.method}-g{family.group_size}"
+            shares[key] = shares.get(key, 0) + 1
+    total = sum(shares.values()) or 1
+    return {k: round(v / total, 3) for k, v in sorted(shares.items())}
 
 
 def _gain(row: dict[str, Any]) -> str:
@@ -130,7 +177,10 @@ def _print(results: list[dict[str, Any]], measurement_cost: float) -> None:
         shipped = f" (shipped: {r['shipped']})" if r["shipped"] != "mixprec" else ""
         print(f"budget {r['budget']:.2f}: mixprec {m['evaluation_kl']:.3e}±{m['evaluation_se']:.0e} "
               f"({m['bpw']:.3f} bpw, g{r['group_size']}) {_gain(m)}{shipped}")
-        for b in (*BASELINES, "smaller-budget"):
+        if len(r["options"]) > 1:
+            print("  options used (share of groups): " + ", ".join(f"{k} {v:.0%}" for k, v in r["options"].items()))
+        fits = sorted(n for n in rows if n.startswith("uniform-fit"))
+        for b in (*BASELINES, *fits, "smaller-budget"):
             if b in rows:
                 x = rows[b]
                 print(f"  {b:15} {x['evaluation_kl']:.3e} ({x['bpw']:.3f}) ratio {x['ratio_vs_mixprec']:.3f}"

@@ -154,10 +154,12 @@ class WorkFolder:
         return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
 
     def bit_table(self) -> pd.DataFrame:
-        """Groups as rows (model order), one column of bits per recipe file (NA keeps original precision)."""
+        """Groups as rows (model order), one column of bits per recipe file (NA keeps original precision; an
+        option label counts as its width)."""
         table = self.groups()[["group", "kind", "layer", "part"]].set_index("group")
         for run in self.recipes:
-            table[run.label] = pd.array([run.recipe.groups.get(g) for g in table.index], dtype="Int64")
+            widths = run.recipe.widths()
+            table[run.label] = pd.array([widths.get(g) for g in table.index], dtype="Int64")
         return table
 
     def trials(self) -> pd.DataFrame:
