@@ -15,6 +15,7 @@ import torch
 from mixprec.checkpoint.compile import CompileConfig, compile_recipe
 from mixprec.checkpoint.ctensors import compile_ctensors
 from mixprec.checkpoint.load import load
+from mixprec.checkpoint.streamed import load as load_any
 from mixprec.core.errors import ModelLoadError, QuantConfigError
 from mixprec.formats.exl3 import Exl3Overrides, exl3_to_groups, source_bits
 from mixprec.formats.recipe import Budget, ModelRef, Recipe, RecipeError
@@ -103,6 +104,8 @@ def test_compiled_options_load_exactly_with_their_own_group_sizes(
     tokens = torch.randint(3, 160, (2, 16), generator=torch.Generator().manual_seed(0))
     expected = recipe_model(tiny_model_dirs["qwen2_moe"], work, recipe)(tokens).logits
     assert torch.equal(load(out)(tokens).logits, expected), "the compiled options differ from the searched model"
+    streamed = load_any(out, streaming="on")  # each layer dequantized while it runs, at its own group sizes
+    assert torch.equal(streamed(tokens).logits, expected)
 
 
 def _headers(out: Path) -> dict[str, object]:
