@@ -132,7 +132,8 @@ def test_token_chunked_logits_equal_whole_chunk_logits(qwen) -> None:
 def test_memory_budget_caps_every_cache() -> None:
     capped = EngineConfig().within(100 * 2**20)
     assert capped.prefix_cache_mib == 10 and capped.weight_cache_mib == 5 and capped.ref_logits_mib == 10
-    assert capped.logits_mib == 5 and EngineConfig().within(2**40) == EngineConfig()
+    assert capped.logits_mib == 5 and capped.state_dtype == "auto"
+    assert EngineConfig().within(2**40) == EngineConfig(state_dtype="auto"), "a large budget caps no cache"
 
 
 def test_tensor_writer_reads_back_like_save_file(tmp_path: Path) -> None:
@@ -264,3 +265,30 @@ def test_mixprec_load_streams_a_compiled_checkpoint(tiny_model_dirs: dict[str, P
                        whole.generate(tokens[:1, :4], max_new_tokens=4, do_sample=False))
     assert {p.device.type for p in streamed.parameters()} == {"meta"}, "every layer released after running"
     assert next(mixprec.load(out).parameters()).device.type == "cpu"
+
+
+def test_bf16_states_stay_below_the_noise_floor_and_auto_uses_them_only_when_tight(qwen) -> None:
+    """Hidden states kept in bf16 change every job's KL (they are rounded) by less than the bf16-compute noise
+    floor, halve the state memory, and `auto` (a memory budget) picks them only for a streamed model whose
+    states do not fit the in-flight share."""
+    checkpoint, variants, windows = qwen
+    model_map = checkpoint.model_map("fine")
+
+    def engine(model, **config) -> KLEngine:  # type: ignore[no-untyped-def]
+        return KLEngine(model, model_map, windows, variants, config=EngineConfig(batch_windows=4, **config))
+
+    fp32, bf16 = engine(StreamedModel(checkpoint)), engine(StreamedModel(checkpoint), state_dtype="bfloat16")
+    assert bf16._ref.inputs[0][0].dtype == torch.bfloat16 and bf16._ref.inputs[-1][0].dtype == torch.float32
+    floor = float(fp32.evaluate_full({}, autocast_dtype=torch.bfloat16).kl.double().mean())
+    jobs = [{g.name: bits} for g in model_map.select() for bits in (2, 4)]
+    deltas = [abs(float(a.kl.double().mean()) - float(b.kl.double().mean()))
+              for a, b in zip(fp32.evaluate_many(jobs), bf16.evaluate_many(jobs), strict=True)]
+    assert all(d > 0 for d in deltas), "every job ran on rounded states"
+    assert sum(deltas) / len(deltas) < floor / 2, (deltas, floor)  # measured: mean 0.25x the floor
+    state_mib = sum(t.numel() for t in fp32._ref.inputs[0]) * 4 / 2**20
+    assert engine(StreamedModel(checkpoint), state_dtype="auto", prefix_cache_mib=state_mib).state_dtype \
+        == torch.bfloat16
+    assert engine(StreamedModel(checkpoint), state_dtype="auto", prefix_cache_mib=100 * state_mib).state_dtype \
+        == torch.float32
+    assert engine(load_model(checkpoint), state_dtype="auto", prefix_cache_mib=state_mib).state_dtype == torch.float32
+    assert EngineConfig().within(2**30).state_dtype == "auto" and EngineConfig().state_dtype == "float32"

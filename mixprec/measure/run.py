@@ -146,6 +146,7 @@ class Worker:
             self.store.set_attr("engine", {"device": str(engine.device), "dtype": str(engine.dtype).split(".")[-1],
                                            "reference_s": round(engine.reference_seconds, 3),
                                            "streamed": engine.streamed is not None,
+                                           "state_dtype": str(engine.state_dtype).split(".")[-1],
                                            "config": asdict(engine.config)})
 
     def run(self) -> int:
