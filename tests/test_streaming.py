@@ -292,3 +292,29 @@ def test_bf16_states_stay_below_the_noise_floor_and_auto_uses_them_only_when_tig
         == torch.float32
     assert engine(load_model(checkpoint), state_dtype="auto", prefix_cache_mib=state_mib).state_dtype == torch.float32
     assert EngineConfig().within(2**30).state_dtype == "auto" and EngineConfig().state_dtype == "float32"
+
+
+def test_prefetching_the_next_layer_changes_no_number(qwen) -> None:
+    """With prefetch (layer j+1 read in the background while layer j runs; on CUDA into pinned memory and copied on
+    a side stream) the engine gives bitwise the same KL, reads each layer once per batch, and holds at most the
+    running layer and the next one."""
+    checkpoint, variants, windows = qwen
+    model_map = checkpoint.model_map("fine")
+    plain = KLEngine(StreamedModel(checkpoint), model_map, windows, variants, config=EngineConfig(batch_windows=4))
+    model = StreamedModel(checkpoint, prefetch=True)
+    ahead = KLEngine(model, model_map, windows, variants, config=EngineConfig(batch_windows=4))
+    resident_during: list[int] = []
+    ahead_during: list[int] = []
+    for layer in model.layers:
+        layer.register_forward_pre_hook(lambda *_: resident_during.append(len(_resident(model))))
+        layer.register_forward_pre_hook(lambda *_: ahead_during.append(len(model._pending)))
+    jobs = [{g.name: 2} for g in model_map.select()]
+    reads = model.reads
+    for got, want in zip(ahead.evaluate_many(jobs), plain.evaluate_many(jobs), strict=True):
+        assert torch.equal(got.kl, want.kl)
+    assert model.reads - reads == sum(len(list(layer.parameters())) for layer in model.layers) + 2, \
+        "each layer, the norm and the head read once (the embedding is not needed: jobs start at layer 0)"
+    per_layer = max(len(list(layer.parameters())) for layer in model.layers)
+    assert max(resident_during) <= per_layer and 0 < max(ahead_during) <= per_layer, "the next layer only"
+    assert not model._pending and _resident(model) == []
+    model.close()

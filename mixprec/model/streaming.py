@@ -20,6 +20,10 @@ How:
   capture, the naive path) run unchanged; a caller that runs a layer many times (the KL engine runs
   every job of a batch through it) wraps the loop in `resident` so the layer is read once.
 
+* Prefetch (default on CUDA): `prefetch(unit)` reads the next unit in a background thread (on a GPU into
+  pinned host memory, copied on a side stream), so the KL engine's read and host->device copy of layer j+1
+  overlap the compute of layer j; `resident` then waits for that copy only.
+
 The numbers equal the in-memory model's bitwise: the same stored values are converted to the same
 dtype and the same modules run (tests/test_streaming.py checks logits and measured KL).
 """
@@ -30,6 +34,7 @@ import ctypes
 import logging
 from collections import Counter, defaultdict
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
@@ -121,10 +126,16 @@ class StreamedModel:
     """A meta-device skeleton whose units are made resident on demand (see the module docstring)."""
 
     def __init__(self, checkpoint: Checkpoint, dtype: torch.dtype = torch.float32,
-                 device: str | torch.device = "cpu") -> None:
+                 device: str | torch.device = "cpu", prefetch: bool | None = None) -> None:
         self.checkpoint = checkpoint
         self.dtype = dtype
         self.device = torch.device(device)
+        #: read (and, on a GPU, copy) the next unit while the current one runs; default on for CUDA only, since on
+        #: a CPU it holds a second layer for little gain (the read is a memory copy from the page cache)
+        self.prefetch_enabled = self.device.type == "cuda" if prefetch is None else prefetch
+        self._pending: dict[str, Future[tuple[torch.Tensor, Any]]] = {}
+        self._executor: ThreadPoolExecutor | None = None
+        self._copy_stream: Any = None  # a CUDA stream, made on the first prefetch
         _allocate_large_tensors_with_mmap()
         self.model = build_skeleton(checkpoint, dtype)
         self.reads = 0
@@ -220,10 +231,47 @@ class StreamedModel:
         if fresh:
             with self._reader.open() as read, torch.no_grad():
                 for name in fresh:
-                    tensor = self._read_param(name, read).to(self.device)
+                    tensor = self._take_prefetched(name) if name in self._pending else \
+                        self._read_param(name, read).to(self.device)
                     torch.utils.swap_tensors(self._params[name], torch.nn.Parameter(tensor, requires_grad=False))
         for name in names:
             self._count[name] += 1
+
+    # -- prefetch -----------------------------------------------------------------------------------
+
+    def prefetch(self, *modules: torch.nn.Module) -> None:
+        """Start reading `modules`' weights in the background (when `prefetch_enabled`), so that a later `resident`
+        finds them ready: the KL engine asks for layer j+1 while layer j runs. On CUDA each tensor is read into
+        pinned host memory and copied on a side stream, so the copy overlaps the compute; `resident` makes the
+        compute stream wait for it."""
+        if not self.prefetch_enabled:
+            return
+        if self._executor is None:
+            self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mixprec-prefetch")
+        for name in dict.fromkeys(n for module in modules for n in self._owned(module)):
+            if self._count[name] == 0 and name not in self._pending:
+                self._pending[name] = self._executor.submit(self._fetch, name)
+
+    def _fetch(self, name: str) -> tuple[torch.Tensor, Any]:
+        """One parameter read on the host (pinned for a GPU) and its copy to the device started; (tensor, event)."""
+        with self._reader.open() as read, torch.no_grad():
+            tensor = self._read_param(name, read)
+        if self.device.type != "cuda":
+            return tensor.to(self.device), None
+        if self._copy_stream is None:
+            self._copy_stream = torch.cuda.Stream(self.device)
+        with torch.cuda.stream(self._copy_stream):
+            copied = tensor.pin_memory().to(self.device, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record(self._copy_stream)
+        return copied, event
+
+    def _take_prefetched(self, name: str) -> torch.Tensor:
+        tensor, event = self._pending.pop(name).result()
+        if event is not None:  # the compute stream waits for the copy; the copy's memory now belongs to it
+            torch.cuda.current_stream(self.device).wait_event(event)
+            tensor.record_stream(torch.cuda.current_stream(self.device))
+        return tensor
 
     def _release(self, names: list[str]) -> None:
         for name in names:
@@ -261,10 +309,16 @@ class StreamedModel:
         return tensor
 
     def close(self) -> None:
-        """Remove the forward hooks (the skeleton stays on the meta device)."""
+        """Remove the forward hooks and drop prefetched weights (the skeleton stays on the meta device)."""
         for handle in self._hooks:
             handle.remove()
         self._hooks = []
+        for future in self._pending.values():
+            future.result()
+        self._pending.clear()
+        if self._executor is not None:
+            self._executor.shutdown()
+            self._executor = None
 
 
 def weight_bytes(checkpoint: Checkpoint, dtype: torch.dtype = torch.float32) -> int:

@@ -254,6 +254,13 @@ class KLEngine:
         """Streamed model: the modules' weights are read in for the block; in memory: nothing to do."""
         return nullcontext() if self.streamed is None else self.streamed.resident(*modules)
 
+    def _prefetch(self, position: int) -> None:
+        """Streamed model: start reading the unit at layer position `position` (L: final norm and head)."""
+        if self.streamed is not None:
+            blocks = self._blocks
+            units = [blocks.layers[position]] if position < self.num_layers else [blocks.norm, blocks.head]
+            self.streamed.prefetch(*units)
+
     def _close_variants(self) -> None:
         """Streamed: unmap the variant files after each layer, so their pages stop counting as resident."""
         if self.streamed is not None:
@@ -320,6 +327,7 @@ class KLEngine:
             states = [p.state for p in plans]
             for layer in range(min(p.start for p in plans), self.num_layers):
                 with self._resident(self._blocks.layers[layer]):  # streamed: read once for every job here
+                    self._prefetch(layer + 1)  # the next layer's read (and host->device copy) overlaps this one
                     self._run_layer(plans, states, layer, store)
                 self._close_variants()
             with self._resident(self._blocks.norm, self._blocks.head):
