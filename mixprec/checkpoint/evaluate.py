@@ -1,14 +1,15 @@
 """Evaluate any checkpoint against a reference: the llama.cpp KLD statistic set on held-out windows.
 
-The candidate is a `mixprec compile` output (loaded with `mixprec.load`) or a plain Hugging Face
-folder; the reference is always loaded in fp32 (FIELD.md §8.4). Both models run on the same
-evaluation windows, a few windows at a time, and only the per-token comparison (KL, top-1 agreement,
-label log-probs) is kept, so memory stays at batch × positions × vocabulary whatever the number of
-windows. Every scored position has a next token: position t of a window predicts token t+1.
+The candidate is a `mixprec compile` output (loaded with `mixprec.load`), a plain Hugging Face
+folder, or a GGUF file (run by llama.cpp itself, `mixprec.checkpoint.ggufrun`); the reference is
+always loaded in fp32 (FIELD.md §8.4). Both models run on the same evaluation windows, a few windows
+at a time, and only the per-token comparison (KL, top-1 agreement, label log-probs) is kept, so
+memory stays at batch × positions × vocabulary whatever the number of windows. Every scored position
+has a next token: position t of a window predicts token t+1.
 
-A compiled folder records the fingerprint of the model it was made from; evaluating it against a
-different reference is refused unless asked for explicitly, because the numbers would look valid and
-mean nothing.
+A compiled folder (or a GGUF mixprec wrote) records the fingerprint of the model it was made from;
+evaluating it against a different reference is refused unless asked for explicitly, because the
+numbers would look valid and mean nothing.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from typing import Any
 
 import torch
 
+from mixprec.checkpoint.ggufrun import LlamaCppModel, gguf_recipe, is_gguf
 from mixprec.checkpoint.load import CompiledCheckpoint, is_mixprec_checkpoint, load
 from mixprec.checkpoint.streamed import StreamedCompiled, compiled_as_checkpoint
 from mixprec.core.errors import FingerprintMismatchError, MixprecError, ModelLoadError
@@ -95,7 +97,10 @@ def _refuse_compressed_tensors(path: Path) -> None:
 def load_candidate(path: str | Path, dtype: torch.dtype = torch.float32,
                    streaming: str = "off") -> tuple[torch.nn.Module, str]:
     """The model in a folder and its format: `mixprec` (compiled: dequantized on load, or layer by layer while
-    each layer runs when streamed, `mixprec.checkpoint.streamed`) or `hf` (plain; fp32 may be streamed)."""
+    each layer runs when streamed, `mixprec.checkpoint.streamed`), `hf` (plain; fp32 may be streamed), or
+    `gguf` (a GGUF file, run by llama.cpp)."""
+    if is_gguf(path):
+        return LlamaCppModel(path), "gguf"
     if is_mixprec_checkpoint(path):
         if dtype == torch.float32 and streaming != "off":
             compiled = CompiledCheckpoint.open(path)
@@ -135,7 +140,11 @@ def compare_models(reference: torch.nn.Module, candidate: torch.nn.Module, windo
 
 
 def _check_reference(candidate: Path, reference: Checkpoint) -> None:
-    recorded = CompiledCheckpoint.open(candidate, verify_hashes=False).qconfig.get("model_fingerprint")
+    if is_gguf(candidate):
+        recipe = gguf_recipe(candidate)
+        recorded = None if recipe is None else recipe.model.fingerprint
+    else:
+        recorded = CompiledCheckpoint.open(candidate, verify_hashes=False).qconfig.get("model_fingerprint")
     if recorded is not None and recorded != reference.fingerprint:
         raise FingerprintMismatchError(
             f"{candidate} was compiled from a model with fingerprint {str(recorded)[:12]}… but the reference "
@@ -150,7 +159,7 @@ def evaluate(candidate: str | Path, reference: str | Path | None = None, config:
     candidate = Path(candidate)
     _refuse_compressed_tensors(candidate)
     reference_checkpoint = Checkpoint.open(reference)
-    if is_mixprec_checkpoint(candidate) and not allow_other_reference:
+    if (is_mixprec_checkpoint(candidate) or is_gguf(candidate)) and not allow_other_reference:
         _check_reference(candidate, reference_checkpoint)
     windows: TokenWindows = load_windows(reference_checkpoint.path, config.split, config.windows, text_files)
     timings: dict[str, float] = {}
@@ -162,6 +171,8 @@ def evaluate(candidate: str | Path, reference: str | Path | None = None, config:
     timings["load_candidate"] = time.perf_counter() - started
     started = time.perf_counter()
     cmp = compare_models(ref_model, cand_model, windows.tokens, config.batch_size)
+    if isinstance(cand_model, LlamaCppModel):
+        cand_model.close()
     timings["forward"] = time.perf_counter() - started
     summary = summarize(cmp, windows.tokens.shape[0], config.n_boot, config.seed)
     timings = {k: round(v, 3) for k, v in timings.items()}

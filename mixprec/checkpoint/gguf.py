@@ -34,11 +34,11 @@ from mixprec.formats.llamacpp import GGUF_ARCHS, gguf_name, tensor_types
 from mixprec.formats.recipe import Recipe
 from mixprec.model.loading import Checkpoint
 from mixprec.model.modelmap import ModelMap, WeightRef
-from mixprec.quant import quantizer_class
+from mixprec.quant import QuantSettings, quantizer_class
 from mixprec.quant.ggml import GGMLQuantizedWeight, GGMLQuantizer, ggml_type_for
 from mixprec.quant.variants import Variant
 
-__all__ = ["GGUF_WRITABLE", "gguf_types", "tensor_plan", "llama_quantize_types", "compile_gguf"]
+__all__ = ["GGUF_WRITABLE", "gguf_types", "tensor_plan", "llama_quantize_types", "as_ggml_recipe", "compile_gguf"]
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +77,27 @@ def _ladder(recipe: Recipe) -> str:
         raise CompileError(f"recipe quantizer {method!r} has no ggml types; GGUF needs a recipe searched with "
                            "--method gguf (or gguf-imatrix, gguf-iq): quantize, measure and search with it")
     return method
+
+
+def as_ggml_recipe(recipe: Recipe, method: str = "gguf") -> Recipe:
+    """The same widths in a ggml ladder (`gguf`: 2 -> Q2_K ... 8 -> Q8_0), for a recipe searched with another
+    quantizer (the demo's RTN recipe), so it can be written as a GGUF.
+
+    A width the ladder lacks (7 bits) takes the next rung up, so no group gets fewer bits than the recipe
+    gave it; ggml's block scales make every rung cost a little more than RTN's (Q2_K is 2.625 bpw).
+    """
+    if issubclass(quantizer_class(recipe.quantizer.method), GGMLQuantizer):
+        return recipe
+    rungs = sorted(quantizer_class(method).supported_bits)
+
+    def rung(bits: int | None) -> int | None:
+        if bits is None:
+            return None
+        return next((r for r in rungs if r >= bits), rungs[-1])
+
+    return Recipe(recipe.model, recipe.granularity, QuantSettings(method=method),
+                  {name: rung(bits) for name, bits in recipe.groups.items()}, recipe.budget,
+                  provenance={"mapped_from": recipe.quantizer.method, "ladder": method})
 
 
 def gguf_types(recipe: Recipe, model_map: ModelMap) -> dict[str, str]:

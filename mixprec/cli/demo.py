@@ -1,4 +1,4 @@
-"""The end-to-end demo: quantize, measure, search, compile, evaluate and report on one model.
+"""The end-to-end demo: quantize, measure, search, compile, evaluate, write a GGUF and report on one model.
 
 It chains the stages' own APIs exactly as a publisher would run the CLI, into one work folder:
 
@@ -7,11 +7,16 @@ It chains the stages' own APIs exactly as a publisher would run the CLI, into on
     WORK/studies/*.db            one Optuna study per budget
     WORK/recipes/*.yaml          the chosen recipe per budget (with its held-out comparison)
     WORK/compiled/<budget>/      the packed checkpoint built from each recipe
+    WORK/gguf/<model>-<budget>bpw.gguf   each recipe as a GGUF (its widths as ggml K-quants), scored in llama.cpp
     WORK/demo_summary.json       the summary table below
     WORK/report/index.html       the report
 
 The compiled checkpoint is re-evaluated independently (`mixprec.checkpoint.evaluate`) on the same held-out windows
-the search used, so the table shows what a publisher would ship, not just what the search believed.
+the search used, so the table shows what a publisher would ship, not just what the search believed. The
+GGUF stage maps each recipe's widths onto ggml's ladder (`as_ggml_recipe`: 2 -> Q2_K ... 8 -> Q8_0, which
+cost a little more than RTN's widths), writes the file with `compile_gguf` and scores it in llama.cpp
+itself on the same windows. Without llama-cpp-python (a MIXPREC_NO_GGUF=1 setup), or for a model llama.cpp
+would compute differently, the stage is skipped with one line saying why.
 """
 
 from __future__ import annotations
@@ -24,19 +29,23 @@ from typing import Any
 
 from mixprec.checkpoint.compile import compile_recipe
 from mixprec.checkpoint.evaluate import EvalConfig, evaluate
+from mixprec.checkpoint.gguf import as_ggml_recipe, compile_gguf
+from mixprec.checkpoint.ggufrun import GGUF_MISSING, llama_cpp_available
+from mixprec.checkpoint.qformat import CompileError
 from mixprec.core.errors import MixprecError
 from mixprec.core.fileio import atomic_write_json
-from mixprec.formats.recipe import Budget
+from mixprec.formats.recipe import Budget, Recipe
 from mixprec.measure.config import MeasureConfig
 from mixprec.measure.run import run_measure
 from mixprec.model.data import WindowConfig
 from mixprec.model.loading import Checkpoint
 from mixprec.model.modelmap import DEFAULT_GRANULARITY, Granularity
+from mixprec.quant.variants import ensure_variants
 from mixprec.search.inputs import StageConfig
 from mixprec.search.pipeline import run_stage
 from mixprec.search.study import SearchConfig
 
-__all__ = ["DemoConfig", "run_demo", "summary_rows"]
+__all__ = ["DemoConfig", "gguf_skip_reason", "run_demo", "summary_rows", "gguf_note"]
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +66,7 @@ class DemoConfig:
     seed: int = 0
     device: str = "auto"
     report: bool = True
+    gguf: bool = True
 
     def __post_init__(self) -> None:
         Granularity(self.granularity)
@@ -85,7 +95,34 @@ def _folder_bytes(folder: Path) -> int:
     return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
 
 
-def _one_budget(config: DemoConfig, checkpoint: Checkpoint, budget: float) -> dict[str, Any]:
+def gguf_skip_reason(config: DemoConfig) -> str | None:
+    """Why the GGUF stage cannot run for this demo, or None; checked once, before any budget."""
+    if not config.gguf:
+        return "turned off (--no-gguf)"
+    if not llama_cpp_available():
+        return GGUF_MISSING
+    return None
+
+
+def _gguf_stage(config: DemoConfig, checkpoint: Checkpoint, recipe: Recipe, budget: float) -> dict[str, Any]:
+    """The recipe's widths as ggml types, written as a GGUF and scored by llama.cpp on the held-out windows."""
+    ggml = as_ggml_recipe(recipe)
+    widths = sorted({b for b in ggml.groups.values() if b is not None})
+    ensure_variants(checkpoint, checkpoint.model_map("layer"), [ggml.quant_config(b) for b in widths], config.work)
+    out = config.work / "gguf" / f"{checkpoint.path.name}-{budget:g}bpw.gguf"
+    try:
+        report = compile_gguf(ggml, checkpoint, config.work, out)
+    except CompileError as exc:
+        log.warning("GGUF stage skipped: %s", exc)
+        return {"gguf_skipped": str(exc)}
+    scored = evaluate(out, checkpoint.path, EvalConfig(seq_len=config.seq_len, num_windows=config.eval_windows,
+                                                       streaming="off"))
+    return {"gguf": str(out), "gguf_bpw": report["actual"]["bpw"], "gguf_mib": out.stat().st_size / 2**20,
+            "gguf_kl": scored.summary.kl_mean, "gguf_kl_se": scored.summary.kl_se,
+            "gguf_same_top1": scored.summary.same_top1}
+
+
+def _one_budget(config: DemoConfig, checkpoint: Checkpoint, budget: float, gguf_skip: str | None) -> dict[str, Any]:
     """Search, save, compile and independently evaluate the recipe for one budget."""
     name = checkpoint.path.name
     result = run_stage(_stage_config(config, budget, name))
@@ -95,7 +132,8 @@ def _one_budget(config: DemoConfig, checkpoint: Checkpoint, budget: float) -> di
     compile_report = compile_recipe(result.recipe, checkpoint, config.work, compiled)
     scored = evaluate(compiled, checkpoint.path, EvalConfig(seq_len=config.seq_len, num_windows=config.eval_windows))
     rows = {row["recipe"]: row for row in result.comparison}
-    return {"budget": budget, "recipe": str(recipe_path), "compiled": str(compiled),
+    llama = {"gguf_skipped": gguf_skip} if gguf_skip else _gguf_stage(config, checkpoint, result.recipe, budget)
+    return {**llama, "budget": budget, "recipe": str(recipe_path), "compiled": str(compiled),
             "achieved_bpw": result.recipe.achieved.get("bpw"),
             "compiled_mib": _folder_bytes(compiled) / 2**20,
             "predicted_bytes": compile_report["predicted"]["quantized_bytes"],
@@ -125,10 +163,13 @@ def run_demo(config: DemoConfig) -> list[dict[str, Any]]:
     mark = time.perf_counter()
     run_measure(_measure_config(config))  # quantizes the missing variants first
     timings["quantize+measure"] = time.perf_counter() - mark
+    skip = gguf_skip_reason(config)
+    if skip:
+        log.warning("GGUF stage skipped: %s", skip)
     results = []
     for budget in config.budgets:
         mark = time.perf_counter()
-        results.append(_one_budget(config, checkpoint, budget))
+        results.append(_one_budget(config, checkpoint, budget, skip))
         timings[f"budget {budget:g}"] = time.perf_counter() - mark
     _write_summary(config, checkpoint, timings, results)
     if config.report:
@@ -148,7 +189,8 @@ def _kl(row: dict[str, Any] | None) -> str:
 
 
 def summary_rows(results: list[dict[str, Any]]) -> list[dict[str, object]]:
-    """The demo's closing table: budget, achieved bpw, size, held-out KL of mixprec vs the baselines."""
+    """The demo's closing table: budget, achieved bpw, size, held-out KL of mixprec vs the baselines, and the
+    recipe's GGUF (its bpw over the quantized tensors) scored by llama.cpp."""
     rows: list[dict[str, object]] = []
     for r in results:
         compared = r["comparison"]
@@ -161,5 +203,13 @@ def summary_rows(results: list[dict[str, Any]]) -> list[dict[str, object]]:
             "uniform/mixprec": "-" if uniform is None else f"{uniform['evaluation_kl'] / r['compiled_kl']:.2f}x",
             "greedy/mixprec": "-" if "greedy" not in compared
             else f"{compared['greedy']['evaluation_kl'] / r['compiled_kl']:.2f}x",
+            "GGUF bpw": f"{r['gguf_bpw']:.3f}" if "gguf_kl" in r else "-",
+            "llama.cpp KL (GGUF)": f"{r['gguf_kl']:.3e} ± {r['gguf_kl_se']:.1e}" if "gguf_kl" in r else "-",
         })
     return rows
+
+
+def gguf_note(results: list[dict[str, Any]]) -> str | None:
+    """One line saying why the GGUF column is empty, or None when every budget has its llama.cpp KL."""
+    reasons = sorted({r["gguf_skipped"] for r in results if r.get("gguf_skipped")})
+    return f"GGUF stage skipped: {'; '.join(reasons)}" if reasons else None

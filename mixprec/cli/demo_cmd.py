@@ -2,8 +2,10 @@
 
 quantize (2 3 4 5 6 8 bits) -> measure (drop-one KL per group) -> search (one Optuna study per budget,
 seeded with the exact DP solution and the baselines) -> compile (packed checkpoint per budget) ->
-eval (held-out KL of the compiled checkpoint) -> report (HTML + PNG figures). About five minutes on
-two CPU cores; everything lands in --work (default work/demo) and finished stages are reused.
+eval (held-out KL of the compiled checkpoint) -> GGUF (each recipe's widths as ggml K-quants, written
+as a GGUF and scored by llama.cpp itself; skipped with one line without llama-cpp-python) -> report
+(HTML + PNG figures). About five minutes on two CPU cores; everything lands in --work (default
+work/demo) and finished stages are reused.
 
 Usage:
     mixprec demo
@@ -17,7 +19,7 @@ from pathlib import Path
 
 from mixprec.cli.checks import check_windows
 from mixprec.cli.common import add_model_argument, print_table
-from mixprec.cli.demo import DemoConfig, run_demo, summary_rows
+from mixprec.cli.demo import DemoConfig, gguf_note, run_demo, summary_rows
 from mixprec.search.study import quiet_optuna
 
 __all__ = ["register"]
@@ -42,6 +44,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--eval-windows", type=int, default=defaults.eval_windows, help="held-out windows")
     parser.add_argument("--device", default=defaults.device, help="auto, cpu or cuda")
     parser.add_argument("--no-report", action="store_true", help="skip the HTML report")
+    parser.add_argument("--no-gguf", action="store_true",
+                        help="skip the GGUF stage (each recipe written as a GGUF and scored in llama.cpp)")
     parser.set_defaults(run=run)
 
 
@@ -50,12 +54,16 @@ def run(args: argparse.Namespace) -> int:
     config = DemoConfig(work=args.work, model=args.model, bits=tuple(args.bits), budgets=tuple(args.budgets),
                         seq_len=args.seq_len,
                         granularity=args.granularity, trials=args.trials, measure_windows=args.measure_windows,
-                        eval_windows=args.eval_windows, device=args.device, report=not args.no_report)
+                        eval_windows=args.eval_windows, device=args.device, report=not args.no_report,
+                        gguf=not args.no_gguf)
     if not args.verbose:
         quiet_optuna()
     results = run_demo(config)
     print("\nheld-out KL(ref||q) on the evaluation split (uniform = nearest uniform variant at or above the budget)")
     rows = summary_rows(results)
     print_table(rows, list(rows[0]))
+    note = gguf_note(results)
+    if note:
+        print(note)
     print(f"\nwork folder: {config.work}   report: {config.work / 'report' / 'index.html'}")
     return 0

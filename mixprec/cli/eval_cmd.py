@@ -1,12 +1,14 @@
 """`mixprec eval DIR --reference MODEL`: llama.cpp-style KLD statistics of any checkpoint against a reference.
 
-DIR is a `mixprec compile` output or a plain Hugging Face folder. The reference (default: the
+DIR is a `mixprec compile` output, a plain Hugging Face folder, or a GGUF file (run by llama.cpp itself,
+through llama-cpp-python). The reference (default: the
 bundled model) runs in fp32 on its held-out evaluation split (or on --data text files, tokenized
 with its tokenizer). Prints mean KLD ± SE, median, p90, p99, p99.9, max, same-top-1 % ± SE,
 RMS Δp ± SE, PPL of both and their log ratio, and KLD by reference confidence.
 
 Usage:
     mixprec eval out/stdlib-moe-3bpw
+    mixprec eval out/stdlib-moe-3bpw.gguf
     mixprec eval out/q --reference path/to/model --windows 64 --seq-len 512 --json out/q-eval.json
 
 Basic:    DIR, --reference, --windows, --seq-len, --json
@@ -28,7 +30,8 @@ __all__ = ["register"]
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("eval", help="KLD statistics of a checkpoint against a reference model",
                                    description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("candidate", type=Path, metavar="DIR", help="compiled mixprec folder or plain HF folder")
+    parser.add_argument("candidate", type=Path, metavar="DIR",
+                        help="compiled mixprec folder, plain HF folder or GGUF file")
     parser.add_argument("--reference", default=None, metavar="MODEL",
                         help="unquantized reference model folder (default: the bundled stdlib MoE)")
     parser.add_argument("--windows", type=int, default=32, metavar="N", help="evaluation windows (default 32)")
