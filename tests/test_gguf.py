@@ -266,3 +266,26 @@ def test_every_quantizable_matrix_of_every_family_has_one_llama_cpp_tensor(model
     assert "token_embd.weight" in names and "output.weight" in names and "blk.1.attn_output.weight" in names
     if model_type not in ("llama", "qwen3"):
         assert {"blk.1.ffn_gate_exps.weight", "blk.1.ffn_up_exps.weight", "blk.1.ffn_down_exps.weight"} <= names
+
+
+def test_eval_scores_a_gguf_in_llama_cpp_and_refuses_another_reference(built: dict, tmp_path: Path,
+                                                                         tiny_model_dirs: dict[str, Path]) -> None:
+    """`mixprec eval FILE.gguf` runs the file in llama.cpp: its mean KL is the one llama.cpp's own logits give."""
+    from mixprec.checkpoint.evaluate import EvalConfig, evaluate
+    from mixprec.core.errors import FingerprintMismatchError
+    from mixprec.model.data import WindowConfig, load_windows
+    from tests.measure_helpers import model_with_splits
+
+    model = model_with_splits(built["checkpoint"].path, tmp_path / "model")
+    result = evaluate(built["gguf"], model, EvalConfig(seq_len=32, num_windows=3, streaming="off"))
+    assert result.candidate_format == "gguf"
+    windows = load_windows(model, "evaluation", WindowConfig(32, 3)).tokens
+    with torch.no_grad():
+        reference = load_model(built["checkpoint"])(windows).logits[:, :-1]
+    direct = [_kl(reference[i], _llama_logits(built["gguf"], windows[i].tolist())[:-1]) for i in range(3)]
+    assert result.summary.kl_mean == pytest.approx(sum(direct) / 3, rel=1e-3)
+    other = model_with_splits(tiny_model_dirs["qwen2_moe"], tmp_path / "other")
+    with pytest.raises(FingerprintMismatchError, match="fingerprint"):
+        evaluate(built["gguf"], other, EvalConfig(seq_len=32, num_windows=3, streaming="off"))
+    assert main(["eval", str(built["gguf"]), "--reference", str(model), "--windows", "2", "--seq-len", "32",
+                 "--streaming", "off"]) == 0
