@@ -289,3 +289,16 @@ def test_eval_scores_a_gguf_in_llama_cpp_and_refuses_another_reference(built: di
         evaluate(built["gguf"], other, EvalConfig(seq_len=32, num_windows=3, streaming="off"))
     assert main(["eval", str(built["gguf"]), "--reference", str(model), "--windows", "2", "--seq-len", "32",
                  "--streaming", "off"]) == 0
+
+
+def test_as_ggml_recipe_keeps_every_width_or_rounds_it_up(built: dict) -> None:
+    from mixprec.checkpoint.gguf import as_ggml_recipe
+
+    recipe = built["recipe"]
+    assert as_ggml_recipe(recipe) is recipe  # already ggml
+    names = list(recipe.groups)
+    rtn = Recipe(recipe.model, recipe.granularity, QuantSettings(method="rtn"),
+                 {name: [2, 3, 4, 5, 6, 7, 8, None][i % 8] for i, name in enumerate(names)})
+    mapped = as_ggml_recipe(rtn)
+    assert mapped.quantizer.method == "gguf" and mapped.provenance["mapped_from"] == "rtn"
+    assert [mapped.groups[n] for n in names] == [[2, 3, 4, 5, 6, 8, 8, None][i % 8] for i in range(len(names))]
