@@ -302,3 +302,49 @@ def test_as_ggml_recipe_keeps_every_width_or_rounds_it_up(built: dict) -> None:
     mapped = as_ggml_recipe(rtn)
     assert mapped.quantizer.method == "gguf" and mapped.provenance["mapped_from"] == "rtn"
     assert [mapped.groups[n] for n in names] == [[2, 3, 4, 5, 6, 8, 8, None][i % 8] for i in range(len(names))]
+
+
+def test_olmoe_gguf_runs_in_llama_cpp_as_mixprec_measured_it(tmp_path: Path) -> None:
+    """OLMoE (no shared expert, q/k norms over the whole projection): written, loaded and computed as measured."""
+    from tests.tiny_models import build_tiny_model
+
+    model = build_tiny_model("olmoe", num_key_value_heads=4)
+    with torch.no_grad():
+        for param in model.parameters():
+            param.copy_(param.half().float())  # exact in F16, as the file holds them
+    model.save_pretrained(tmp_path / "model")
+    checkpoint = Checkpoint.open(tmp_path / "model")
+    model_map = checkpoint.model_map("fine")
+    widths = (2, 3, 4, 5, 6, 8)
+    groups = {g.name: widths[i % len(widths)] for i, g in enumerate(model_map.select())}
+    recipe = Recipe(ModelRef("tiny-olmoe", checkpoint.model_type, checkpoint.fingerprint), model_map.granularity,
+                    GGUF_SETTINGS, groups)
+    ensure_variants(checkpoint, checkpoint.model_map("layer"), [GGUF_SETTINGS.config(b) for b in widths],
+                    tmp_path / "work")
+    report = compile_gguf(recipe, checkpoint, tmp_path / "work", tmp_path / "olmoe.gguf")
+    assert report["arch"] == "olmoe"
+    tokens = torch.randint(3, 160, (48,), generator=torch.Generator().manual_seed(5)).tolist()
+    measured = load_model(checkpoint)
+    params = dict(measured.named_parameters())
+    for name, bits in groups.items():
+        apply_group(params, model_map.group(name),
+                    Variant.open(tmp_path / "work" / "variants" / GGUF_SETTINGS.config(bits).variant_id))
+    with torch.no_grad():
+        reference = load_model(checkpoint)(torch.tensor([tokens])).logits[0]
+        dequantized = measured(torch.tensor([tokens])).logits[0]
+    served = _llama_logits(tmp_path / "olmoe.gguf", tokens)
+    engine_kl, quant_kl = _kl(dequantized, served), _kl(reference, dequantized)
+    print(f"olmoe: KL(mixprec dequantized ‖ llama.cpp) {engine_kl:.2e}, quantization KL {quant_kl:.2e}")
+    assert quant_kl > 3e-5, quant_kl
+    assert engine_kl < 0.02 * quant_kl, (engine_kl, quant_kl)
+
+
+def test_olmoe_layouts_llama_cpp_computes_differently_are_refused(tmp_path: Path) -> None:
+    from tests.tiny_models import save_tiny_model
+
+    checkpoint = Checkpoint.open(save_tiny_model("olmoe", tmp_path / "model"))  # 2 KV heads for 4 query heads
+    model_map = checkpoint.model_map("fine")
+    recipe = Recipe(ModelRef("tiny-olmoe", checkpoint.model_type, checkpoint.fingerprint), model_map.granularity,
+                    GGUF_SETTINGS, {g.name: None for g in model_map.select()})
+    with pytest.raises(CompileError, match="num_key_value_heads"):
+        compile_gguf(recipe, checkpoint, tmp_path / "work", tmp_path / "x.gguf")

@@ -43,7 +43,7 @@ __all__ = ["GGUF_WRITABLE", "gguf_types", "tensor_plan", "llama_quantize_types",
 log = logging.getLogger(__name__)
 
 #: llama.cpp architectures this writer emits metadata for.
-GGUF_WRITABLE = ("qwen2moe", "qwen3moe", "llama", "qwen2", "qwen3")
+GGUF_WRITABLE = ("qwen2moe", "qwen3moe", "olmoe", "llama", "qwen2", "qwen3")
 _F32_NAMES = re.compile(r".*(_norm\.weight|\.bias|ffn_gate_inp\.weight|ffn_gate_inp_shexp\.weight)")
 
 
@@ -68,6 +68,22 @@ def _layout_problem(arch: str, config: dict[str, Any]) -> str | None:
         want = arch == "qwen3moe"
         if bool(config.get("norm_topk_prob", want)) != want:
             return f"it {'always' if want else 'never'} renormalises top-k weights (norm_topk_prob must be {want})"
+    if arch == "olmoe":
+        return _olmoe_problem(config)
+    return None
+
+
+def _olmoe_problem(config: dict[str, Any]) -> str | None:
+    """llama.cpp's olmoe graph: no top-k renormalisation, q/k norms over the whole projection (so as many KV
+    heads as query heads), and no QKV clipping."""
+    if config.get("norm_topk_prob"):
+        return "it never renormalises top-k weights (norm_topk_prob must be false)"
+    heads = config["num_attention_heads"]
+    if int(config.get("num_key_value_heads") or heads) != int(heads):
+        return (f"its k_norm spans all heads, so num_key_value_heads ({config.get('num_key_value_heads')}) must "
+                f"equal num_attention_heads ({heads})")
+    if config.get("clip_qkv") is not None:
+        return f"it does not clip q/k/v (clip_qkv={config['clip_qkv']})"
     return None
 
 
