@@ -298,10 +298,10 @@ def test_as_ggml_recipe_keeps_every_width_or_rounds_it_up(built: dict) -> None:
     assert as_ggml_recipe(recipe) is recipe  # already ggml
     names = list(recipe.groups)
     rtn = Recipe(recipe.model, recipe.granularity, QuantSettings(method="rtn"),
-                 {name: [2, 3, 4, 5, 6, 7, 8, None][i % 8] for i, name in enumerate(names)})
+                 {name: [2, 3, 4, 5, 6, 7, 8, None, "gptq-b4-g32"][i % 9] for i, name in enumerate(names)})
     mapped = as_ggml_recipe(rtn)
     assert mapped.quantizer.method == "gguf" and mapped.provenance["mapped_from"] == "rtn"
-    assert [mapped.groups[n] for n in names] == [[2, 3, 4, 5, 6, 8, 8, None][i % 8] for i in range(len(names))]
+    assert [mapped.groups[n] for n in names] == [[2, 3, 4, 5, 6, 8, 8, None, 4][i % 9] for i in range(len(names))]
 
 
 def test_olmoe_gguf_runs_in_llama_cpp_as_mixprec_measured_it(tmp_path: Path) -> None:

@@ -100,7 +100,8 @@ def as_ggml_recipe(recipe: Recipe, method: str = "gguf") -> Recipe:
     quantizer (the demo's RTN recipe), so it can be written as a GGUF.
 
     A width the ladder lacks (7 bits) takes the next rung up, so no group gets fewer bits than the recipe
-    gave it; ggml's block scales make every rung cost a little more than RTN's (Q2_K is 2.625 bpw).
+    gave it; an option label (`gptq-b4-g32`) counts as its width. ggml's block scales make every rung cost a
+    little more than RTN's (Q2_K is 2.625 bpw).
     """
     if issubclass(quantizer_class(recipe.quantizer.method), GGMLQuantizer):
         return recipe
@@ -112,7 +113,7 @@ def as_ggml_recipe(recipe: Recipe, method: str = "gguf") -> Recipe:
         return next((r for r in rungs if r >= bits), rungs[-1])
 
     return Recipe(recipe.model, recipe.granularity, QuantSettings(method=method),
-                  {name: rung(bits) for name, bits in recipe.groups.items()}, recipe.budget,
+                  {name: rung(bits) for name, bits in recipe.widths().items()}, recipe.budget,
                   provenance={"mapped_from": recipe.quantizer.method, "ladder": method})
 
 
