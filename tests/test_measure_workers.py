@@ -53,7 +53,7 @@ def _states(config) -> dict[str, int]:
     from mixprec.core.storage import open_storage
     from mixprec.measure.store import STUDY_NAME
 
-    storage = open_storage(None, config.folder)
+    storage = open_storage(None, config.folder, create=False)  # create=True would repair (rewrite) the journal
     counts: dict[str, int] = {}
     for trial in optuna.load_study(study_name=STUDY_NAME, storage=storage).get_trials(deepcopy=False):
         counts[trial.state.name] = counts.get(trial.state.name, 0) + 1
@@ -75,7 +75,9 @@ def test_kill_9_then_rerun_completes_the_table(model_dir: Path, tmp_path: Path) 
     while time.monotonic() < deadline:  # frozen while the table is read, so a slow read costs it no progress
         assert child.poll() is None, "the worker finished before it could be killed; give it more jobs"
         child.send_signal(signal.SIGSTOP)
-        if _states(config).get("COMPLETE", 0) >= 4:
+        # frozen while holding the journal's lock (a symlink beside it), it would block the read until Optuna
+        # broke the lock, and then fail its own release: let it finish the append first
+        if not os.path.lexists(config.folder / "journal.log.lock") and _states(config).get("COMPLETE", 0) >= 4:
             break
         child.send_signal(signal.SIGCONT)
         time.sleep(0.2)
