@@ -45,6 +45,8 @@ def is_gguf(path: str | Path) -> bool:
 
 def gguf_recipe(path: str | Path) -> Recipe | None:
     """The recipe a mixprec-written GGUF carries (`mixprec.recipe`), or None for any other GGUF."""
+    if not llama_cpp_available():
+        raise ModelLoadError(f"{path} is a GGUF file; reading it needs {GGUF_MISSING}")
     import gguf
 
     field = gguf.GGUFReader(Path(path)).get_field(META_RECIPE)
