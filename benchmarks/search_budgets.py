@@ -103,8 +103,8 @@ def _quantize_calibrated(args: argparse.Namespace) -> None:
     if calibrated:
         work = default_work_dir(args.model, args.work)
         model = [args.model] if args.model else []
-        code = mixprec_main(["quantize", *model, "--work", str(work), "--bits", *map(str, args.bits),
-                             "--options", *calibrated, "-q"])
+        code = mixprec_main(["-q", "quantize", *model, "--work", str(work), "--bits", *map(str, args.bits),
+                             "--options", *calibrated])
         if code != 0:
             raise SystemExit(f"quantizing {calibrated} failed (exit {code})")
 
