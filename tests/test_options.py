@@ -169,13 +169,18 @@ def test_cli_quantize_and_search_over_options(tiny_model_dirs: dict[str, Path], 
     assert code == 0, err
     assert {p.name for p in (work / "variants").iterdir()} == {
         f"rtn-b{b}-g{g}-sym" for b in (2, 3, 4) for g in (32, 128)}
-    out, exl3 = tmp_path / "r.yaml", tmp_path / "e.yaml"
-    code, stdout, err = mixprec("search", str(model), "--work", str(work), "--bits", "2", "3", "4", "--windows",
-                                "4", "--seq-len", "32", "--eval-windows", "4", "--granularity", "layer",
-                                "--studies-dir", str(tmp_path / "studies"), "--budget", "3", "--trials", "4",
-                                *options, "--out", str(out), "--export-exl3", str(exl3), capsys=capsys)
+    table = [str(model), "--work", str(work), "--bits", "2", "3", "4", "--windows", "4", "--seq-len", "32",
+             "--granularity", "layer", "--no-clip-search"]
+    code, stdout, err = mixprec("measure", *table, *options, capsys=capsys)
     assert code == 0, err
     assert {p.name for p in (work / "measure").iterdir()} == {"drop-layer-g32", "drop-layer-g128"}
+    assert stdout.count("wrote ") == 2, "one table per family"
+    out, exl3 = tmp_path / "r.yaml", tmp_path / "e.yaml"
+    code, stdout, err = mixprec("search", *table[:-1], "--eval-windows", "4", "--no-measure", "--studies-dir",
+                                str(tmp_path / "studies"), "--budget", "3", "--trials", "4", *options, "--out",
+                                str(out), "--export-exl3", str(exl3), capsys=capsys)
+    assert code == 0, err
+    assert "options were mapped to their widths" in stdout or not Recipe.load(out).uses_options
     recipe = Recipe.load(out)
     searched = {f"rtn-b{b}-g{g}" for b in (2, 3, 4) for g in (32, 128)}
     assert set(recipe.groups.values()) <= searched | {2, 3, 4}, recipe.groups

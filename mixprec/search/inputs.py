@@ -143,7 +143,8 @@ def measure_missing(config: StageConfig) -> Path:
     A separate step, taken after every flag is validated (`check`), rather than a side effect of loading:
     `prepare` only reads a finished table and says how to make one when it is missing.
     """
-    return [_measure_one(measure) for measure in config.measure_configs()][0]
+    folders = [_measure_one(measure) for measure in config.measure_configs()]  # one per option family
+    return folders[0]
 
 
 def _measure_one(measure: MeasureConfig) -> Path:
