@@ -2,8 +2,9 @@
 
 Used to compare what two versions of the search shipped (e.g. the committed recipes/ against a new sweep's):
 for each pair it prints held-out KL ± SE of both, the paired difference B − A ± SE and the ratio B / A ±
-its paired bootstrap SE (both resample whole sequences for A and B together). Both recipes of a pair must
-use variants of the same quantizer settings (they share one engine).
+its paired bootstrap SE (both resample whole sequences for A and B together). The two recipes of a pair share
+one engine over both recipes' variants: a widths-only recipe against one with option labels (`--options`) works,
+two widths-only recipes must use the same quantizer settings.
 
 Run: .venv/bin/python benchmarks/paired_recipes.py --a recipes/stdlib-moe-3.0bpw.yaml ... --b new/...yaml ...
 """
@@ -36,6 +37,15 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def _variants(a: Recipe, b: Recipe, checkpoint: Checkpoint, work: Path) -> dict[object, object]:
+    """Both recipes' variants under their keys (widths or option labels); one key may not mean two variants."""
+    found, other = open_variants(a, checkpoint, work), open_variants(b, checkpoint, work)
+    clash = [k for k in found.keys() & other.keys() if found[k].config != other[k].config]
+    if clash:
+        raise SystemExit(f"the recipes use {clash} bits at other quantizer settings; compare them one engine each")
+    return {**found, **other}
+
+
 def main() -> None:
     args = _parser().parse_args()
     checkpoint = Checkpoint.open(args.model)
@@ -45,7 +55,7 @@ def main() -> None:
     rows = []
     for path_a, path_b in zip(args.a, args.b, strict=True):
         a, b = Recipe.load(path_a), Recipe.load(path_b)
-        engine = KLEngine(model, checkpoint.model_map(a.granularity), windows, open_variants(a, checkpoint, work),
+        engine = KLEngine(model, checkpoint.model_map(a.granularity), windows, _variants(a, b, checkpoint, work),
                           "cpu")
         kl_a, kl_b = engine.evaluate(a.groups).kl, engine.evaluate(b.groups).kl
         n = engine.num_sequences
