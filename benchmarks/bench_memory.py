@@ -26,6 +26,9 @@ Usage:
     .venv/bin/python benchmarks/bench_memory.py --layers 8 --repeats 2
     .venv/bin/python benchmarks/bench_memory.py --layers 4 8 32 --max-jobs 8 --repeats 2 \
         --out benchmarks/results/bench_memory.json
+    .venv/bin/python benchmarks/bench_memory.py --layout deepseek_v3 --layers 4 12 32 --max-jobs 8 --repeats 1 \
+        --stages quantize measure search compile eval --root /tmp/bench \
+        --out benchmarks/results/bench_memory_deepseek.json
 """
 
 from __future__ import annotations
