@@ -47,9 +47,11 @@ def test_demo_runs_every_stage_and_writes_its_outputs(demo_run: Path) -> None:
         # the compiled checkpoint scores what the search measured for the same recipe on the same windows
         searched = row["comparison"]["mixprec"]["evaluation_kl"]
         assert row["compiled_kl"] == pytest.approx(searched, rel=1e-3, abs=1e-9)
+        recipe = Recipe.load(row["recipe"])  # each group chose among the option families: labels, not widths
+        assert recipe.uses_options and all(v is None or isinstance(v, str) for v in recipe.groups.values())
     assert (demo_run / "measure" / "drop-fine" / "table.csv").exists()
-    # the searched widths at g64, plus the nearest uniform quant of each budget (any group size, e.g. 3-bit g128)
-    searched = {f"rtn-b{b}-g64-sym" for b in (2, 3, 4, 8)}
+    # the demo's option families (each width at g64, g32, g128), plus the nearest uniform quant of each budget
+    searched = {f"rtn-b{b}-g{g}-sym" for b in (2, 3, 4, 8) for g in (64, 32, 128)}
     uniform = [row["comparison"]["uniform"]["solver"].split("-") for row in summary["budgets"]]
     assert all(label[0] == "uniform" and label[1].endswith("b") for label in uniform), uniform
     uniform += [row["comparison"][name]["solver"].split("-") for row in summary["budgets"]

@@ -40,6 +40,8 @@ from mixprec.measure.run import run_measure
 from mixprec.model.data import WindowConfig
 from mixprec.model.loading import Checkpoint
 from mixprec.model.modelmap import DEFAULT_GRANULARITY, Granularity
+from mixprec.quant.base import QuantSettings
+from mixprec.quant.options import parse_families
 from mixprec.quant.variants import ensure_variants
 from mixprec.search.inputs import StageConfig
 from mixprec.search.pipeline import run_stage
@@ -67,15 +69,24 @@ class DemoConfig:
     device: str = "auto"
     report: bool = True
     gguf: bool = True
+    #: Option families searched jointly per group (`--options`); the first is the one greedy and `--hq` use.
+    #: Empty: every group at one group size (RTN g64), i.e. widths only.
+    options: tuple[str, ...] = ("rtn-g64", "rtn-g32", "rtn-g128")
 
     def __post_init__(self) -> None:
         Granularity(self.granularity)
+        self.families()  # validates the option labels before any work
         WindowConfig(self.seq_len, self.measure_windows)
         WindowConfig(self.seq_len, self.eval_windows)
         if not self.budgets or any(b <= 0 for b in self.budgets):
             raise MixprecError(f"budgets {self.budgets} must be positive bits per weight")
         if self.trials < 1:
             raise MixprecError(f"trials={self.trials} must be at least 1")
+
+
+    def families(self) -> tuple[QuantSettings, ...]:
+        """The option families at the measurement's shared settings (symmetry, clip search)."""
+        return parse_families(self.options, QuantSettings()) if self.options else ()
 
 
 def _measure_config(config: DemoConfig) -> MeasureConfig:
@@ -88,7 +99,8 @@ def _stage_config(config: DemoConfig, budget: float, name: str) -> StageConfig:
                           studies_dir=config.work / "studies")
     return StageConfig(work=config.work, budget=Budget(bpw=budget), model=config.model,
                        granularity=config.granularity, measure=_measure_config(config), search=search,
-                       eval_windows=config.eval_windows, eval_seq_len=config.seq_len, device=config.device)
+                       eval_windows=config.eval_windows, eval_seq_len=config.seq_len, device=config.device,
+                       options=config.families())
 
 
 def _folder_bytes(folder: Path) -> int:
@@ -161,7 +173,8 @@ def run_demo(config: DemoConfig) -> list[dict[str, Any]]:
     checkpoint = Checkpoint.open(config.model)
     timings: dict[str, float] = {}
     mark = time.perf_counter()
-    run_measure(_measure_config(config))  # quantizes the missing variants first
+    for measure in _stage_config(config, config.budgets[0], checkpoint.path.name).measure_configs():
+        run_measure(measure)  # one table per option family; quantizes the missing variants first
     timings["quantize+measure"] = time.perf_counter() - mark
     skip = gguf_skip_reason(config)
     if skip:

@@ -1,7 +1,8 @@
 """`mixprec demo`: the whole pipeline on the bundled model, ending with a summary table.
 
-quantize (2 3 4 5 6 8 bits) -> measure (drop-one KL per group) -> search (one Optuna study per budget,
-seeded with the exact DP solution and the baselines) -> compile (packed checkpoint per budget) ->
+quantize (2 3 4 5 6 8 bits at group sizes 64, 32 and 128) -> measure (drop-one KL per group and option)
+-> search (each group's width and group size chosen jointly; one Optuna study per budget, seeded with
+the exact DP solution and the baselines) -> compile (packed checkpoint per budget) ->
 eval (held-out KL of the compiled checkpoint) -> GGUF (each recipe's widths as ggml K-quants, written
 as a GGUF and scored by llama.cpp itself; skipped with one line without llama-cpp-python) -> report
 (HTML + PNG figures). About five minutes on two CPU cores; everything lands in --work (default
@@ -10,6 +11,7 @@ work/demo) and finished stages are reused.
 Usage:
     mixprec demo
     mixprec demo --budgets 3.0 --trials 20 --work work/demo3
+    mixprec demo --options            # one group size (RTN g64), widths only
 """
 
 from __future__ import annotations
@@ -44,6 +46,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--eval-windows", type=int, default=defaults.eval_windows, help="held-out windows")
     parser.add_argument("--device", default=defaults.device, help="auto, cpu or cuda")
     parser.add_argument("--no-report", action="store_true", help="skip the HTML report")
+    parser.add_argument("--options", nargs="*", default=list(defaults.options), metavar="FAMILY",
+                        help="option families each group chooses among jointly (default rtn-g64 rtn-g32 "
+                             "rtn-g128: width and group size per group; greedy and --hq use the first); "
+                             "give none for one group size, widths only")
     parser.add_argument("--no-gguf", action="store_true",
                         help="skip the GGUF stage (each recipe written as a GGUF and scored in llama.cpp)")
     parser.set_defaults(run=run)
@@ -55,7 +61,7 @@ def run(args: argparse.Namespace) -> int:
                         seq_len=args.seq_len,
                         granularity=args.granularity, trials=args.trials, measure_windows=args.measure_windows,
                         eval_windows=args.eval_windows, device=args.device, report=not args.no_report,
-                        gguf=not args.no_gguf)
+                        gguf=not args.no_gguf, options=tuple(args.options))
     if not args.verbose:
         quiet_optuna()
     results = run_demo(config)
