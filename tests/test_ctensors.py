@@ -72,10 +72,9 @@ def assert_ct_rebuilds_mixprec_load(checkpoint: Checkpoint, recipe: Recipe, root
                                     config: CompileConfig = SHARDS) -> dict:
     """Compile `recipe` in both formats under `root`; compressed-tensors' reader of one must give exactly
     `mixprec.load` of the other (fp16) for every quantized matrix and the source for every other tensor."""
-    settings = recipe.quantizer
-    widths = sorted({b for b in recipe.groups.values() if b is not None})
-    ensure_variants(checkpoint, checkpoint.model_map(recipe.granularity), [settings.config(b) for b in widths],
-                    root / "work")
+    used = {o for o in recipe.groups.values() if o is not None}  # widths or option labels
+    ensure_variants(checkpoint, checkpoint.model_map(recipe.granularity),
+                    sorted({recipe.quant_config(o) for o in used}, key=str), root / "work")
     compile_recipe(recipe, checkpoint, root / "work", root / "mixprec", config)
     report = compile_ctensors(recipe, checkpoint, root / "work", root / "ct", config)
     assert len(report["shards"]) > 1 and report["compressed_tensors_validated"] == ct.__version__
@@ -100,6 +99,23 @@ def test_ct_decompressor_rebuilds_what_mixprec_load_reads(wide_model: Path, tmp_
     recipe = all_widths_recipe(checkpoint, QuantSettings(group_size=group_size, symmetric=symmetric))
     assert set(recipe.groups.values()) == set(SUPPORTED_BITS)
     assert_ct_rebuilds_mixprec_load(checkpoint, recipe, tmp_path)
+
+
+def test_option_recipe_gets_one_config_group_per_width_and_group_size(wide_model: Path, tmp_path: Path) -> None:
+    """A recipe whose groups pick their own group size (option labels) is exported with one config group per
+    (width, group size), and compressed-tensors' reader still rebuilds exactly what `mixprec.load` reads."""
+    checkpoint = Checkpoint.open(wide_model)
+    model_map = checkpoint.model_map("expert")
+    groups = [g.name for g in model_map.select()]
+    wanted = {(bits, size) for bits in (2, 4, 8) for size in SUPPORTED_GROUP_SIZES}
+    labels = itertools.cycle(sorted(f"rtn-b{bits}-g{size}" for bits, size in wanted))
+    recipe = Recipe(ModelRef("wide", checkpoint.model_type, checkpoint.fingerprint), model_map.granularity,
+                    QuantSettings(), {name: next(labels) for name in groups})
+    assert recipe.uses_options
+    assert_ct_rebuilds_mixprec_load(checkpoint, recipe, tmp_path)
+    qconfig = json.loads((tmp_path / "ct" / "config.json").read_text())["quantization_config"]
+    assert {(g["weights"]["num_bits"], g["weights"]["group_size"]) for g in qconfig["config_groups"].values()} \
+        == wanted
 
 
 def test_experts_sharing_a_width_get_one_target(wide_model: Path, tmp_path: Path) -> None:

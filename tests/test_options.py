@@ -13,7 +13,6 @@ import pytest
 import torch
 
 from mixprec.checkpoint.compile import CompileConfig, compile_recipe
-from mixprec.checkpoint.ctensors import compile_ctensors
 from mixprec.checkpoint.load import load
 from mixprec.checkpoint.streamed import load as load_any
 from mixprec.core.errors import ModelLoadError, QuantConfigError
@@ -144,15 +143,6 @@ def test_format_versions(compiled: tuple[Recipe, Path, Path], tmp_path: Path,
     tokens = torch.randint(3, 160, (1, 12), generator=torch.Generator().manual_seed(1))
     expected = recipe_model(tiny_model_dirs["qwen2_moe"], work, recipe)(tokens).logits
     assert torch.equal(load(old)(tokens).logits, expected)
-
-
-def test_bits_only_formats_refuse_options(compiled: tuple[Recipe, Path, Path], tiny_model_dirs: dict[str, Path],
-                                          tmp_path: Path) -> None:
-    recipe, work, _ = compiled
-    checkpoint = Checkpoint.open(tiny_model_dirs["qwen2_moe"])
-    with pytest.raises(RecipeError, match="compressed-tensors.*picks them per group"):
-        compile_ctensors(recipe, checkpoint, work, tmp_path / "ct")
-    assert not (tmp_path / "ct").exists()
 
 
 @pytest.mark.slow

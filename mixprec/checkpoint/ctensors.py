@@ -25,9 +25,10 @@ cannot be made positive losslessly in b bits. vLLM's opt-in 8-bit-activation Mar
 (VLLM_MARLIN_INPUT_DTYPE=int8) rescales by the tensor's largest scale and assumes it is positive; the
 report counts negative scales so a user can tell.
 
-config.json gains `quantization_config` with one config group per bit width (the recipe has one group size
-and symmetry), each targeting its modules by anchored `re:^<module>$` patterns (all experts of a layer and
-projection that share a width by one `re:^...experts\\.\\d+\\.<proj>$`), and `ignore` listing every weight
+config.json gains `quantization_config` with one config group per (bit width, group size) scheme (one
+symmetry per recipe; an option recipe gives groups their own group size, and RTN and GPTQ codes are stored
+alike), each targeting its modules by anchored `re:^<module>$` patterns (all experts of a layer and
+projection that share a scheme by one `re:^...experts\\.\\d+\\.<proj>$`), and `ignore` listing every weight
 matrix left unquantized (embeddings, head, routers, null groups). Checked before writing: the
 source stores experts per expert, no embedding, head or router is quantized, and G divides every quantized
 in-features (compressed-tensors' group dequantization requires it). After writing, every header is re-read
@@ -42,6 +43,7 @@ import math
 import re
 import sys
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -67,8 +69,8 @@ from mixprec.model.loading import Checkpoint
 from mixprec.model.modelmap import ModelMap
 from mixprec.quant import QuantizedWeight
 
-__all__ = ["QUANT_METHOD", "PACK_FORMAT", "SUFFIXES", "module_name", "module_target", "packed_nbytes",
-           "pack_int32", "ct_tensors", "config_targets", "quantization_config", "verify_ctensors",
+__all__ = ["QUANT_METHOD", "PACK_FORMAT", "SUFFIXES", "Scheme", "schemes", "module_name", "module_target",
+           "packed_nbytes", "pack_int32", "ct_tensors", "config_targets", "quantization_config", "verify_ctensors",
            "vllm_fusion_conflicts", "compile_ctensors"]
 
 log = logging.getLogger(__name__)
@@ -127,11 +129,10 @@ def ct_tensors(module: str, q: QuantizedWeight) -> dict[str, torch.Tensor]:
 
 def _check_exportable(recipe: Recipe, model_map: ModelMap) -> None:
     """Refuse, before any work, what compressed-tensors (or vLLM) cannot represent."""
-    recipe.require_widths("the compressed-tensors export (one config group per width)")
-    g = recipe.quantizer.group_size
-    for name, bits in recipe.groups.items():
-        if bits is None:
+    for name, option in recipe.groups.items():
+        if option is None:
             continue
+        g = recipe.quant_config(option).group_size  # an option label carries its own group size
         group = model_map.group(name)
         if group.kind in _NEVER_QUANTIZED:
             raise CompileError(f"recipe group {name!r} quantizes a {group.kind.value}; the compressed-tensors "
@@ -141,7 +142,7 @@ def _check_exportable(recipe: Recipe, model_map: ModelMap) -> None:
                 raise CompileError(f"{ref.key} stores experts fused; compressed-tensors needs one module per "
                                    "expert: compile from a checkpoint saved with per-expert keys")
             if ref.shape[1] % g:
-                raise CompileError(f"{ref.key} has {ref.shape[1]} input features, not a multiple of the recipe's "
+                raise CompileError(f"{ref.key} has {ref.shape[1]} input features, not a multiple of group {name!r}'s "
                                    f"group size {g}; compressed-tensors needs whole groups: use a recipe with "
                                    "a group size dividing every quantized in-features, or set that group to null")
 
@@ -159,40 +160,50 @@ def _expert_target(module: str, expert: int) -> str | None:
     return "re:^" + r"\.".join(r"\d+" if i == at else re.escape(part) for i, part in enumerate(parts)) + "$"
 
 
-def config_targets(bits_map: dict[str, int], model_map: ModelMap) -> dict[int, list[str]]:
-    """bits -> targets: one `re:^<module>$` per quantized module, except that all experts of a layer and
-    projection sharing one width get one `\\d+` target (a few hundred targets for a large MoE rather than
+#: A config group's scheme: (bits, group size). Option recipes give groups their own group size.
+Scheme = tuple[int, int]
+
+
+def schemes(plan: CompilePlan) -> dict[str, Scheme]:
+    """Each quantized module's (bits, group size): one config group of compressed-tensors per distinct pair."""
+    return {module: (bits, plan.group_sizes[module]) for module, bits in plan.bits_map.items()}
+
+
+def config_targets(scheme_map: dict[str, Scheme], model_map: ModelMap) -> dict[Scheme, list[str]]:
+    """scheme -> targets: one `re:^<module>$` per quantized module, except that all experts of a layer and
+    projection sharing one scheme get one `\\d+` target (a few hundred targets for a large MoE rather than
     tens of thousands, which every loader matches each module against)."""
-    families: dict[str, dict[str, int | None]] = {}
+    families: dict[str, dict[str, Scheme | None]] = {}
     for group in model_map.groups:
         for ref in group.weights:
             target = None if ref.expert is None else _expert_target(module_name(ref.key), ref.expert)
             if target is not None:
-                families.setdefault(target, {})[module_name(ref.key)] = bits_map.get(module_name(ref.key))
-    by_bits: dict[int, list[str]] = {}
+                families.setdefault(target, {})[module_name(ref.key)] = scheme_map.get(module_name(ref.key))
+    by_scheme: dict[Scheme, list[str]] = {}
     covered: set[str] = set()
     for target, members in families.items():
-        widths = set(members.values())
-        if len(widths) == 1 and None not in widths:
-            by_bits.setdefault(int(widths.pop()), []).append(target)  # type: ignore[arg-type]
+        found = set(members.values())
+        if len(found) == 1 and None not in found:
+            by_scheme.setdefault(found.pop(), []).append(target)  # type: ignore[arg-type]
             covered.update(members)
-    for module, bits in bits_map.items():
+    for module, scheme in scheme_map.items():
         if module not in covered:
-            by_bits.setdefault(bits, []).append(module_target(module))
-    return {bits: sorted(targets) for bits, targets in sorted(by_bits.items())}
+            by_scheme.setdefault(scheme, []).append(module_target(module))
+    return {scheme: sorted(targets) for scheme, targets in sorted(by_scheme.items())}
 
 
 def quantization_config(recipe: Recipe, plan: CompilePlan, model_map: ModelMap) -> dict[str, Any]:
-    """config.json's `quantization_config`: one config group per width, anchored targets, the rest ignored."""
+    """config.json's `quantization_config`: one config group per (width, group size), anchored targets, the
+    rest ignored."""
     q = recipe.quantizer
     ignore = [module_name(key) for group in model_map.groups for key in group.keys
               if module_name(key) not in plan.bits_map]
     groups = {f"group_{i}": {"targets": targets, "format": PACK_FORMAT, "input_activations": None,
                              "output_activations": None,
                              "weights": {"num_bits": bits, "type": "int", "symmetric": q.symmetric,
-                                         "strategy": "group", "group_size": q.group_size, "dynamic": False,
+                                         "strategy": "group", "group_size": size, "dynamic": False,
                                          "actorder": None}}
-              for i, (bits, targets) in enumerate(config_targets(plan.bits_map, model_map).items())}
+              for i, ((bits, size), targets) in enumerate(config_targets(schemes(plan), model_map).items())}
     return {"quant_method": QUANT_METHOD, "format": PACK_FORMAT, "quantization_status": "compressed",
             "config_groups": groups, "ignore": sorted(dict.fromkeys(ignore)), "kv_cache_scheme": None,
             "global_compression_ratio": None}
@@ -224,7 +235,7 @@ def _check_entry(folder: Path, entry: PlanEntry, plan: CompilePlan, tensors: dic
             raise _fail(folder, f"copied tensor {entry.name} is missing or has the wrong size")
         return 1
     suffixes = SUFFIXES if not plan.symmetric else SUFFIXES[:3]
-    shapes = _expected_shapes(entry, plan.group_size)
+    shapes = _expected_shapes(entry, plan.group_sizes[entry.name])
     for suffix in suffixes:
         info = tensors.get(f"{entry.name}.{suffix}")
         if info is None or info.dtype != _DTYPES[suffix] or info.shape != shapes[suffix]:
@@ -247,14 +258,15 @@ def _selected(targets: list[str], modules: set[str], literal: dict[str, str]) ->
 
 
 def _check_targets(folder: Path, qconfig: dict[str, Any], plan: CompilePlan, modules: set[str]) -> None:
-    """Each config group must select exactly its width's modules, no module twice, and `ignore` none of them."""
+    """Each config group must select exactly its scheme's modules, no module twice, and `ignore` none of them."""
     literal = {module_target(m): m for m in modules}
     seen: list[str] = []
     for group in qconfig["config_groups"].values():
         selected = _selected(group["targets"], modules, literal)
-        wanted = {base for base, bits in plan.bits_map.items() if bits == group["weights"]["num_bits"]}
+        scheme = (group["weights"]["num_bits"], group["weights"]["group_size"])
+        wanted = {base for base, found in schemes(plan).items() if found == scheme}
         if set(selected) != wanted:
-            raise _fail(folder, f"the {group['weights']['num_bits']}-bit targets select "
+            raise _fail(folder, f"the {scheme[0]}-bit g{scheme[1]} targets select "
                                 f"{sorted(set(selected) ^ wanted)[:3]} wrongly")
         seen.extend(selected)
     if len(seen) != len(set(seen)):
@@ -297,14 +309,15 @@ _FUSED = ((re.compile(r"(.+)\.(?:q_proj|k_proj|v_proj)"), "qkv_proj"),
           (re.compile(r"(.+)\.(?:gate_proj|up_proj|w1|w3)"), "gate_up_proj"))
 
 
-def vllm_fusion_conflicts(model_map: ModelMap, bits_map: dict[str, int]) -> list[str]:
-    """vLLM modules whose parts the recipe gives different widths (None = unquantized counts as a width).
+def vllm_fusion_conflicts(model_map: ModelMap, scheme_map: Mapping[str, object]) -> list[str]:
+    """vLLM modules whose parts the recipe gives different schemes (width, or width and group size; None =
+    unquantized counts as a scheme).
 
     vLLM loads q/k/v into one `qkv_proj`, gate/up into one `gate_up_proj`, and all experts of a layer into
     one FusedMoE, each with a single scheme; such a checkpoint is valid compressed-tensors but vLLM will
     refuse it. Returned as a warning, not an error: other runtimes load these modules apart.
     """
-    widths: dict[str, set[int | None]] = {}
+    widths: dict[str, set[object]] = {}
     for group in model_map.groups:
         for ref in group.weights:
             module = module_name(ref.key)
@@ -313,7 +326,7 @@ def vllm_fusion_conflicts(model_map: ModelMap, bits_map: dict[str, int]) -> list
                 match = pattern.fullmatch(module)
                 fused = f"{match.group(1)}.{suffix}" if match else fused
             if fused is not None:
-                widths.setdefault(fused, set()).add(bits_map.get(module))
+                widths.setdefault(fused, set()).add(scheme_map.get(module))
     return sorted(name for name, seen in widths.items() if len(seen) > 1)
 
 
@@ -334,7 +347,7 @@ class _ScaleSigns:
 
 def _finish_report(report: dict[str, Any], plan: CompilePlan, model_map: ModelMap,
                    signs: _ScaleSigns, validated_by: str | None) -> dict[str, Any]:
-    conflicts = vllm_fusion_conflicts(model_map, plan.bits_map)
+    conflicts = vllm_fusion_conflicts(model_map, schemes(plan))
     if conflicts:
         log.warning("vLLM fuses modules the recipe gives different widths (e.g. %s); vLLM will not load this "
                     "checkpoint, other compressed-tensors readers will", conflicts[:3])

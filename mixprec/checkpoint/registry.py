@@ -54,7 +54,8 @@ COMPILED_FORMATS: dict[str, CompiledFormat] = {
         CompiledFormat("mixprec", "mixprec's bit-packed safetensors; loads with mixprec.load and mixprec eval",
                        "mixprec.checkpoint.compile", "compile_recipe"),
         CompiledFormat("compressed-tensors", "vLLM's compressed-tensors pack-quantized safetensors (int32-packed "
-                       "codes, one config group per width)", "mixprec.checkpoint.ctensors", "compile_ctensors"),
+                       "codes, one config group per width and group size)", "mixprec.checkpoint.ctensors",
+                       "compile_ctensors"),
         CompiledFormat("gguf", "one llama.cpp GGUF file (--out FILE), every tensor in its ggml type; recipes of "
                        "--method gguf / gguf-imatrix / gguf-iq", "mixprec.checkpoint.gguf", "compile_gguf"),
     )
