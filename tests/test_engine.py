@@ -146,6 +146,44 @@ def test_no_prefix_cache_still_exact(qwen) -> None:
     assert engine.layer_forwards - before == 2 + 2
 
 
+def test_chunk_ranges_are_bitwise_rows_of_the_full_evaluation(qwen) -> None:
+    """A screened evaluation (some chunks of windows) is exactly those windows' rows of a full one, from the
+    reference or from a cached prefix, and a full evaluation after partial ones is what it was."""
+    engine = _engine(*qwen)
+    assert engine.chunk_sequences == (4, 4, 2)
+    names = _quantizable(engine)
+    base = {name: 4 for name in names}
+    changed = dict(base, **{names[len(names) // 2]: 2})
+    full = {"base": _engine(*qwen).evaluate(base).kl, "changed": _engine(*qwen).evaluate(changed).kl}
+    rows = [0, 4 * 23, 8 * 23, 10 * 23]
+    for chunks in (range(0, 1), range(1, 3), range(2, 3), range(0, 3)):
+        part = engine.evaluate(changed, chunks=chunks).kl  # first from the reference, later from cached chunks
+        assert torch.equal(part, full["changed"][rows[chunks.start]:rows[chunks.stop]]), chunks
+    engine.evaluate(base, chunks=range(0, 1))
+    assert torch.equal(engine.evaluate(base).kl, full["base"]), "a partial run must not stand for all chunks"
+    assert torch.equal(engine.evaluate(changed).kl, full["changed"])
+
+
+def test_screened_then_rest_costs_one_full_evaluation(qwen) -> None:
+    """Screen + remaining chunks run each chunk once (counted in token-layers), and afterwards the whole
+    recipe's states are cached: evaluating it in full again reruns no decoder layer."""
+    engine = _engine(*qwen)
+    recipe = {name: 2 for name in _quantizable(engine)}  # layer 0 changes: every layer runs
+    tokens, layers = engine.num_tokens, engine.num_layers
+    screen = engine.evaluate(recipe, chunks=range(0, 1)).kl
+    assert engine.token_layers == 4 * 23 * layers
+    rest = engine.evaluate(recipe, chunks=range(1, 3)).kl
+    assert engine.token_layers == tokens * layers, "screen + rest must cost exactly one full evaluation"
+    before = engine.layer_forwards
+    again = engine.evaluate(recipe).kl
+    assert engine.layer_forwards == before and engine.token_layers == tokens * layers
+    assert torch.equal(torch.cat([screen, rest]), again)
+    assert torch.equal(again, engine.evaluate_full(recipe).kl)
+    for bad in (range(0, 0), range(2, 4), range(0, 3, 2), [0, 1]):
+        with pytest.raises(MixprecError, match="must be a non-empty range"):
+            engine.evaluate(recipe, chunks=bad)  # type: ignore[arg-type]
+
+
 @pytest.mark.parametrize("model_type", ["mixtral", "olmoe", "qwen3_moe", "llama"])
 def test_other_families_cached_equals_full(tiny_model_dirs: dict[str, Path], model_type: str,
                                            tmp_path: Path) -> None:

@@ -15,6 +15,11 @@ Why it is fast (FIELD.md §9.6):
   starts at layer k.
 * Batching. `evaluate_many` pushes the hidden states of several assignments that use the same
   weights in a layer through it in one call (concatenated along the batch), as exllamav3 does.
+* Chunks. The windows run in chunks of `batch_windows`, each independently of the others, and
+  `evaluate(assignment, chunks=range(a, b))` runs only some of them (a search screens a candidate on
+  a few windows before it spends all of them). Cached states are kept per chunk, so the screened
+  chunks of a candidate that is later evaluated in full are not run twice, and a chunk's KL is
+  bitwise the same whichever other chunks ran with it.
 
 Layer positions: -1 is the embedding, 0..L-1 the decoder layers, L the head (final norm + lm_head).
 """
@@ -127,9 +132,11 @@ class EngineConfig:
 
 @dataclass
 class _Plan:
-    """One assignment ready to run: its settings per layer position, where it starts and from what state."""
+    """One assignment ready to run: its settings per layer position, the chunks of windows it runs, where it
+    starts and from what state (one tensor per chunk run)."""
 
     settings: dict[int, Setting]
+    chunks: tuple[int, ...]
     start: int
     state: list[torch.Tensor] | None
 
@@ -139,7 +146,12 @@ class _Plan:
 
 
 class KLEngine:
-    """fp32 reference on fixed windows + evaluation of weight assignments with prefix caching."""
+    """fp32 reference on fixed windows + evaluation of weight assignments with prefix caching.
+
+    Cost counters: `layer_forwards` (one assignment through one decoder layer, on whichever chunks it ran),
+    `layer_calls` (calls of a decoder layer module, batching counted once) and `token_layers` (scored tokens
+    x decoder layers run, the cost a search reports; exact for partial evaluations too).
+    """
 
     def __init__(self, model: torch.nn.Module | StreamedModel, model_map: ModelMap, windows: TokenWindows,
                  variants: Mapping[int, Variant], device: str | torch.device = "cpu",
@@ -156,6 +168,7 @@ class KLEngine:
         self.variants = dict(variants)
         self.layer_forwards = 0
         self.layer_calls = 0
+        self.token_layers = 0
         self.evaluations = 0
         self.dtype = next(self.model.parameters()).dtype
         if self.dtype != torch.float32:
@@ -197,11 +210,19 @@ class KLEngine:
         """Scored positions: every position but the last of each window (it has no next token)."""
         return self.num_sequences * (int(self.windows.tokens.shape[1]) - 1)
 
-    def evaluate(self, assignment: Mapping[str, int | None]) -> TokenComparison:
+    @property
+    def chunk_sequences(self) -> tuple[int, ...]:
+        """Windows in each chunk, in order (`batch_windows` each, the last one possibly fewer)."""
+        return tuple(int(tokens.shape[0]) for tokens in self._chunks)
+
+    def evaluate(self, assignment: Mapping[str, int | None], chunks: range | None = None) -> TokenComparison:
         """Set every group named in `assignment` to that bit width's variant (None or absent = original
         weights), run from the first changed layer using cached inputs, compare with the reference
-        (mixprec.core.kl.compare_logits, labels = next tokens), and restore the model's weights afterwards."""
-        return self._run([self._plan(assignment)], store=True)[0]
+        (mixprec.core.kl.compare_logits, labels = next tokens), and restore the model's weights afterwards.
+
+        `chunks` (a range over `chunk_sequences`; default all) runs only those chunks of windows: the result
+        is bitwise the rows of those windows in a full evaluation."""
+        return self._run([self._plan(assignment, chunks=self._chunk_range(chunks))], store=True)[0]
 
     def evaluate_many(self, assignments: Sequence[Mapping[str, int | None]]) -> list[TokenComparison]:
         """`evaluate` for several assignments at once, batching those that share weights in a layer.
@@ -223,7 +244,7 @@ class KLEngine:
         It is the baseline of the benchmark, the check that the cached path is exact, and (with
         `autocast_dtype=torch.bfloat16`) the way the bf16-compute noise floor is measured.
         """
-        plan = self._plan(assignment, use_cache=False)
+        plan = self._plan(assignment, use_cache=False, chunks=tuple(range(len(self._chunks))))
         items = tuple(item for setting in plan.settings.values() for item in setting)
         parts = []
         with torch.no_grad(), strict_fp32(self.device), self._resident(*self._owners(items)), \
@@ -237,6 +258,7 @@ class KLEngine:
                 parts.append(self._compare(c, logits.float()))
         self.layer_forwards += self.num_layers
         self.layer_calls += self.num_layers * len(self._chunks)
+        self.token_layers += self.num_layers * self.num_tokens
         self.evaluations += 1
         return _on_cpu(TokenComparison.cat(parts))
 
@@ -300,15 +322,28 @@ class KLEngine:
             per_position[position].append((name, bits))
         return {p: tuple(sorted(items)) for p, items in per_position.items()}
 
-    def _plan(self, assignment: Mapping[str, int | None], use_cache: bool = True) -> _Plan:
+    def _chunk_range(self, chunks: range | None) -> tuple[int, ...]:
+        """The chunk indices of `chunks` (all by default); an empty, stepped or out-of-range one is refused."""
+        count = len(self._chunks)
+        if chunks is None:
+            return tuple(range(count))
+        if not isinstance(chunks, range) or chunks.step != 1 or not 0 <= chunks.start < chunks.stop <= count:
+            raise MixprecError(f"chunks={chunks!r} must be a non-empty range(a, b) within range(0, {count})")
+        return tuple(chunks)
+
+    def _plan(self, assignment: Mapping[str, int | None], use_cache: bool = True,
+              chunks: tuple[int, ...] | None = None) -> _Plan:
+        """Where `assignment` starts on `chunks` (default all): the deepest position whose input is cached for
+        every one of those chunks under the assignment's own prefix, else its first changed layer."""
         settings = self._settings(assignment)
+        chunks = tuple(range(len(self._chunks))) if chunks is None else chunks
         first = min(settings, default=self.num_layers)
-        plan = _Plan(settings, first, None if first < 0 else self._ref.inputs[first])
+        plan = _Plan(settings, chunks, first, None if first < 0 else [self._ref.inputs[first][c] for c in chunks])
         if use_cache:
             for position in range(self.num_layers, first, -1):
-                state = self._prefix.get((position, plan.prefix(position)))
-                if state is not None:
-                    plan.start, plan.state = position, state  # type: ignore[assignment]
+                keys = [(position, plan.prefix(position), c) for c in chunks]
+                if all(key in self._prefix for key in keys):
+                    plan.start, plan.state = position, [self._prefix.get(key) for key in keys]  # type: ignore[misc]
                     break
         return plan
 
@@ -322,6 +357,7 @@ class KLEngine:
     # -- running ------------------------------------------------------------------------------------
 
     def _run(self, plans: list[_Plan], store: bool) -> list[TokenComparison]:
+        """Run plans that share their chunks (`_plan`'s default: all of them) from their start to the head."""
         with torch.no_grad(), strict_fp32(self.device):
             self._embed(plans)
             states = [p.state for p in plans]
@@ -340,11 +376,13 @@ class KLEngine:
         """Push every plan's state through `layer`, grouped by the weights each plan sets there."""
         for setting, members in self._by_setting(plans, layer).items():
             with self._swapper.swapped(setting):
-                outputs = self._layer(layer, [states[i] for i in members])  # type: ignore[misc]
+                outputs = self._layer(layer, [states[i] for i in members], plans[members[0]].chunks)  # type: ignore[misc]
             for i, out in zip(members, outputs, strict=True):
                 states[i] = out
-                if store and plans[i].prefix(layer + 1):
-                    self._prefix.put((layer + 1, plans[i].prefix(layer + 1)), out)
+                prefix = plans[i].prefix(layer + 1)
+                if store and prefix:  # per chunk: a partial run never stands for the chunks it did not run
+                    for c, tensor in zip(plans[i].chunks, out, strict=True):
+                        self._prefix.put((layer + 1, prefix, c), tensor)
 
     @staticmethod
     def _by_setting(plans: list[_Plan], layer: int) -> dict[Setting, list[int]]:
@@ -360,38 +398,44 @@ class KLEngine:
             if plan.start >= 0:
                 continue
             with self._resident(self._blocks.embed), self._swapper.swapped(plan.settings[-1]):
-                plan.state = [self._blocks.embed(tokens) for tokens in self._chunks]
+                plan.state = [self._blocks.embed(self._chunks[c]) for c in plan.chunks]
             plan.start = 0
 
-    def _layer(self, layer: int, states: list[list[torch.Tensor]]) -> list[list[torch.Tensor]]:
-        """Run decoder layer `layer` on each assignment's chunks, several assignments per call."""
+    def _layer(self, layer: int, states: list[list[torch.Tensor]], chunks: tuple[int, ...]) -> list[list[torch.Tensor]]:
+        """Run decoder layer `layer` on each assignment's states (one per chunk of `chunks`), several
+        assignments per call; counts one layer forward per assignment and its scored tokens."""
         module = self._blocks.layers[layer]
         outputs: list[list[torch.Tensor]] = [[] for _ in states]
         per_call = max(1, self.config.max_batch_windows // self.config.batch_windows)
-        for c in range(len(self._chunks)):
+        for i, c in enumerate(chunks):
             for first in range(0, len(states), per_call):
                 members = range(first, min(first + per_call, len(states)))
-                hidden = torch.cat([states[m][c] for m in members]) if len(members) > 1 else states[first][c]
+                hidden = torch.cat([states[m][i] for m in members]) if len(members) > 1 else states[first][i]
                 hidden = hidden.to(self.state_dtype).float()  # as kept (a no-op for fp32 states), computed in fp32
-                kwargs = expand_kwargs(self._ref.kwargs[layer][c], int(states[first][c].shape[0]), len(members))
+                kwargs = expand_kwargs(self._ref.kwargs[layer][c], int(states[first][i].shape[0]), len(members))
                 out = module(hidden, **kwargs)
                 out = out[0] if isinstance(out, tuple) else out
-                for m, part in zip(members, out.split(states[first][c].shape[0]), strict=True):
+                for m, part in zip(members, out.split(states[first][i].shape[0]), strict=True):
                     outputs[m].append(part.to(self.state_dtype))
                 self.layer_calls += 1
         self.layer_forwards += len(states)
+        self.token_layers += len(states) * sum(self._scored_tokens(c) for c in chunks)
         return outputs
+
+    def _scored_tokens(self, chunk: int) -> int:
+        windows, length = self._chunks[chunk].shape
+        return int(windows) * (int(length) - 1)
 
     def _head(self, plan: _Plan, state: list[torch.Tensor]) -> TokenComparison:
         """Logits and KL of one plan, chunk by chunk and, where a chunk's logits exceed `logits_mib`, in
         slices of scored tokens (a 150k vocabulary x 8k tokens is 5 GB in fp32)."""
         parts = []
-        for c in range(len(self._chunks)):
+        for hidden, c in zip(state, plan.chunks, strict=True):
             labels = self._chunks[c][:, 1:].reshape(-1)
-            for rows in self._row_slices(state[c]):
+            for rows in self._row_slices(hidden):
                 ref_logits = self._ref.logits(c, self._blocks, rows)  # before the head is swapped
                 with self._swapper.swapped(plan.settings.get(self.num_layers, ())):
-                    logits = head_logits(self._blocks, state[c].to(self.state_dtype).float(), rows)
+                    logits = head_logits(self._blocks, hidden.to(self.state_dtype).float(), rows)
                 parts.append(compare_logits(ref_logits, logits, labels[rows], self.config.chunk_rows))
         return _on_cpu(TokenComparison.cat(parts))
 
