@@ -17,7 +17,7 @@ i.e. the best uniform option at each size, and the measurement cost is the sum o
 
 Run: .venv/bin/python benchmarks/search_budgets.py [MODEL] --budgets 2.5 3.0 3.5 4.0 --granularity fine
      (--method gptq for the GPTQ family; --options FAMILY... for options beyond bits; --data/--eval-data FILES
-     for another text; --no-correct to ablate)
+     for another text; --no-correct to ablate; --screen 0.25 to screen proposals on a quarter of the windows)
 """
 
 from __future__ import annotations
@@ -59,6 +59,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--bits", type=int, nargs="+", default=[2, 3, 4, 5, 6, 8], help="measured widths")
     p.add_argument("--independent", action="store_true", help="one unlinked stage per budget (the old behaviour)")
     p.add_argument("--no-correct", action="store_true", help="no interaction correction of the estimate")
+    p.add_argument("--screen", type=float, default=0.0, metavar="F",
+                   help="screen proposals on this fraction of the calibration windows (SearchConfig.screen; 0: off)")
     p.add_argument("--windows", type=int, default=32, help="calibration windows of the measurement (default 32)")
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--data", type=Path, nargs="+", default=None, help="calibration text files (default: shipped)")
@@ -82,10 +84,11 @@ def _config(args: argparse.Namespace, budget: float, size: int) -> StageConfig:
     measure = MeasureConfig(work=work, model=args.model, granularity=args.granularity, bits=tuple(args.bits),
                             quant=families[0] if families else QuantSettings(method=args.method, group_size=size),
                             num_windows=args.windows, seq_len=args.seq_len, data_files=tuple(args.data or ()))
+    screen = f"-screen{args.screen:g}" if 0 < args.screen < 1 else ""
     search = SearchConfig(trials=args.trials, seed=args.seed, studies_dir=args.studies_dir,
-                          correct=not args.no_correct,
+                          correct=not args.no_correct, screen=args.screen,
                           study_name=f"{name}-{args.granularity}{suffix}-{budget:g}bpw-{mode}"
-                                     f"{'-nocorr' if args.no_correct else ''}-s{args.seed}")
+                                     f"{'-nocorr' if args.no_correct else ''}{screen}-s{args.seed}")
     return StageConfig(work=work, budget=Budget(bpw=budget), model=args.model, granularity=args.granularity,
                        measure=measure, eval_windows=args.eval_windows, eval_seq_len=args.seq_len,
                        eval_files=tuple(args.eval_data or ()), search=search, gain_curve=True, options=families)
@@ -147,7 +150,7 @@ def _summary(budget: float, result: StageResult, seconds: float) -> dict[str, An
             "options": _option_shares(result), "recipe_groups": dict(result.recipe.groups),
             "shipped": result.cost.get("shipped"), "cost": {k: v for k, v in result.cost.items() if k != "shipped"},
             "decision": {k: best[k] for k in ("decision_margin", "decision_se") if k in best},
-            "correction": result.search.correction, "rows": result.comparison,
+            "correction": result.search.correction, "pruned": result.search.pruned, "rows": result.comparison,
             "curve": result.curve.to_dict() if result.curve else None}
 
 
@@ -187,9 +190,10 @@ def _print(results: list[dict[str, Any]], measurement_cost: float) -> None:
                       f"±{x['ratio_se']:.3f}  diff {x['diff_vs_mixprec']:+.1e}±{x['diff_se']:.0e}  {_gain(x)}")
         d, c = r["decision"], r["cost"]
         if d:
+            pruned = f" + {c['study_pruned']:.0f} pruned" if c.get("study_pruned") else ""
             print(f"  decision margin {d['decision_margin']:.1e}±{d['decision_se']:.0e}; study "
-                  f"{c.get('study_token_layers', 0):.3g} token-layers in {c.get('study_trials', 0):.0f} trials "
-                  f"(measurement {measurement_cost:.3g}, shared by all budgets)")
+                  f"{c.get('study_token_layers', 0):.3g} token-layers in {c.get('study_trials', 0):.0f} trials"
+                  f"{pruned} (measurement {measurement_cost:.3g}, shared by all budgets)")
 
 
 def main() -> None:

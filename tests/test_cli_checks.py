@@ -147,6 +147,9 @@ def test_damaged_model_folder_is_one_line(damage: str, needle: str, tiny_model: 
     (["demo", "--budgets", "3", "nan"], "--budgets nan"),
     (["measure", "--cache-mib", "nan"], "--cache-mib nan"),
     (["quantize", "--damp", "inf"], "--damp inf"),
+    (["search", "--budget", "3", "--screen-z", "nan"], "--screen-z nan"),
+    (["search", "--budget", "3", "--screen", "1.5"], "screen=1.5 must be a fraction of the windows in [0, 1]"),
+    (["search", "--budget", "3", "--screen", "0.5", "--multi-objective"], "needs the single-objective search"),
 ])
 def test_non_finite_numbers_fail_before_any_work(argv: list[str], needle: str, tiny_model: Path, tmp_path: Path,
                                                  capsys: pytest.CaptureFixture[str]) -> None:

@@ -18,6 +18,7 @@ Advanced:
     --study NAME --storage URL          resume or share a study (default sqlite:///studies/NAME.db)
     --multi-objective                   search KL vs bpw under the budget as a cap (Pareto front)
     --sampler local|tpe|random          proposal strategy (default local: budget-preserving moves)
+    --screen 0.25 [--screen-z 2]        screen proposals on a quarter of the windows; prune those clearly worse
     --export-exl3 FILE --exl3-source 4=/quants/4.0bpw ...   exllamav3 override YAML
     --export-llama-quantize FILE        llama-quantize --tensor-type-file (recipes of --method gguf*)
     --streaming on --max-memory 24GB    one layer's weights resident at a time, caches within 24 GB
@@ -62,7 +63,8 @@ def _add_basic(parser: argparse.ArgumentParser) -> None:
                              "and a larger budget never ships a recipe worse than a smaller one's")
     parser.add_argument("--budget-gib", type=float, default=None, metavar="GIB",
                         help="total size of the quantized weights in GiB (instead of --budget)")
-    parser.add_argument("--trials", type=int, default=40, help="completed real-KL trials in the study (default 40)")
+    parser.add_argument("--trials", type=int, default=40,
+                        help="real-KL trials in the study, completed or pruned by --screen (default 40)")
     parser.add_argument("--floor", nargs="+", default=[], metavar="SEL=BITS",
                         help="minimum bits by group, kind or glob, e.g. attention=5 'layers.0.*=4'")
     parser.add_argument("--ceiling", nargs="+", default=[], metavar="SEL=BITS", help="maximum bits, same selectors")
@@ -119,6 +121,12 @@ def _add_advanced(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--studies-dir", type=Path, default=Path("studies"), help="default storage and artifacts")
     group.add_argument("--sampler", choices=SAMPLERS, default="local", help="proposal strategy (default local)")
     group.add_argument("--multi-objective", action="store_true", help="minimise KL and bpw (budget is a cap)")
+    group.add_argument("--screen", type=float, default=0.0, metavar="F",
+                       help="score each proposal of the study on this fraction of the calibration windows first "
+                            "(whole chunks of 8) and stop it there when the best trial beats it by more than "
+                            "--screen-z paired SEs; survivors get the rest (default 0: off)")
+    group.add_argument("--screen-z", type=float, default=2.0, metavar="Z",
+                       help="paired standard errors by which a screened proposal must lose to be pruned (default 2)")
     group.add_argument("--exl3-source", nargs="+", default=[], metavar="BITS=DIR",
                        help="exllamav3 quant folder per width (default: the mixprec variant folders)")
     group.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="engine device")
@@ -182,6 +190,8 @@ def config_from_args(args: argparse.Namespace, group_size: int | None = None,
     work = default_work_dir(args.model, args.work)
     name = resolve_model_path(args.model).name
     study = args.study or f"{name}-{args.granularity}-{_label(budget)}-s{args.seed}"
+    if not args.study and 0 < args.screen < 1:
+        study = f"{study}-screen{args.screen:g}"  # a screened study is another study: its trials stop early
     if args.study and len(_budgets(args)) > 1:
         study = f"{args.study}-{_label(budget)}"  # one study per budget of a sweep
     if len(sizes) > 1 or (size != 64 and not args.study):
@@ -202,7 +212,8 @@ def config_from_args(args: argparse.Namespace, group_size: int | None = None,
                               floors=parse_settings(args.floor, "--floor"),  # type: ignore[arg-type]
                               ceilings=parse_settings(args.ceiling, "--ceiling"))  # type: ignore[arg-type]
     search = SearchConfig(trials=args.trials, seed=args.seed, study_name=study, storage=args.storage,
-                          studies_dir=args.studies_dir, sampler=args.sampler, multi_objective=args.multi_objective)
+                          studies_dir=args.studies_dir, sampler=args.sampler, multi_objective=args.multi_objective,
+                          screen=args.screen, screen_z=args.screen_z)
     return StageConfig(work=work, budget=budget, model=args.model, granularity=args.granularity, measure=measure,
                        constraints=constraints, search=search, eval_windows=args.eval_windows,
                        eval_seq_len=args.seq_len, eval_files=tuple(args.eval_data or ()), device=args.device,
@@ -301,6 +312,10 @@ def _write(args: argparse.Namespace, config: StageConfig, inputs: Inputs, result
     result.recipe.save(out)
     print(f"wrote {out} (group size {result.recipe.quantizer.group_size}; shipped {result.cost.get('shipped')}; "
           f"study {result.search.study_name} in {result.search.storage_url})")
+    cost = result.cost
+    if cost.get("study_pruned"):
+        print(f"study: {cost['study_trials']:.0f} trials completed, {cost['study_pruned']:.0f} pruned by screening, "
+              f"{cost['study_token_layers']:.3g} calibration token-layers")
     if exl3 is not None:
         _write_exl3(result.recipe, inputs, config, sources, exl3)
     llama = _llama_path(args, config.budget)

@@ -78,7 +78,8 @@ class _Candidate:
 @dataclass
 class StageResult:
     """The shipped recipe, the held-out comparison rows, the study, and (when asked) the uniform curve and
-    the calibration cost of the study in token-layers (tokens x decoder layers run)."""
+    the calibration cost of the study in token-layers (scored tokens x decoder layers run, screens included),
+    its completed trials and its pruned ones (`SearchConfig.screen`)."""
 
     recipe: Recipe
     comparison: list[dict[str, Any]]
@@ -203,8 +204,13 @@ class EngineCache:
 
     @property
     def layer_forwards(self) -> int:
-        """Decoder-layer forwards (of one job over all its windows) run by every engine of this cache so far."""
+        """Decoder-layer forwards (of one job over the windows it ran) by every engine of this cache so far."""
         return sum(engine.layer_forwards for engine in self._engines.values())
+
+    @property
+    def token_layers(self) -> int:
+        """Scored tokens x decoder layers run by every engine of this cache so far."""
+        return sum(engine.token_layers for engine in self._engines.values())
 
     @classmethod
     def for_config(cls, config: StageConfig) -> EngineCache:
@@ -292,11 +298,12 @@ def _study(config: StageConfig, inputs: Inputs, engines: EngineCache,
     starts = starts[:1] + list(extra_seeds) + starts[1:]  # the DP point stays first: the paired reference
     context = {"model": inputs.checkpoint.fingerprint, "measurement": provenance["measurement"]["table_sha256"],
                "budget": asdict(config.budget), "constraints": provenance["constraints"]}
-    before = engine.layer_forwards
-    result = run_search(inputs.problem, inputs.limit_bits, lambda a: engine.evaluate(a).kl, engine.num_sequences,
-                        starts, config.search, recipe_for, context)
-    cost = {"study_token_layers": float((engine.layer_forwards - before) * engine.num_tokens),
-            "study_trials": float(len(result.history))}
+    before = engine.token_layers
+    result = run_search(inputs.problem, inputs.limit_bits, lambda a, chunks=None: engine.evaluate(a, chunks).kl,
+                        engine.num_sequences, starts, config.search, recipe_for, context,
+                        chunks=engine.chunk_sequences, spent=lambda: float(engine.token_layers))
+    cost = {"study_token_layers": float(engine.token_layers - before), "study_trials": float(len(result.history)),
+            "study_pruned": float(len(result.pruned))}
     candidates = {"mixprec": _Candidate(result.best), **{k: _Candidate(v) for k, v in compared.items()}, **uniforms}
     return _Searched(config, inputs, result, provenance, calibration, quant, candidates, cost)
 
@@ -344,7 +351,8 @@ def _finish(searched: _Searched, engines: EngineCache, extra: dict[str, _Candida
     if not math.isnan(best.loss):
         kl["predicted"] = best.loss
     recipe = _recipe(inputs, config, best, kl, provenance, candidates[shipped].variants)
-    log.info("search at %s: %d layer forwards so far", config.budget, engines.layer_forwards)
+    log.info("search at %s: %d layer forwards, %d token-layers so far", config.budget, engines.layer_forwards,
+             engines.token_layers)
     return StageResult(recipe, rows, result, _Candidate(best, candidates[shipped].variants), curve,
                        {**searched.cost, "shipped": shipped})  # type: ignore[dict-item]
 

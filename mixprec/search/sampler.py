@@ -18,12 +18,18 @@ from mixprec.search.correct import fit
 from mixprec.search.moves import blocks, fill, lower_until_fits, mutate, total_cost
 from mixprec.search.solve import COMPRESSION_POWERS, Problem, compressed
 
-__all__ = ["LocalMoveSampler", "feasible"]
+__all__ = ["LocalMoveSampler", "completed", "feasible"]
 
 
 def feasible(trial: FrozenTrial) -> bool:
     """A finished trial of the search whose recipe met every constraint (the budget)."""
     return all(v <= 0 for v in trial.constraints.values()) and "levels" in trial.user_attrs
+
+
+def completed(trials: Sequence[FrozenTrial]) -> list[FrozenTrial]:
+    """The possible parents, by number: completed feasible trials. A pruned (screened) trial is left out: its
+    KL covers a few windows only, and it lost there to a completed one."""
+    return sorted((t for t in trials if t.state == TrialState.COMPLETE and feasible(t)), key=lambda t: t.number)
 
 
 def _concordance(predicted: Sequence[float], measured: Sequence[float]) -> float:
@@ -77,11 +83,11 @@ class LocalMoveSampler(optuna.samplers.BaseSampler):
     def sample_relative(self, study: optuna.Study, trial: FrozenTrial,
                         search_space: dict[str, BaseDistribution]) -> dict[str, Any]:
         trials = study.get_trials(deepcopy=False)
-        done = sorted((t for t in trials if t.state == TrialState.COMPLETE and feasible(t)), key=lambda t: t.number)
+        done = completed(trials)
         if not done or not search_space:
             return {}
         rng = random.Random(f"{self.seed}:{trial.number}")
-        seen = {tuple(t.user_attrs["levels"]) for t in trials if "levels" in t.user_attrs}
+        seen = {tuple(t.user_attrs["levels"]) for t in trials if "levels" in t.user_attrs}  # pruned ones too
         for _ in range(5):  # another parent when every child of this one was evaluated already
             child = self._child(study, done, seen, rng)
             if child is not None:

@@ -9,6 +9,19 @@ trial is a composed recipe measured for real (`evaluate` -> per-token KL on the 
 windows), compared *paired* with the reference seed on the same tokens, which gives a standard
 error of the difference far smaller than either KL's own.
 
+Screening (`SearchConfig.screen`, successive halving with two rungs): candidates differ by less than
+the calibration noise, so most of a full evaluation is spent confirming that a proposal is worse. With
+`screen=0.25` a proposal of the search (the sampler's, or a DP solution of the corrected estimate) is
+first scored on the first quarter of the engine's chunks of windows and compared per sequence with the
+incumbent (the best completed trial) on the same windows. Worse by more than `screen_z` paired standard
+errors: it stops there (Optuna `TrialPruned`, its screening KL, paired difference ± SE and cost kept as
+the `screen` user attr and its intermediate value) and never becomes the chosen recipe; otherwise the
+remaining chunks run and the two parts are concatenated, so a survivor costs exactly one full
+evaluation and is recorded as if screening were off. Seeds (the DP points, greedy, `--hq`, uniform,
+neighbouring budgets' recipes) are always evaluated in full: they are few, the first is every trial's
+paired reference, the uniform ones are the guard of `_choose`, and they make the incumbent.
+`trials` then counts completed and pruned trials: the same number of candidates for fewer tokens.
+
 Conventions (FIELD.md §7, STYLE.md §3.8):
 * one parameter per searchable group, an integer level index into its allowed widths;
 * the budget is met by construction (moves, and `repair` for proposals that ignore it) and recorded
@@ -28,12 +41,13 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import tempfile
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import optuna
 import torch
@@ -60,13 +74,28 @@ log = logging.getLogger(__name__)
 SAMPLERS = ("local", "tpe", "random")
 _STUDY_ATTR = "mixprec_search"
 
-#: Per-token KL of an assignment on the calibration windows (e.g. `lambda a: engine.evaluate(a).kl`).
-Evaluator = Callable[[Mapping[str, Option]], torch.Tensor]
+#: Seeds whose label starts so are proposals of the search (the corrected estimate's DP points): screened.
+_SCREENED_SEEDS = ("corrected-",)
+#: Trial states that count towards `SearchConfig.trials`.
+_COUNTED = (TrialState.COMPLETE, TrialState.PRUNED)
+
+
+class Evaluator(Protocol):
+    """Per-token KL of an assignment on the calibration windows, or on the chunks `chunks` of them only (e.g.
+    `lambda a, chunks=None: engine.evaluate(a, chunks).kl`); without screening it is called with one argument."""
+
+    def __call__(self, assignment: Mapping[str, Option], chunks: range | None = None) -> torch.Tensor: ...
 
 
 @dataclass(frozen=True)
 class SearchConfig:
-    """How the study runs; `trials` counts completed trials in the study, seeds included."""
+    """How the study runs.
+
+    `trials` counts the study's completed and pruned trials, seeds included. `screen` is the fraction of the
+    evaluator's chunks of windows a proposal is screened on first (0 or 1: off; rounded to whole chunks, at
+    least one and one fewer than all); a screened proposal worse than the incumbent by more than `screen_z`
+    paired standard errors is pruned. Screening needs the single-objective mode (one incumbent).
+    """
 
     trials: int = 40
     seed: int = 0
@@ -81,10 +110,19 @@ class SearchConfig:
     artifacts: bool = True
     correct: bool = True
     correct_after: int = 6
+    screen: float = 0.0
+    screen_z: float = 2.0
 
     def __post_init__(self) -> None:
         if self.trials < 1:
             raise MixprecError(f"trials={self.trials} must be at least 1")
+        if not 0.0 <= self.screen <= 1.0:  # NaN fails too
+            raise MixprecError(f"screen={self.screen} must be a fraction of the windows in [0, 1] (0 or 1: off)")
+        if not (math.isfinite(self.screen_z) and self.screen_z > 0):
+            raise MixprecError(f"screen_z={self.screen_z} must be a positive number of standard errors, e.g. 2")
+        if self.screening and self.multi_objective:
+            raise MixprecError(f"screen={self.screen} needs the single-objective search; drop --screen or "
+                               "--multi-objective")
         if self.sampler not in SAMPLERS:
             raise MixprecError(f"sampler {self.sampler!r} is unknown; use one of {SAMPLERS}")
         if self.correct_after < 3:
@@ -97,13 +135,18 @@ class SearchConfig:
             check_storage(self.storage)
 
     @property
+    def screening(self) -> bool:
+        return 0.0 < self.screen < 1.0
+
+    @property
     def storage_url(self) -> str:
         return self.storage or f"sqlite:///{Path(self.studies_dir) / (self.study_name + '.db')}"
 
 
 @dataclass
 class SearchResult:
-    """The chosen recipe (with its calibration KL), every trial's summary and, in MO mode, the Pareto front."""
+    """The chosen recipe (with its calibration KL), every completed trial's summary, the screening of every
+    pruned one and, in MO mode, the Pareto front."""
 
     best: Solution
     history: list[dict[str, Any]]
@@ -112,6 +155,50 @@ class SearchResult:
     pareto: list[dict[str, Any]] = field(default_factory=list)
     correction: dict[str, Any] = field(default_factory=dict)
     waiting: int = 0
+    pruned: list[dict[str, Any]] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class _Windows:
+    """The evaluator's chunks of calibration windows (windows per chunk), how many of them a screen runs (0: no
+    screening) and the evaluator's cost counter (token-layers so far; None: not reported)."""
+
+    chunks: tuple[int, ...]
+    screened: int
+    spent: Callable[[], float] | None = None
+
+    @classmethod
+    def of(cls, config: SearchConfig, num_sequences: int, chunks: Sequence[int],
+           spent: Callable[[], float] | None) -> _Windows:
+        chunks = tuple(chunks) or (num_sequences,)
+        if sum(chunks) != num_sequences or min(chunks) < 1:
+            raise MixprecError(f"chunks {chunks} must be positive window counts summing to the {num_sequences} "
+                               "calibration windows (the engine's chunk_sequences)")
+        if config.screening and len(chunks) < 2:
+            log.warning("screen=%g needs at least two chunks of windows, the evaluator has one; every trial is "
+                        "evaluated in full", config.screen)
+        screened = min(max(round(config.screen * len(chunks)), 1), len(chunks) - 1) if config.screening else 0
+        return cls(chunks, screened, spent)
+
+    def mark(self) -> float | None:
+        return None if self.spent is None else self.spent()
+
+    def since(self, mark: float | None) -> dict[str, float]:
+        """`{"token_layers": spent since mark}`, or nothing when the evaluator reports no cost."""
+        return {} if mark is None or self.spent is None else {"token_layers": float(self.spent() - mark)}
+
+
+def _screens(trial: optuna.Trial) -> bool:
+    """A proposal of the search (screened when screening is on), not a seed (always evaluated in full)."""
+    seed = trial.user_attrs.get("seed")
+    return seed is None or str(seed).startswith(_SCREENED_SEEDS)
+
+
+def _incumbent(study: optuna.Study, limit_bits: int) -> FrozenTrial | None:
+    """The best completed recipe within the budget that kept its per-sequence KL: what a screen is paired with."""
+    done = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+            if feasible(t) and "seq_kl" in t.user_attrs and t.user_attrs["metrics"]["storage_bits"] <= limit_bits]
+    return min(done, key=lambda t: (t.values[0], t.number), default=None)
 
 
 def quiet_optuna() -> None:
@@ -120,13 +207,15 @@ def quiet_optuna() -> None:
 
 
 class _Objective:
-    """Suggest levels -> repair to the budget -> evaluate for real -> record KL, paired Δ, bpw and recipe."""
+    """Suggest levels -> repair to the budget -> screen (optional) -> evaluate for real -> record KL, paired Δ,
+    bpw and recipe."""
 
     def __init__(self, problem: Problem, limit_bits: int, evaluate: Evaluator, num_sequences: int,
-                 config: SearchConfig, reference: Solution, recipe_for: Callable[[Solution], Recipe] | None) -> None:
+                 config: SearchConfig, reference: Solution, recipe_for: Callable[[Solution], Recipe] | None,
+                 windows: _Windows) -> None:
         self.problem, self.limit_bits, self.evaluate = problem, limit_bits, evaluate
         self.num_sequences, self.config, self.reference = num_sequences, config, reference
-        self.recipe_for = recipe_for
+        self.recipe_for, self.windows = recipe_for, windows
         self._reference_kl: torch.Tensor | None = None
         self._store = (optuna.artifacts.FileSystemArtifactStore(str(_artifact_dir(config)))
                        if config.artifacts and recipe_for is not None else None)
@@ -138,7 +227,9 @@ class _Objective:
         raw_cost = total_cost(self.problem, raw)
         picks = raw if raw_cost <= self.limit_bits else repair(self.problem, raw, self.limit_bits)
         solution = self.problem.solution(self.problem.assignment(picks), str(trial.user_attrs.get("seed", "search")))
-        kl = self.evaluate(solution.assignment).double()
+        mark = self.windows.mark()
+        kl = self._score(trial, picks, solution)
+        cost = self.windows.since(mark)  # this trial's own evaluation (the reference's, once, is not part of it)
         per_sequence = kl.view(self.num_sequences, -1).mean(dim=1)
         mean, se = float(kl.mean()), bootstrap_se(per_sequence)
         diff, diff_se = paired_difference(kl, self._reference(solution, kl), self.num_sequences)
@@ -146,7 +237,7 @@ class _Objective:
         bpw = solution.cost / params
         metrics = {"bpw": bpw, "storage_bits": solution.cost, "predicted": solution.loss, "kl_se": se,
                    "dkl_vs_ref": diff, "dkl_vs_ref_se": diff_se,
-                   "raw_bpw_excess": (raw_cost - self.limit_bits) / params}
+                   "raw_bpw_excess": (raw_cost - self.limit_bits) / params, **cost}
         # Note: one attribute per kind of value, because every attribute is one SQLite commit (~10 ms here)
         trial.set_user_attr("levels", picks)
         trial.set_user_attr("assignment", solution.assignment)
@@ -158,10 +249,39 @@ class _Objective:
                  mean, se, self.reference.solver, diff, diff_se)
         return (mean, bpw) if self.config.multi_objective else mean
 
+    def _score(self, trial: optuna.Trial, picks: list[int], solution: Solution) -> torch.Tensor:
+        """Per-token KL on every window; a screened proposal first on the screening chunks, pruned there when
+        the incumbent is better by more than `screen_z` paired SEs, else completed with the other chunks."""
+        screened = self.windows.screened if _screens(trial) else 0
+        incumbent = _incumbent(trial.study, self.limit_bits) if screened else None
+        if incumbent is None:
+            return self._evaluate(solution.assignment, None)
+        mark = self.windows.mark()
+        head = self._evaluate(solution.assignment, range(0, screened))
+        windows = sum(self.windows.chunks[:screened])
+        diff = head.view(windows, -1).mean(dim=1) - torch.tensor(incumbent.user_attrs["seq_kl"][:windows],
+                                                                 dtype=torch.float64)
+        screen = {"windows": windows, "kl": float(head.mean()), "incumbent": incumbent.number,
+                  "diff": float(diff.mean()), "diff_se": bootstrap_se(diff), "z": self.config.screen_z}
+        trial.report(screen["kl"], step=windows)
+        if screen["diff"] > self.config.screen_z * screen["diff_se"]:  # a NaN SE (one window) never prunes
+            trial.set_user_attr("levels", picks)  # so the sampler never proposes it again
+            trial.set_user_attr("assignment", solution.assignment)
+            trial.set_user_attr("screen", {**screen, **self.windows.since(mark)})
+            log.info("trial %d pruned after %d windows: KL %.4e, %+.2e ± %.1e vs trial %d", trial.number, windows,
+                     screen["kl"], screen["diff"], screen["diff_se"], incumbent.number)
+            raise optuna.TrialPruned()
+        trial.set_user_attr("screen", screen)
+        return torch.cat([head, self._evaluate(solution.assignment, range(screened, len(self.windows.chunks)))])
+
+    def _evaluate(self, assignment: Mapping[str, Option], chunks: range | None) -> torch.Tensor:
+        kl = self.evaluate(assignment) if chunks is None else self.evaluate(assignment, chunks)
+        return kl.double()
+
     def _reference(self, solution: Solution, kl: torch.Tensor) -> torch.Tensor:
         if self._reference_kl is None:
             same = solution.assignment == self.reference.assignment
-            self._reference_kl = kl if same else self.evaluate(self.reference.assignment).double()
+            self._reference_kl = kl if same else self._evaluate(self.reference.assignment, None)
         return self._reference_kl
 
     def _attach(self, trial: optuna.Trial, solution: Solution, mean: float, se: float) -> None:
@@ -253,6 +373,12 @@ def _history(study: optuna.Study) -> list[dict[str, Any]]:
     return rows
 
 
+def _pruned(study: optuna.Study) -> list[dict[str, Any]]:
+    """What every pruned trial cost and why it stopped: its screening KL, paired difference ± SE, windows."""
+    return [{"number": t.number, "seed": t.user_attrs.get("seed", "search"), **t.user_attrs["screen"]}
+            for t in study.get_trials(deepcopy=False, states=(TrialState.PRUNED,)) if "screen" in t.user_attrs]
+
+
 def _choose(study: optuna.Study, problem: Problem, limit_bits: int) -> Solution:
     """Lowest calibration KL among feasible trials within the budget, never one a uniform trial of no more
     bits beats (FIELD.md §3 row 1)."""
@@ -314,12 +440,15 @@ def _enqueue_corrected(study: optuna.Study, problem: Problem, limit_bits: int, c
 def run_search(problem: Problem, limit_bits: int, evaluate: Evaluator, num_sequences: int,
                seeds: Sequence[Solution], config: SearchConfig,
                recipe_for: Callable[[Solution], Recipe] | None = None,
-               context: Mapping[str, Any] | None = None) -> SearchResult:
-    """Run (or resume) the study until it holds `config.trials` completed trials; return the chosen recipe.
+               context: Mapping[str, Any] | None = None, chunks: Sequence[int] = (),
+               spent: Callable[[], float] | None = None) -> SearchResult:
+    """Run (or resume) the study until it holds `config.trials` completed or pruned trials; return the chosen
+    recipe (always a completed trial).
 
     `seeds` are enqueued in order; the first is the paired reference of every trial (the DP solution
     at the budget, normally). `context` (model and measurement fingerprints, budget) is stored in the
-    study and must match when a study is resumed.
+    study and must match when a study is resumed. `chunks` are the evaluator's windows per chunk
+    (`KLEngine.chunk_sequences`; needed to screen) and `spent` its token-layers counter (per-trial cost).
     """
     if not seeds:
         raise MixprecError("the search needs at least one seed recipe (the DP solution at the budget)")
@@ -329,8 +458,9 @@ def run_search(problem: Problem, limit_bits: int, evaluate: Evaluator, num_seque
     study = _open_study(problem, limit_bits, config, context or {})
     _recover_stale(study)
     _enqueue_seeds(study, problem, seeds)
-    objective = _Objective(problem, limit_bits, evaluate, num_sequences, config, seeds[0], recipe_for)
-    remaining = config.trials - len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
+    windows = _Windows.of(config, num_sequences, chunks, spent)
+    objective = _Objective(problem, limit_bits, evaluate, num_sequences, config, seeds[0], recipe_for, windows)
+    remaining = config.trials - len(study.get_trials(deepcopy=False, states=_COUNTED))
     for _ in progress(range(max(remaining, 0)), desc=f"study {config.study_name}", unit="trial"):
         _enqueue_corrected(study, problem, limit_bits, config)
         study.optimize(objective, n_trials=1)  # one at a time, so the bar moves per finished trial
@@ -341,4 +471,5 @@ def run_search(problem: Problem, limit_bits: int, evaluate: Evaluator, num_seque
                   if len(done) >= 3 else {})
     waiting = len(study.get_trials(deepcopy=False, states=(TrialState.WAITING,)))
     return SearchResult(_choose(study, problem, limit_bits), _history(study), config.study_name,
-                        config.storage_url, sorted(pareto, key=lambda r: r["bpw"]), correction, waiting)
+                        config.storage_url, sorted(pareto, key=lambda r: r["bpw"]), correction, waiting,
+                        _pruned(study))

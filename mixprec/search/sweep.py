@@ -53,10 +53,12 @@ def _polish(config: StageConfig, inputs: Inputs, engines: EngineCache, searched:
             larger: _Searched) -> _Searched:
     """Resume a budget's study with the larger budget's pick moved down as extra trials."""
     extra = neighbour_seeds(inputs.problem, inputs.limit_bits, "larger-budget", larger.result.best.assignment)
-    trials = len(searched.result.history) + searched.result.waiting + len(extra)
+    result = searched.result
+    trials = len(result.history) + len(result.pruned) + result.waiting + len(extra)
     polished = _study(replace(config, search=replace(config.search, trials=trials)), inputs, engines, extra)
     cost = {k: v + polished.cost.get(k, 0.0) for k, v in searched.cost.items()}
-    return replace(polished, cost={**cost, "study_trials": float(len(polished.result.history))})
+    return replace(polished, cost={**cost, "study_trials": float(len(polished.result.history)),
+                                   "study_pruned": float(len(polished.result.pruned))})
 
 
 def run_budgets(configs: Sequence[StageConfig], inputs: Sequence[Inputs] | None = None,
