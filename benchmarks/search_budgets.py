@@ -49,6 +49,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--work", type=Path, default=None)
     p.add_argument("--budgets", type=float, nargs="+", default=[2.5, 3.0, 3.5, 4.0])
     p.add_argument("--granularity", default="fine", choices=["layer", "fine", "expert"])
+    p.add_argument("--mode", default="drop", choices=["drop", "split"],
+                   help="table searched: measured (drop) or, at --granularity expert, split from the fine table")
     p.add_argument("--trials", type=int, default=40)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--method", default="rtn", help="quantizer family (rtn, gptq)")
@@ -81,13 +83,15 @@ def _config(args: argparse.Namespace, budget: float, size: int) -> StageConfig:
     if families:
         suffix = "-o" + "-".join(f"{f.method}{f.group_size}" for f in families)
     mode = "ind" if args.independent else "sweep"
-    measure = MeasureConfig(work=work, model=args.model, granularity=args.granularity, bits=tuple(args.bits),
+    split = "-split" if args.mode == "split" else ""
+    measure = MeasureConfig(work=work, model=args.model, mode=args.mode, granularity=args.granularity,
+                            bits=tuple(args.bits),
                             quant=families[0] if families else QuantSettings(method=args.method, group_size=size),
                             num_windows=args.windows, seq_len=args.seq_len, data_files=tuple(args.data or ()))
     screen = f"-screen{args.screen:g}" if 0 < args.screen < 1 else ""
     search = SearchConfig(trials=args.trials, seed=args.seed, studies_dir=args.studies_dir,
                           correct=not args.no_correct, screen=args.screen,
-                          study_name=f"{name}-{args.granularity}{suffix}-{budget:g}bpw-{mode}"
+                          study_name=f"{name}-{args.granularity}{split}{suffix}-{budget:g}bpw-{mode}"
                                      f"{'-nocorr' if args.no_correct else ''}{screen}-s{args.seed}")
     return StageConfig(work=work, budget=Budget(bpw=budget), model=args.model, granularity=args.granularity,
                        measure=measure, eval_windows=args.eval_windows, eval_seq_len=args.seq_len,

@@ -1,7 +1,9 @@
 """`mixprec measure [MODEL]`: end-to-end KL of every group at every bit width (swap one group at a time).
 
 drop mode lowers one group from the unquantized model; raise mode raises one group from a model with
-every group at --base-bits (exllamav3's direction). Missing variants are quantized first (as
+every group at --base-bits (exllamav3's direction); split mode (--granularity expert) gives every routed
+expert its own rows without measuring it alone: the fine table's expert losses are divided among the
+experts by each one's router-weighted output error (`mixprec.measure.split`). Missing variants are quantized first (as
 `mixprec quantize` would). Every finished (group, bits) result is stored at once in an Optuna
 journal, so an interrupted run continues where it stopped, and several workers (--workers N here, or
 the same command started elsewhere with a shared --storage URL) split one table.
@@ -11,6 +13,7 @@ Writes WORK/measure/<mode>-<granularity>/{table.csv, summary.json, measurement.j
 Basic:
     mixprec measure --bits 2 3 4 5 6 8
     mixprec measure --mode raise --base-bits 2 --bits 3 4 5 6 8
+    mixprec measure --mode split --granularity expert   # per-expert rows from the fine table, one extra pass
     mixprec measure path/to/model --granularity fine --windows 16 --seq-len 512 --data a.txt b.txt
 
 Advanced:
@@ -31,7 +34,7 @@ from mixprec.checkpoint.shards import parse_size
 from mixprec.cli.checks import check_storage_arg, check_windows
 from mixprec.cli.common import add_model_argument, add_work_argument, default_work_dir, print_table
 from mixprec.core.errors import MixprecError
-from mixprec.measure.config import MeasureConfig
+from mixprec.measure.config import MODES, MeasureConfig
 from mixprec.measure.engine.core import EngineConfig
 from mixprec.measure.run import run_measure
 from mixprec.measure.table import format_table, load_measurement
@@ -49,8 +52,9 @@ def _add_basic(parser: argparse.ArgumentParser) -> None:
     add_work_argument(parser)
     parser.add_argument("--bits", type=int, nargs="+", default=[2, 3, 4, 5, 6, 8], metavar="B",
                         help=f"bit widths to measure, each one of {SUPPORTED_BITS} (default: 2 3 4 5 6 8)")
-    parser.add_argument("--mode", choices=["drop", "raise"], default="drop",
-                        help="drop: lower one group from full precision; raise: raise one group from --base-bits")
+    parser.add_argument("--mode", choices=list(MODES), default="drop",
+                        help="drop: lower one group from full precision; raise: raise one group from --base-bits; "
+                             "split (with --granularity expert): split the fine table's expert losses per expert")
     parser.add_argument("--base-bits", type=int, default=2, metavar="B", help="raise mode's base width (default 2)")
     parser.add_argument("--granularity", choices=["layer", "fine", "expert"], default=DEFAULT_GRANULARITY,
                         help="group per layer block, per projection, or per routed expert (default fine)")
@@ -149,9 +153,10 @@ def _measure_one(args: argparse.Namespace, config: MeasureConfig) -> int:
         return 1
     measurement = load_measurement(folder)
     rows = format_table(measurement)
-    label = "KL(ref||q) with one group dropped" if config.mode == "drop" else (
-        f"KL change raising one group from {config.base_bits} bits "
-        f"(base KL {measurement.summary.base_kl:.3e})")
+    labels = {"drop": "KL(ref||q) with one group dropped",
+              "split": "KL(ref||q) with one group dropped, experts' rows split from the fine table"}
+    label = labels.get(config.mode) or (f"KL change raising one group from {config.base_bits} bits "
+                                        f"(base KL {measurement.summary.base_kl:.3e})")
     print(f"{label}, mean ± se over {measurement.summary.data.num_windows} windows:")
     print_table(rows, list(rows[0]))
     summary = measurement.summary

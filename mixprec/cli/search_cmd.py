@@ -38,7 +38,7 @@ from mixprec.core.errors import MixprecError, QuantConfigError
 from mixprec.formats.exl3 import recipe_to_exl3
 from mixprec.formats.llamacpp import is_tensor_type_file, write_tensor_type_file
 from mixprec.formats.recipe import Budget, Recipe
-from mixprec.measure.config import MeasureConfig
+from mixprec.measure.config import MODES, MeasureConfig
 from mixprec.model.loading import resolve_model_path
 from mixprec.model.modelmap import DEFAULT_GRANULARITY
 from mixprec.model.streaming import STREAMING_MODES
@@ -91,7 +91,9 @@ def _add_advanced(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("advanced")
     group.add_argument("--granularity", choices=["layer", "fine", "expert"], default=DEFAULT_GRANULARITY,
                        help="search granularity; the measurement must be at the same one (default fine)")
-    group.add_argument("--mode", choices=["drop", "raise"], default="drop", help="which measurement table to read")
+    group.add_argument("--mode", choices=list(MODES), default="drop",
+                       help="which measurement table to read (split: per-expert rows split from the fine table; "
+                            "use with --granularity expert)")
     group.add_argument("--base-bits", type=int, default=2, help="raise-mode measurement base width (default 2)")
     group.add_argument("--bits", type=int, nargs="+", default=[2, 3, 4, 5, 6, 8], metavar="B",
                        help="widths of the measurement (default 2 3 4 5 6 8)")

@@ -24,7 +24,8 @@ __all__ = ["MODES", "MeasureConfig"]
 
 log = logging.getLogger(__name__)
 
-MODES = ("drop", "raise")
+#: drop and raise are measured; split derives per-expert rows from the fine drop table (`mixprec.measure.split`)
+MODES = ("drop", "raise", "split")
 
 
 @dataclass(frozen=True)
@@ -63,6 +64,9 @@ class MeasureConfig:
             raise MixprecError(f"bits {self.bits} must be a non-empty list without repeats")
         for bits in (*self.bits, self.base_bits):
             self.quant.config(bits)  # validates the width for this quantizer
+        if self.mode == "split" and self.granularity != Granularity.EXPERT.value:
+            raise MixprecError(f"split mode divides the fine table's expert losses among the experts; use "
+                               f"--granularity expert with it, not {self.granularity!r}")
         if self.mode == "raise" and not any(b > self.base_bits for b in self.bits):
             raise MixprecError(f"raise mode from base {self.base_bits} bits needs some --bits above it, "
                                f"got {self.bits}")
@@ -81,7 +85,8 @@ class MeasureConfig:
         """`WORK/measure/<mode>-<granularity>[-<quantizer>]`: the quantizer part names only the settings that
         differ from the defaults (e.g. `drop-fine-g128`, `drop-fine-gptq-clip`), so tables of other
         quantizer settings sit beside the default one instead of colliding with it."""
-        name = f"drop-{self.granularity}" if self.mode == "drop" else f"raise-b{self.base_bits}-{self.granularity}"
+        name = (f"raise-b{self.base_bits}-{self.granularity}" if self.mode == "raise"
+                else f"{self.mode}-{self.granularity}")
         quant, default = self.quant, QuantSettings()
         parts = [quant.method if quant.method != default.method else "",
                  f"g{quant.group_size}" if quant.group_size != default.group_size else "",
@@ -92,8 +97,8 @@ class MeasureConfig:
 
     @property
     def measured_bits(self) -> tuple[int, ...]:
-        """Bit widths with a job: all of them in drop mode, those above the base in raise mode."""
-        return tuple(sorted(b for b in self.bits if self.mode == "drop" or b > self.base_bits))
+        """Bit widths with a row: those above the base in raise mode, all of them otherwise."""
+        return tuple(sorted(b for b in self.bits if self.mode != "raise" or b > self.base_bits))
 
     def quant_config(self, bits: int) -> QuantConfig:
         return self.quant.config(bits)

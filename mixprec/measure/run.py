@@ -37,8 +37,9 @@ from mixprec.core.storage_url import redact, storage_path
 from mixprec.measure.config import MeasureConfig
 from mixprec.measure.engine.core import KLEngine, resolve_device
 from mixprec.measure.inputs import check_disjoint, measure_variants, measurement_fingerprint
+from mixprec.measure.split import check_split, fine_config, run_split
 from mixprec.measure.store import Job, JobStore
-from mixprec.measure.table import MeasurementRow, reference_bits, write_outputs
+from mixprec.measure.table import MeasurementRow, is_finished, reference_bits, write_outputs
 from mixprec.model.arch import GroupKind
 from mixprec.model.data import WindowConfig, load_windows
 from mixprec.model.loading import Checkpoint
@@ -247,8 +248,14 @@ def _run_with_threads(worker: Worker, threads: int | None) -> None:
 def run_measure(config: MeasureConfig, workers: int = 1) -> Path | None:
     """Measure every job of the table (with `workers` processes on this machine) and write the outputs.
 
-    Returns the measurement folder, or None when other workers still hold jobs (they write it).
+    Returns the measurement folder, or None when other workers still hold jobs (they write it). Split mode
+    measures the fine table it is derived from first (`mixprec.measure.split`).
     """
+    if config.mode == "split":
+        check_split(config)
+        if not is_finished(fine_config(config).folder) and run_measure(fine_config(config), workers) is None:
+            return None
+        return run_split(config)
     worker = Worker(config)  # validates inputs, quantizes missing variants and enqueues before any fork
     processes = []
     threads: int | None = None

@@ -39,7 +39,7 @@ if TYPE_CHECKING:
     from mixprec.quant.variants import Variant
 
 __all__ = ["TABLE_COLUMNS", "MeasurementRow", "Measurement", "is_finished", "load_measurement", "write_outputs",
-           "reference_bits", "format_table"]
+           "reference_bits", "format_table", "write_table", "group_modules", "measured_settings"]
 
 @dataclass(frozen=True)
 class MeasurementRow:
@@ -138,9 +138,10 @@ def _table(jobs: Sequence[Job], rows: Mapping[str, Mapping[str, Any]], where: st
     return pd.DataFrame([row.to_dict() for row in typed], columns=TABLE_COLUMNS)
 
 
-def _groups(model_map: ModelMap, jobs: Sequence[Job]) -> dict[str, GroupModules]:
+def group_modules(model_map: ModelMap, names: Sequence[str]) -> dict[str, GroupModules]:
+    """summary.json `groups`: each named group's kind, layer, size and checkpoint modules."""
     groups = {}
-    for name in dict.fromkeys(job.group for job in jobs):
+    for name in dict.fromkeys(names):
         group = model_map.group(name)
         modules = dict.fromkeys(ref.key.removesuffix(".weight") for ref in group.weights)
         groups[name] = GroupModules(group.kind.value, group.layer, group.num_params, tuple(modules))
@@ -164,7 +165,7 @@ def _timing(table: pd.DataFrame, store: JobStore) -> dict[str, Any]:
             "job_s_median": float(table["seconds"].median()), "workers": int(table["worker"].nunique())}
 
 
-def _settings(config: MeasureConfig) -> MeasuredSettings:
+def measured_settings(config: MeasureConfig) -> MeasuredSettings:
     return MeasuredSettings(config.mode, config.granularity, tuple(config.kinds), config.quant,
                             config.base_bits if config.mode == "raise" else None, tuple(config.bits),
                             config.measured_bits, config.num_windows, config.seq_len)
@@ -176,12 +177,13 @@ def _summary(config: MeasureConfig, checkpoint: Checkpoint, model_map: ModelMap,
         mixprec_version=__version__, model=ModelRecord.of(checkpoint, with_architecture=True),
         variants={str(bits): VariantUse(v.manifest.variant_id, str(v.path), v.manifest.file_sha256,
                                         v.manifest.totals.bpw) for bits, v in sorted(variants.items())},
-        data=windows.spec, settings=_settings(config), engine=_finite(store.get_attr("engine")),
+        data=windows.spec, settings=measured_settings(config), engine=_finite(store.get_attr("engine")),
         noise_floor=_finite(store.get_attr("noise_floor")), base=_finite(store.get_attr("base")),
         timing=_finite(_timing(table, store)),
         counts={"groups": len(dict.fromkeys(j.group for j in jobs)), "bits": len(config.measured_bits),
                 "rows": len(table), "trials": store.counts()},
-        storage=config.storage or str(config.folder / "journal.log"), groups=_groups(model_map, jobs))
+        storage=config.storage or str(config.folder / "journal.log"),
+        groups=group_modules(model_map, [job.group for job in jobs]))
 
 
 def write_outputs(config: MeasureConfig, checkpoint: Checkpoint, model_map: ModelMap, variants: Mapping[int, Variant],
@@ -190,10 +192,14 @@ def write_outputs(config: MeasureConfig, checkpoint: Checkpoint, model_map: Mode
     """Write table.csv, summary.json and measurement.json atomically into the measurement folder."""
     folder = config.folder
     table = _table(jobs, rows, str(folder / "journal.log") if config.storage is None else config.storage)
+    write_table(folder, table, _summary(config, checkpoint, model_map, variants, windows, jobs, table, store))
+
+
+def write_table(folder: Path, table: pd.DataFrame, summary: MeasurementSummary) -> None:
+    """The three files of a finished table, each written atomically (a measured table and a split one alike)."""
     buffer = io.StringIO()
     table.to_csv(buffer, index=False)  # full precision: later stages difference these numbers
     atomic_write_text(folder / "table.csv", buffer.getvalue())
-    summary = _summary(config, checkpoint, model_map, variants, windows, jobs, table, store)
     atomic_write_json(folder / "summary.json", _finite(summary.to_dict()))
     atomic_write_json(folder / "measurement.json", exl3_measurement(table, summary))
 

@@ -44,7 +44,7 @@ from mixprec.model.modelmap import ModelMap
 from mixprec.model.streaming import StreamedModel
 
 __all__ = ["CalibConfig", "HessianSum", "ExpertStats", "LayerHessians", "hessian_key", "blend_hessian",
-           "collect_hessians", "HEAD_LAYER"]
+           "collect_hessians", "HEAD_LAYER", "hook_input", "expert_intermediate", "decoder_of", "capture_layer_inputs"]
 
 log = logging.getLogger(__name__)
 
@@ -142,11 +142,11 @@ class LayerHessians:
     tokens: int = 0
 
 
-def _input_of(args: tuple[Any, ...], kwargs: dict[str, Any]) -> torch.Tensor:
+def hook_input(args: tuple[Any, ...], kwargs: dict[str, Any]) -> torch.Tensor:
     return args[0] if args else kwargs["hidden_states"]
 
 
-def _intermediate(module: torch.nn.Module, expert: int, x: torch.Tensor) -> torch.Tensor:
+def expert_intermediate(module: torch.nn.Module, expert: int, x: torch.Tensor) -> torch.Tensor:
     """act(gate)·up of one expert on tokens `x` [n, H], from the fused `gate_up_proj` (gate rows first)."""
     gate, up = torch.nn.functional.linear(x, module.gate_up_proj[expert].float()).chunk(2, dim=-1)
     return module.act_fn(gate) * up
@@ -168,7 +168,7 @@ class _ExpertsObserver:
         self.inputs: list[torch.Tensor] = []
 
     def __call__(self, module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        x = _input_of(args, kwargs).reshape(-1, self.all_tokens.sum.shape[0]).to(torch.float32)
+        x = hook_input(args, kwargs).reshape(-1, self.all_tokens.sum.shape[0]).to(torch.float32)
         index = args[1] if len(args) > 1 else kwargs["top_k_index"]
         self.all_tokens.add(x)
         self.inputs.append(x.detach())
@@ -177,13 +177,13 @@ class _ExpertsObserver:
             if rows.numel():
                 xe = x[rows]
                 self.gate_up[e].add(xe)
-                self.down[e].add(_intermediate(self.module, e, xe))
+                self.down[e].add(expert_intermediate(self.module, e, xe))
 
     def _all_token_down(self, expert: int) -> torch.Tensor:
         total = HessianSum(self.down[expert].sum.shape[0])
         for x in self.inputs:
             for chunk in x.split(_CHUNK_TOKENS):
-                total.add(_intermediate(self.module, expert, chunk))
+                total.add(expert_intermediate(self.module, expert, chunk))
         return total.mean()
 
     def finish(self, per_input: float) -> tuple[dict[str, torch.Tensor], ExpertStats]:
@@ -228,7 +228,7 @@ class _LayerObserver:
     @staticmethod
     def _adder(target: HessianSum) -> Callable[..., None]:
         def hook(module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-            target.add(_input_of(args, kwargs).detach())
+            target.add(hook_input(args, kwargs).detach())
         return hook
 
     def close(self) -> None:
@@ -251,7 +251,7 @@ class _InputsCaptured(Exception):
     """Raised by the capture hook to stop the forward pass once layer 0's inputs are recorded."""
 
 
-def _decoder(model: torch.nn.Module) -> torch.nn.Module:
+def decoder_of(model: torch.nn.Module) -> torch.nn.Module:
     base = getattr(model, getattr(model, "base_model_prefix", "model"), None)
     if base is None or not hasattr(base, "layers") or not hasattr(base, "norm"):
         raise UnsupportedArchitectureError(f"{type(model).__name__}: expected a decoder with `.layers` and `.norm` "
@@ -264,18 +264,18 @@ def _decoder(model: torch.nn.Module) -> torch.nn.Module:
     return base
 
 
-def _capture_inputs(model: torch.nn.Module, tokens: torch.Tensor,
-                    batch: int) -> list[tuple[torch.Tensor, dict[str, Any]]]:
+def capture_layer_inputs(model: torch.nn.Module, tokens: torch.Tensor,
+                         batch: int) -> list[tuple[torch.Tensor, dict[str, Any]]]:
     """Hidden states and keyword arguments entering decoder layer 0, one entry per batch of windows."""
     captured: list[tuple[torch.Tensor, dict[str, Any]]] = []
 
     def hook(module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         rest = {k: v for k, v in kwargs.items() if k != "hidden_states"}
-        captured.append((_input_of(args, kwargs).detach(), rest))
+        captured.append((hook_input(args, kwargs).detach(), rest))
         raise _InputsCaptured
 
     # prepended: on a streamed model it runs before the hook that reads layer 0, which is then never read here
-    handle = _decoder(model).layers[0].register_forward_pre_hook(hook, with_kwargs=True, prepend=True)
+    handle = decoder_of(model).layers[0].register_forward_pre_hook(hook, with_kwargs=True, prepend=True)
     try:
         for chunk in tokens.split(batch):
             try:
@@ -305,10 +305,10 @@ def collect_hessians(model: torch.nn.Module | StreamedModel, model_map: ModelMap
     """
     streamed = model if isinstance(model, StreamedModel) else None
     module = streamed.model if streamed is not None else model
-    decoder = _decoder(module)
+    decoder = decoder_of(module)
     with torch.no_grad():
         with streamed.resident(module.get_input_embeddings()) if streamed is not None else nullcontext():
-            states = _capture_inputs(module, tokens, config.batch_windows)  # the embedding read once
+            states = capture_layer_inputs(module, tokens, config.batch_windows)  # the embedding read once
         for index, layer in enumerate(decoder.layers):
             with streamed.resident(layer) if streamed is not None else nullcontext():
                 observer = _LayerObserver(module, _layer_params(model_map, index))

@@ -37,7 +37,7 @@ if TYPE_CHECKING:
     from mixprec.quant.calibration import Calibration
 
 __all__ = ["VARIANT_SCHEMA_VERSION", "UnitRecord", "GroupRecord", "Totals", "VariantManifest", "Variant",
-           "quantize_variant", "ensure_variants", "apply_group"]
+           "quantize_variant", "ensure_variants", "apply_group", "read_source"]
 
 log = logging.getLogger(__name__)
 
@@ -218,7 +218,7 @@ def _quantize_group(checkpoint: Checkpoint, group: Group, config: QuantConfig, w
     for ref in group.weights:
         if ref.key not in cache:
             cache = {}  # the previous source tensor is freed before the next is read
-            cache = {ref.key: _read_source(checkpoint, ref.key)}
+            cache = {ref.key: read_source(checkpoint, ref.key)}
         matrix = ref.slice_disk(cache[ref.key])
         if tuple(matrix.shape) != ref.shape:
             raise VariantError(f"{checkpoint.path}: {ref.key} has shape {tuple(matrix.shape)} on disk but the "
@@ -231,7 +231,7 @@ def _quantize_group(checkpoint: Checkpoint, group: Group, config: QuantConfig, w
         units[ref.unit] = UnitRecord(ref.numel, tuple(ref.shape), q.storage_bits())
 
 
-def _read_source(checkpoint: Checkpoint, key: str) -> torch.Tensor:
+def read_source(checkpoint: Checkpoint, key: str) -> torch.Tensor:
     """One checkpoint tensor in fp32, read through a shared map that is closed again right away."""
     file = checkpoint.key_to_file.get(key)
     if file is None:
