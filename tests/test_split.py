@@ -121,3 +121,17 @@ def test_search_reads_the_split_table(model_dir: Path, tmp_path: Path, capsys: p
     recipe.check_model(checkpoint.model_map("expert"), checkpoint.fingerprint)
     assert {f"layers.1.experts.{e}" for e in range(4)} <= set(recipe.groups)
     assert recipe.achieved["bpw"] <= 4.5
+
+
+def test_exl3_export_warns_about_per_expert_widths(split_table, caplog: pytest.LogCaptureFixture) -> None:
+    """exllamav3's fused MoE path needs one width per layer: a per-expert recipe says so when exported."""
+    from mixprec.formats.exl3 import recipe_to_exl3
+
+    config, _, _ = split_table
+    expert_map = Checkpoint.open(config.model).model_map("expert")
+    groups = {g.name: 4 for g in expert_map.select()}
+    recipe_to_exl3(groups, expert_map, {4: "/q/4"}, base_bits=None)
+    assert "different widths" not in caplog.text
+    groups["layers.1.experts.2"] = 8
+    recipe_to_exl3(groups, expert_map, {4: "/q/4", 8: "/q/8"}, base_bits=None)
+    assert "layers [1] give their routed experts different widths" in caplog.text

@@ -33,7 +33,7 @@ from typing import Any
 
 from mixprec.core.errors import MixprecError
 from mixprec.core.fileio import atomic_write_text, dump_yaml, parse_yaml, read_json, read_yaml
-from mixprec.model.arch import DEFAULT_QUANTIZED_KINDS, family_for
+from mixprec.model.arch import DEFAULT_QUANTIZED_KINDS, GroupKind, family_for
 from mixprec.model.modelmap import Group, ModelMap, WeightRef, nearest_names
 
 __all__ = [
@@ -268,12 +268,28 @@ def recipe_to_exl3(groups: Mapping[str, int | None], model_map: ModelMap, source
     if nulls:
         raise Exl3YamlError(f"group(s) {nulls[:3]} are kept at original precision (null), which an exllamav3 "
                             "override cannot express; pin them to a bit width instead")
+    _warn_mixed_experts(groups, model_map)
     ids = {b: f"{b}bit" for b in used}
     listed = [n for n in groups if groups[n] != base_bits]
     patterns = group_patterns(model_map, listed)
     overrides = tuple(Exl3Override(key, ids[groups[name]])  # type: ignore[index]
                       for name in listed for key in patterns[name])
     return Exl3Overrides(tuple(Exl3Source(ids[b], str(sources[b])) for b in used), overrides)
+
+
+def _warn_mixed_experts(groups: Mapping[str, int | None], model_map: ModelMap) -> None:
+    """exllamav3's fused MoE path (`modules/multilinear.py`) asserts one width for all experts of a layer's
+    projection (FIELD.md §2.1): a per-expert recipe compiles with mixprec, but say which layers would break."""
+    widths: dict[int, set[int | None]] = {}
+    for group in model_map.select([GroupKind.ROUTED_EXPERTS]):
+        if group.name in groups and group.layer is not None:
+            widths.setdefault(group.layer, set()).add(groups[group.name])
+    mixed = sorted(layer for layer, found in widths.items() if len(found) > 1)
+    if mixed:
+        log.warning("layers %s give their routed experts different widths; exllamav3's fused MoE kernels need one "
+                    "width per layer and projection, so load this override in exllamav3 only if your version "
+                    "accepts it (mixprec's compiled format does); search at --granularity fine for exllamav3",
+                    mixed[:8])
 
 
 def exl3_to_groups(overrides: Exl3Overrides, model_map: ModelMap, bits_of_dir: Mapping[str, int],
