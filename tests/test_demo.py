@@ -100,7 +100,29 @@ def test_rerunning_the_demo_reuses_finished_work(demo_run: Path, capsys: pytest.
 
 
 @pytest.mark.parametrize("kwargs", [dict(budgets=()), dict(budgets=(-1.0,)), dict(trials=0),
-                                    dict(granularity="block")])
+                                    dict(granularity="block"), dict(mode="split")])
 def test_bad_demo_settings(kwargs: dict[str, object]) -> None:
     with pytest.raises((MixprecError, ValueError)):
         DemoConfig(**kwargs)
+
+
+def test_demo_with_a_width_per_expert(demo_run: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`--granularity expert --mode split`: the fine table is reused, split per expert, and every expert gets its
+    own width in the compiled checkpoint, which scores what the search measured."""
+    model = demo_run.parent / "model"
+    argv = ["demo", str(model), "--work", str(demo_run), "--budgets", "3.0", "--trials", "3", "--bits", "2", "3",
+            "4", "8", "--measure-windows", "6", "--eval-windows", "8", "--seq-len", "64", "--device", "cpu",
+            "--no-report", "--granularity", "expert", "--mode", "split"]
+    assert main(argv) == 0, capsys.readouterr().err
+    row, = json.loads((demo_run / "demo_summary.json").read_text())["budgets"]
+    recipe = Recipe.load(row["recipe"])
+    assert recipe.granularity == "expert" and "layers.1.experts.3" in recipe.groups
+    assert (demo_run / "measure" / "split-expert" / "table.csv").exists()
+    assert row["compiled_kl"] == pytest.approx(row["comparison"]["mixprec"]["evaluation_kl"], rel=1e-3, abs=1e-9)
+    if llama_cpp_available():  # GGUF holds one type per layer and projection: written only if the experts agree
+        layers: dict[str, set[int | None]] = {}
+        for name, bits in recipe.widths().items():
+            if ".experts." in name:
+                layers.setdefault(name.split(".")[1], set()).add(bits)
+        assert ("gguf_kl" in row) == all(len(w) == 1 for w in layers.values()), row.get("gguf_skipped")
+        assert "gguf_kl" in row or "experts of one tensor" in row["gguf_skipped"]

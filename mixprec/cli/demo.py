@@ -61,6 +61,8 @@ class DemoConfig:
     bits: tuple[int, ...] = (2, 3, 4, 5, 6, 8)
     budgets: tuple[float, ...] = (2.5, 3.0, 3.5, 4.0)
     granularity: str = DEFAULT_GRANULARITY
+    #: drop, or split with `granularity="expert"` (per-expert widths from the fine table, `mixprec.measure.split`)
+    mode: str = "drop"
     measure_windows: int = 16
     eval_windows: int = 32
     seq_len: int = 256
@@ -76,6 +78,7 @@ class DemoConfig:
     def __post_init__(self) -> None:
         Granularity(self.granularity)
         self.families()  # validates the option labels before any work
+        _measure_config(self)  # and the measurement's mode and granularity
         WindowConfig(self.seq_len, self.measure_windows)
         WindowConfig(self.seq_len, self.eval_windows)
         if not self.budgets or any(b <= 0 for b in self.budgets):
@@ -84,18 +87,27 @@ class DemoConfig:
             raise MixprecError(f"trials={self.trials} must be at least 1")
 
 
+    @property
+    def tag(self) -> str:
+        """Suffix of the study, recipe and checkpoint names: empty for the default grouping, so a demo at another
+        granularity or mode in the same work folder neither resumes the default's studies nor overwrites its files."""
+        if (self.granularity, self.mode) == (DEFAULT_GRANULARITY, "drop"):
+            return ""
+        return f"-{self.granularity}" + ("-split" if self.mode == "split" else "")
+
     def families(self) -> tuple[QuantSettings, ...]:
         """The option families at the measurement's shared settings (symmetry, clip search)."""
         return parse_families(self.options, QuantSettings()) if self.options else ()
 
 
 def _measure_config(config: DemoConfig) -> MeasureConfig:
-    return MeasureConfig(work=config.work, model=config.model, bits=config.bits, granularity=config.granularity,
-                         num_windows=config.measure_windows, seq_len=config.seq_len, device=config.device)
+    return MeasureConfig(work=config.work, model=config.model, mode=config.mode, bits=config.bits,
+                         granularity=config.granularity, num_windows=config.measure_windows, seq_len=config.seq_len,
+                         device=config.device)
 
 
 def _stage_config(config: DemoConfig, budget: float, name: str) -> StageConfig:
-    search = SearchConfig(trials=config.trials, seed=config.seed, study_name=f"{name}-{budget:g}bpw",
+    search = SearchConfig(trials=config.trials, seed=config.seed, study_name=f"{name}{config.tag}-{budget:g}bpw",
                           studies_dir=config.work / "studies")
     return StageConfig(work=config.work, budget=Budget(bpw=budget), model=config.model,
                        granularity=config.granularity, measure=_measure_config(config), search=search,
@@ -121,7 +133,7 @@ def _gguf_stage(config: DemoConfig, checkpoint: Checkpoint, recipe: Recipe, budg
     ggml = as_ggml_recipe(recipe)
     widths = sorted({b for b in ggml.groups.values() if b is not None})
     ensure_variants(checkpoint, checkpoint.model_map("layer"), [ggml.quant_config(b) for b in widths], config.work)
-    out = config.work / "gguf" / f"{checkpoint.path.name}-{budget:g}bpw.gguf"
+    out = config.work / "gguf" / f"{checkpoint.path.name}{config.tag}-{budget:g}bpw.gguf"
     try:
         report = compile_gguf(ggml, checkpoint, config.work, out)
     except CompileError as exc:
@@ -138,9 +150,9 @@ def _one_budget(config: DemoConfig, checkpoint: Checkpoint, budget: float, gguf_
     """Search, save, compile and independently evaluate the recipe for one budget."""
     name = checkpoint.path.name
     result = run_stage(_stage_config(config, budget, name))
-    recipe_path = config.work / "recipes" / f"{name}-{budget:g}bpw.yaml"
+    recipe_path = config.work / "recipes" / f"{name}{config.tag}-{budget:g}bpw.yaml"
     result.recipe.save(recipe_path)
-    compiled = config.work / "compiled" / f"{budget:g}bpw"
+    compiled = config.work / "compiled" / f"{budget:g}bpw{config.tag}"
     compile_report = compile_recipe(result.recipe, checkpoint, config.work, compiled)
     scored = evaluate(compiled, checkpoint.path, EvalConfig(seq_len=config.seq_len, num_windows=config.eval_windows))
     rows = {row["recipe"]: row for row in result.comparison}

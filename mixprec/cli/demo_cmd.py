@@ -12,6 +12,7 @@ Usage:
     mixprec demo
     mixprec demo --budgets 3.0 --trials 20 --work work/demo3
     mixprec demo --options            # one group size (RTN g64), widths only
+    mixprec demo --granularity expert --mode split   # a width per routed expert (mixprec's format, not GGUF)
 """
 
 from __future__ import annotations
@@ -37,6 +38,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="bit budgets to search (default 2.5 3.0 3.5 4.0)")
     parser.add_argument("--granularity", choices=["layer", "fine", "expert"], default=defaults.granularity,
                         help="group granularity measured and searched (default fine)")
+    parser.add_argument("--mode", choices=["drop", "split"], default=defaults.mode,
+                        help="split (with --granularity expert): per-expert widths from the fine table; GGUF holds "
+                             "one type per layer and projection, so the llama.cpp step is skipped for such recipes")
     parser.add_argument("--trials", type=int, default=defaults.trials, help="real-KL trials per budget")
     parser.add_argument("--bits", type=int, nargs="+", default=list(defaults.bits), metavar="B",
                         help="uniform variants to build and measure (default 2 3 4 5 6 8)")
@@ -59,7 +63,8 @@ def run(args: argparse.Namespace) -> int:
     check_windows(args.model, args.seq_len)
     config = DemoConfig(work=args.work, model=args.model, bits=tuple(args.bits), budgets=tuple(args.budgets),
                         seq_len=args.seq_len,
-                        granularity=args.granularity, trials=args.trials, measure_windows=args.measure_windows,
+                        granularity=args.granularity, mode=args.mode, trials=args.trials,
+                        measure_windows=args.measure_windows,
                         eval_windows=args.eval_windows, device=args.device, report=not args.no_report,
                         gguf=not args.no_gguf, options=tuple(args.options))
     if not args.verbose:
