@@ -117,12 +117,16 @@ def _quantize_calibrated(args: argparse.Namespace) -> None:
 
 
 def _measurement_token_layers(inputs: Inputs) -> float:
-    """Token-layers the sensitivity table cost: each row reruns the layers from its group's layer onwards."""
+    """Token-layers the sensitivity table cost: each row reruns the layers from its group's layer onwards. A split
+    table (`--mode split`) cost its fine table's rows plus one forward pass over the tokens (the importance)."""
     summary = inputs.measurement.summary
     layers = inputs.checkpoint.num_layers
-    per_group = sum(layers - (g.layer or 0) for g in inputs.table.groups)
+    split = summary.settings.mode == "split"
+    groups = inputs.checkpoint.model_map("fine").select() if split else inputs.table.groups
+    per_group = sum(layers - (g.layer or 0) for g in groups)
     tables = max(len(inputs.families), 1)  # with --options, one table per family on the same tokens
-    return float(per_group * len(summary.settings.measured_bits) * summary.data.num_tokens * tables)
+    rows = per_group * len(summary.settings.measured_bits) + (layers if split else 0)
+    return float(rows * summary.data.num_tokens * tables)
 
 
 def _run(args: argparse.Namespace, engines: EngineCache) -> tuple[list[StageResult], list[float], float]:
