@@ -191,7 +191,8 @@ def _print(results: list[dict[str, Any]], measurement_cost: float) -> None:
         if len(r["options"]) > 1:
             print("  options used (share of groups): " + ", ".join(f"{k} {v:.0%}" for k, v in r["options"].items()))
         fits = sorted(n for n in rows if n.startswith("uniform-fit"))
-        for b in (*BASELINES, *fits, "smaller-budget"):
+        greedies = sorted(n for n in rows if n.startswith("greedy-"))  # greedy on each other option family
+        for b in (*BASELINES, *greedies, *fits, "smaller-budget"):
             if b in rows:
                 x = rows[b]
                 print(f"  {b:15} {x['evaluation_kl']:.3e} ({x['bpw']:.3f}) ratio {x['ratio_vs_mixprec']:.3f}"

@@ -176,7 +176,7 @@ def test_cli_quantize_and_search_over_options(tiny_model_dirs: dict[str, Path], 
     assert set(recipe.groups.values()) <= searched | {2, 3, 4}, recipe.groups
     assert recipe.achieved["bpw"] <= 3.0
     rows = {r["recipe"] for r in recipe.provenance["comparison"]}
-    assert {"mixprec", "greedy", "hq", "uniform", "uniform-fit-g64"} <= rows, rows
+    assert {"mixprec", "greedy", "greedy-rtn-g128", "hq", "uniform", "uniform-fit-g64"} <= rows, rows
     overrides = Exl3Overrides.load(exl3)
     bits_of_dir = {s.model_dir: source_bits(s.model_dir) for s in overrides.sources}
     checkpoint = Checkpoint.open(model)

@@ -258,12 +258,18 @@ def _other_estimates(main: Measurement, checkpoint: Checkpoint, table: CostTable
 
 def baselines(inputs: Inputs) -> dict[str, Solution]:
     """DP at the budget, greedy, `--hq` fitted to the budget, and the best uniform recipe of the searched
-    group size that fits (a seed). The "nearest uniform at or above" baseline comes from `uniform_grid`."""
+    group size that fits (a seed); with `--options`, also greedy on each other family (`greedy-rtn-g128`), so
+    exllamav3's rule is compared at its best group size too. The "nearest uniform at or above" baseline comes
+    from `uniform_grid`."""
     problem, limit = inputs.problem, inputs.limit_bits
     # the width-based baselines run on one family (the first of --options): they are exllamav3's rules
     family = inputs.family_problem(inputs.families[0]) if inputs.families else problem
     result = {"dp": pareto_front(problem).best_under(limit), "greedy": greedy(family, limit),
               "hq": hq_at_budget(family, limit)}
+    for other in inputs.families[1:]:  # exllamav3's rule knows no group sizes: it gets each family in turn
+        found = greedy(inputs.family_problem(other), limit)
+        if found.cost <= limit:  # else that family's cheapest options alone exceed the budget
+            result[f"greedy-{other.method}-g{other.group_size}"] = found
     fitting = [uniform(family, b) for b in sorted({option_width(o) for o in family.options[0]})]
     fitting = [s for s in fitting if s.cost <= limit]
     if fitting:
