@@ -149,3 +149,36 @@ def test_split_streamed_equals_whole(split_table, tmp_path: Path) -> None:
     streamed = load_measurement(run_measure(replace(config, work=work, streaming="on")))
     columns = ["group", "bits", "kl_mean", "kl_se", "storage_bits"]
     assert streamed.table[columns].equals(split.table[columns])
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "mixtral", "deepseek_v3", "olmoe", "glm4_moe"])
+def test_importance_in_every_moe_family(family: str, tiny_model_dirs: dict[str, Path]) -> None:
+    """Each family's experts module is called with (hidden, top-k index, top-k weights): every token is counted
+    top-k times and the router-weighted moments are finite and positive wherever an expert got tokens."""
+    checkpoint = Checkpoint.open(tiny_model_dirs[family])
+    model = load_model(checkpoint)
+    tokens = torch.randint(3, 160, (2, 16), generator=torch.Generator().manual_seed(2))
+    found = list(collect_expert_importance(model, checkpoint.model_map("fine"), tokens))
+    moe_layers = {g.layer for g in checkpoint.model_map("fine").select([GroupKind.ROUTED_EXPERTS])}
+    assert {imp.layer for imp in found} == moe_layers
+    for imp in found:
+        assert sum(imp.tokens) == tokens.numel() * 2, (family, imp.tokens)  # top-2 in every tiny config
+        for e, count in enumerate(imp.tokens):
+            assert bool((imp.gate_up[e] > 0).any()) == (count > 0) and bool((imp.down[e] > 0).any()) == (count > 0)
+            assert torch.isfinite(imp.gate_up[e]).all() and torch.isfinite(imp.down[e]).all()
+
+
+@pytest.mark.parametrize("family", ["mixtral", "deepseek_v3"])
+def test_split_table_in_other_layouts(family: str, tiny_model_dirs: dict[str, Path], tmp_path: Path) -> None:
+    """No shared experts (Mixtral), MLA with a shared expert and a dense first layer (DeepSeek-V3): the split
+    rows cover every routed expert and add up to the measured fine loss."""
+    model = model_with_splits(tiny_model_dirs[family], tmp_path / "model")
+    config = small_config(model, tmp_path / "work", mode="split", granularity="expert", bits=(2, 4))
+    split = load_measurement(run_measure(config)).table
+    fine = load_measurement(fine_config(config).folder).table
+    expert_groups = Checkpoint.open(model).model_map("expert").select([GroupKind.ROUTED_EXPERTS])
+    assert set(split[split["kind"] == "routed_experts"]["group"]) == {g.name for g in expert_groups}
+    for bits in (2, 4):
+        part = split[(split["bits"] == bits) & (split["kind"] == "routed_experts")]["kl_mean"].sum()
+        whole = fine[(fine["bits"] == bits) & (fine["kind"] == "routed_experts")]["kl_mean"].sum()
+        assert part == pytest.approx(whole, rel=1e-9)
