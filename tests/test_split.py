@@ -117,6 +117,8 @@ def test_search_reads_the_split_table(model_dir: Path, tmp_path: Path, capsys: p
     assert code == 0, capsys.readouterr().err
     assert (tmp_path / "work" / "measure" / "drop-fine" / "table.csv").exists()
     assert (tmp_path / "work" / "measure" / "split-expert" / "table.csv").exists()
+    studies = [p.name for p in (tmp_path / "s").glob("*.db")]
+    assert studies == ["tiny-expert-4.5bpw-s0-split.db"], studies
     recipe = Recipe.load(out)
     checkpoint = Checkpoint.open(model_dir)
     recipe.check_model(checkpoint.model_map("expert"), checkpoint.fingerprint)

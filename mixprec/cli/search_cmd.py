@@ -192,6 +192,8 @@ def config_from_args(args: argparse.Namespace, group_size: int | None = None,
     work = default_work_dir(args.model, args.work)
     name = resolve_model_path(args.model).name
     study = args.study or f"{name}-{args.granularity}-{_label(budget)}-s{args.seed}"
+    if not args.study and args.mode != "drop":
+        study = f"{study}-{args.mode}"  # another table (raise, split) is another study
     if not args.study and 0 < args.screen < 1:
         study = f"{study}-screen{args.screen:g}"  # a screened study is another study: its trials stop early
     if args.study and len(_budgets(args)) > 1:
