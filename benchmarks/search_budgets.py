@@ -48,7 +48,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("model", nargs="?", default=None, help="model folder (default: the bundled model)")
     p.add_argument("--work", type=Path, default=None)
     p.add_argument("--budgets", type=float, nargs="+", default=[2.5, 3.0, 3.5, 4.0])
-    p.add_argument("--granularity", default="fine", choices=["layer", "fine", "expert"])
+    p.add_argument("--granularity", default="fine", choices=["layer", "fine", "expert", "expert-fine"])
     p.add_argument("--mode", default="drop", choices=["drop", "split"],
                    help="table searched: measured (drop) or, at --granularity expert, split from the fine table")
     p.add_argument("--trials", type=int, default=40)

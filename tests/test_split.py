@@ -184,3 +184,25 @@ def test_split_table_in_other_layouts(family: str, tiny_model_dirs: dict[str, Pa
         part = split[(split["bits"] == bits) & (split["kind"] == "routed_experts")]["kl_mean"].sum()
         whole = fine[(fine["bits"] == bits) & (fine["kind"] == "routed_experts")]["kl_mean"].sum()
         assert part == pytest.approx(whole, rel=1e-9)
+
+
+def test_expert_fine_groups_and_split(split_table, tmp_path: Path) -> None:
+    """`expert-fine`: gate+up and down of each expert apart; its split rows add up per projection."""
+    import shutil
+
+    config, _, measured = split_table
+    fine = measured.table
+    expert_fine = Checkpoint.open(config.model).model_map("expert-fine")
+    names = [g.name for g in expert_fine.select([GroupKind.ROUTED_EXPERTS])]
+    assert names == [f"layers.1.experts.{e}.{p}" for e in range(4) for p in ("gate_up", "down")]
+    work = tmp_path / "work"
+    shutil.copytree(config.work / "variants", work / "variants")
+    shutil.copytree(fine_config(config).folder, fine_config(replace(config, work=work)).folder)
+    split = load_measurement(run_measure(replace(config, work=work, granularity="expert-fine"))).table
+    assert split_table[0].folder.name == "split-expert" and (work / "measure" / "split-expert-fine").is_dir()
+    for projection in ("gate_up", "down"):
+        part = split[split["group"].str.endswith(f".{projection}") & (split["kind"] == "routed_experts")]
+        whole = fine[(fine["group"] == f"layers.1.experts.{projection}")]
+        for bits in (2, 4, 8):
+            assert part[part["bits"] == bits]["kl_mean"].sum() == pytest.approx(
+                float(whole[whole["bits"] == bits]["kl_mean"].iloc[0]), rel=1e-9)

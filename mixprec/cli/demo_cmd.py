@@ -23,6 +23,7 @@ from pathlib import Path
 from mixprec.cli.checks import check_windows
 from mixprec.cli.common import add_model_argument, print_table
 from mixprec.cli.demo import DemoConfig, gguf_note, run_demo, summary_rows
+from mixprec.model.modelmap import Granularity
 from mixprec.search.study import quiet_optuna
 
 __all__ = ["register"]
@@ -36,7 +37,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--work", type=Path, default=defaults.work, metavar="DIR", help="work folder")
     parser.add_argument("--budgets", type=float, nargs="+", default=list(defaults.budgets), metavar="BPW",
                         help="bit budgets to search (default 2.5 3.0 3.5 4.0)")
-    parser.add_argument("--granularity", choices=["layer", "fine", "expert"], default=defaults.granularity,
+    parser.add_argument("--granularity", choices=[g.value for g in Granularity], default=defaults.granularity,
                         help="group granularity measured and searched (default fine)")
     parser.add_argument("--mode", choices=["drop", "split"], default=defaults.mode,
                         help="split (with --granularity expert): per-expert widths from the fine table; GGUF holds "

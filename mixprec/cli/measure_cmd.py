@@ -39,7 +39,7 @@ from mixprec.measure.engine.core import EngineConfig
 from mixprec.measure.run import run_measure
 from mixprec.measure.table import format_table, load_measurement
 from mixprec.model.arch import DEFAULT_QUANTIZED_KINDS, GroupKind
-from mixprec.model.modelmap import DEFAULT_GRANULARITY
+from mixprec.model.modelmap import DEFAULT_GRANULARITY, Granularity
 from mixprec.model.streaming import STREAMING_MODES
 from mixprec.quant import SUPPORTED_BITS, SUPPORTED_GROUP_SIZES, QuantSettings, quantizer_names
 from mixprec.quant.options import parse_families
@@ -56,7 +56,7 @@ def _add_basic(parser: argparse.ArgumentParser) -> None:
                         help="drop: lower one group from full precision; raise: raise one group from --base-bits; "
                              "split (with --granularity expert): split the fine table's expert losses per expert")
     parser.add_argument("--base-bits", type=int, default=2, metavar="B", help="raise mode's base width (default 2)")
-    parser.add_argument("--granularity", choices=["layer", "fine", "expert"], default=DEFAULT_GRANULARITY,
+    parser.add_argument("--granularity", choices=[g.value for g in Granularity], default=DEFAULT_GRANULARITY,
                         help="group per layer block, per projection, or per routed expert (default fine)")
     parser.add_argument("--windows", type=int, default=32, help="token windows (default 32)")
     parser.add_argument("--seq-len", type=int, default=256, help="tokens per window (default 256)")

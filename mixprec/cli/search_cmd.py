@@ -40,7 +40,7 @@ from mixprec.formats.llamacpp import is_tensor_type_file, write_tensor_type_file
 from mixprec.formats.recipe import Budget, Recipe
 from mixprec.measure.config import MODES, MeasureConfig
 from mixprec.model.loading import resolve_model_path
-from mixprec.model.modelmap import DEFAULT_GRANULARITY
+from mixprec.model.modelmap import DEFAULT_GRANULARITY, Granularity
 from mixprec.model.streaming import STREAMING_MODES
 from mixprec.quant import SUPPORTED_GROUP_SIZES, QuantSettings, quantizer_class, quantizer_names
 from mixprec.quant.ggml import GGMLQuantizer
@@ -89,7 +89,7 @@ def _add_basic(parser: argparse.ArgumentParser) -> None:
 
 def _add_advanced(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("advanced")
-    group.add_argument("--granularity", choices=["layer", "fine", "expert"], default=DEFAULT_GRANULARITY,
+    group.add_argument("--granularity", choices=[g.value for g in Granularity], default=DEFAULT_GRANULARITY,
                        help="search granularity; the measurement must be at the same one (default fine)")
     group.add_argument("--mode", choices=list(MODES), default="drop",
                        help="which measurement table to read (split: per-expert rows split from the fine table; "

@@ -280,11 +280,12 @@ def recipe_to_exl3(groups: Mapping[str, int | None], model_map: ModelMap, source
 def _warn_mixed_experts(groups: Mapping[str, int | None], model_map: ModelMap) -> None:
     """exllamav3's fused MoE path (`modules/multilinear.py`) asserts one width for all experts of a layer's
     projection (FIELD.md §2.1): a per-expert recipe compiles with mixprec, but say which layers would break."""
-    widths: dict[int, set[int | None]] = {}
+    widths: dict[tuple[int, str], set[int | None]] = {}
     for group in model_map.select([GroupKind.ROUTED_EXPERTS]):
         if group.name in groups and group.layer is not None:
-            widths.setdefault(group.layer, set()).add(groups[group.name])
-    mixed = sorted(layer for layer, found in widths.items() if len(found) > 1)
+            last = group.name.rpartition(".")[2]  # `expert-fine` groups end in their projection
+            widths.setdefault((group.layer, "" if last.isdigit() else last), set()).add(groups[group.name])
+    mixed = sorted({layer for (layer, _), found in widths.items() if len(found) > 1})
     if mixed:
         log.warning("layers %s give their routed experts different widths; exllamav3's fused MoE kernels need one "
                     "width per layer and projection, so load this override in exllamav3 only if your version "

@@ -64,9 +64,9 @@ class MeasureConfig:
             raise MixprecError(f"bits {self.bits} must be a non-empty list without repeats")
         for bits in (*self.bits, self.base_bits):
             self.quant.config(bits)  # validates the width for this quantizer
-        if self.mode == "split" and self.granularity != Granularity.EXPERT.value:
+        if self.mode == "split" and not Granularity(self.granularity).per_expert:
             raise MixprecError(f"split mode divides the fine table's expert losses among the experts; use "
-                               f"--granularity expert with it, not {self.granularity!r}")
+                               f"--granularity expert (or expert-fine) with it, not {self.granularity!r}")
         if self.mode == "raise" and not any(b > self.base_bits for b in self.bits):
             raise MixprecError(f"raise mode from base {self.base_bits} bits needs some --bits above it, "
                                f"got {self.bits}")

@@ -41,11 +41,18 @@ _PART_ORDER = {"q": 0, "kv": 1, "o": 2, "gate_up": 3, "down": 4}
 
 
 class Granularity(StrEnum):
-    """How finely weights are grouped: per layer block, per projection, or per routed expert."""
+    """How finely weights are grouped: per layer block, per projection, per routed expert, or per routed expert
+    and projection (`expert-fine`: gate+up and down of each expert apart)."""
 
     LAYER = "layer"
     FINE = "fine"
     EXPERT = "expert"
+    EXPERT_FINE = "expert-fine"
+
+    @property
+    def per_expert(self) -> bool:
+        """Whether each routed expert is a group of its own (or two)."""
+        return self in (Granularity.EXPERT, Granularity.EXPERT_FINE)
 
 
 #: the one default of every stage (inspect, measure, search, compile, demo): q | kv | o and gate+up | down per
@@ -219,6 +226,8 @@ def _group_key(kind: GroupKind, layer: int | None, part: str, ref: WeightRef,
         return kind, layer, None
     if granularity is Granularity.EXPERT and kind is GroupKind.ROUTED_EXPERTS:
         return kind, layer, str(ref.expert)
+    if granularity is Granularity.EXPERT_FINE and kind is GroupKind.ROUTED_EXPERTS:
+        return kind, layer, f"{ref.expert}.{part}"
     return kind, layer, part
 
 
@@ -229,6 +238,9 @@ def _sort_key(item: tuple[GroupKind, int | None, str | None]) -> tuple[int, int,
         part_order = -1
     elif part.isdigit():
         part_order = 100 + int(part)
+    elif part.partition(".")[0].isdigit():  # expert-fine: `5.gate_up`, `5.down`
+        expert, _, projection = part.partition(".")
+        part_order = 100 + 10 * int(expert) + _PART_ORDER.get(projection, 9)
     else:
         part_order = _PART_ORDER.get(part, 50)
     return layer_order, _KIND_ORDER[kind], part_order, 0
