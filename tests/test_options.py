@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import optuna
 import pytest
 import torch
 
@@ -177,6 +178,10 @@ def test_cli_quantize_and_search_over_options(tiny_model_dirs: dict[str, Path], 
     assert recipe.achieved["bpw"] <= 3.0
     rows = {r["recipe"] for r in recipe.provenance["comparison"]}
     assert {"mixprec", "greedy", "greedy-rtn-g128", "hq", "uniform", "uniform-fit-g64"} <= rows, rows
+    study = next((tmp_path / "studies").glob("*.db"))
+    seeded = {t.user_attrs.get("seed") for t in optuna.load_study(study_name=study.stem,
+                                                                  storage=f"sqlite:///{study}").trials}
+    assert {"greedy", "greedy-rtn-g128"} <= seeded, "greedy on every family seeds the study"
     overrides = Exl3Overrides.load(exl3)
     bits_of_dir = {s.model_dir: source_bits(s.model_dir) for s in overrides.sources}
     checkpoint = Checkpoint.open(model)

@@ -267,9 +267,10 @@ def baselines(inputs: Inputs) -> dict[str, Solution]:
     result = {"dp": pareto_front(problem).best_under(limit), "greedy": greedy(family, limit),
               "hq": hq_at_budget(family, limit)}
     for other in inputs.families[1:]:  # exllamav3's rule knows no group sizes: it gets each family in turn
-        found = greedy(inputs.family_problem(other), limit)
+        name = f"greedy-{other.method}-g{other.group_size}"
+        found = replace(greedy(inputs.family_problem(other), limit), solver=name)
         if found.cost <= limit:  # else that family's cheapest options alone exceed the budget
-            result[f"greedy-{other.method}-g{other.group_size}"] = found
+            result[name] = found
     fitting = [uniform(family, b) for b in sorted({option_width(o) for o in family.options[0]})]
     fitting = [s for s in fitting if s.cost <= limit]
     if fitting:
@@ -334,10 +335,11 @@ def _seeds_from_others(inputs: Inputs) -> list[Solution]:
 
 def seeds(inputs: Inputs, compared: dict[str, Solution], front_seeds: int) -> list[Solution]:
     """Everything the study starts from, in order: the DP points nearest the budget (the first is the
-    paired reference), the baselines that fit, DP under compressed estimates, block- and kind-tied
-    solutions, and the solutions of the other tables' estimates."""
+    paired reference), the baselines that fit (greedy on every option family too), DP under compressed
+    estimates, block- and kind-tied solutions, and the solutions of the other tables' estimates."""
     front = pareto_front(inputs.problem).near(inputs.limit_bits, front_seeds)
     fitting = [compared[k] for k in ("greedy", "hq", "uniform-fit") if k in compared]
+    fitting += [v for k, v in compared.items() if k.startswith("greedy-")]  # greedy on each other option family
     return (front + fitting + _family_seeds(inputs) + compressed_solutions(inputs.problem, inputs.limit_bits)
             + tied_solutions(inputs.problem, inputs.limit_bits) + _seeds_from_others(inputs))
 
