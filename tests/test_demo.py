@@ -18,7 +18,8 @@ from mixprec.checkpoint.ggufrun import llama_cpp_available
 from mixprec.cli import main
 from mixprec.cli.demo import DemoConfig, run_demo
 from mixprec.core.errors import MixprecError
-from mixprec.formats.recipe import Recipe
+from mixprec.formats.recipe import ModelRef, Recipe
+from mixprec.quant import QuantSettings
 from tests.measure_helpers import model_with_splits
 from tests.tiny_models import save_tiny_model
 
@@ -126,3 +127,20 @@ def test_demo_with_a_width_per_expert(demo_run: Path, capsys: pytest.CaptureFixt
                 layers.setdefault(name.split(".")[1], set()).add(bits)
         assert ("gguf_kl" in row) == all(len(w) == 1 for w in layers.values()), row.get("gguf_skipped")
         assert "gguf_kl" in row or "experts of one tensor" in row["gguf_skipped"]
+
+
+def test_gguf_stage_skips_a_recipe_whose_experts_differ(demo_run: Path) -> None:
+    """llama.cpp holds one type per expert tensor: the stage says so before quantizing any ggml variant."""
+    from mixprec.cli.demo import _gguf_stage
+    from mixprec.model.loading import Checkpoint
+
+    checkpoint = Checkpoint.open(demo_run.parent / "model")
+    expert_map = checkpoint.model_map("expert")
+    groups = {g.name: 4 for g in expert_map.select()}
+    groups["layers.1.experts.2"] = 3
+    recipe = Recipe(ModelRef("model", checkpoint.model_type, checkpoint.fingerprint), expert_map.granularity,
+                    QuantSettings(), groups)
+    before = {p.name for p in (demo_run / "variants").iterdir()}
+    row = _gguf_stage(DemoConfig(work=demo_run, model=str(checkpoint.path)), checkpoint, recipe, 4.0)
+    assert "one type per tensor" in row["gguf_skipped"], row
+    assert {p.name for p in (demo_run / "variants").iterdir()} == before, "no ggml variant was made for it"

@@ -29,7 +29,7 @@ from typing import Any
 
 from mixprec.checkpoint.compile import compile_recipe
 from mixprec.checkpoint.evaluate import EvalConfig, evaluate
-from mixprec.checkpoint.gguf import as_ggml_recipe, compile_gguf
+from mixprec.checkpoint.gguf import as_ggml_recipe, compile_gguf, gguf_types
 from mixprec.checkpoint.ggufrun import GGUF_MISSING, llama_cpp_available
 from mixprec.checkpoint.qformat import CompileError
 from mixprec.core.errors import MixprecError
@@ -131,6 +131,11 @@ def gguf_skip_reason(config: DemoConfig) -> str | None:
 def _gguf_stage(config: DemoConfig, checkpoint: Checkpoint, recipe: Recipe, budget: float) -> dict[str, Any]:
     """The recipe's widths as ggml types, written as a GGUF and scored by llama.cpp on the held-out windows."""
     ggml = as_ggml_recipe(recipe)
+    try:  # one ggml type per tensor: a recipe whose experts of one projection differ cannot be a GGUF
+        gguf_types(ggml, checkpoint.model_map(ggml.granularity))
+    except MixprecError as exc:
+        log.warning("GGUF stage skipped: %s", exc)
+        return {"gguf_skipped": str(exc)}
     widths = sorted({b for b in ggml.groups.values() if b is not None})
     ensure_variants(checkpoint, checkpoint.model_map("layer"), [ggml.quant_config(b) for b in widths], config.work)
     out = config.work / "gguf" / f"{checkpoint.path.name}{config.tag}-{budget:g}bpw.gguf"
