@@ -126,7 +126,7 @@ def test_demo_with_a_width_per_expert(demo_run: Path, capsys: pytest.CaptureFixt
             if ".experts." in name:
                 layers.setdefault(name.split(".")[1], set()).add(bits)
         assert ("gguf_kl" in row) == all(len(w) == 1 for w in layers.values()), row.get("gguf_skipped")
-        assert "gguf_kl" in row or "experts of one tensor" in row["gguf_skipped"]
+        assert "gguf_kl" in row or "one ggml type per expert tensor" in row["gguf_skipped"]
 
 
 def test_gguf_stage_skips_a_recipe_whose_experts_differ(demo_run: Path) -> None:
@@ -142,5 +142,5 @@ def test_gguf_stage_skips_a_recipe_whose_experts_differ(demo_run: Path) -> None:
                     QuantSettings(), groups)
     before = {p.name for p in (demo_run / "variants").iterdir()}
     row = _gguf_stage(DemoConfig(work=demo_run, model=str(checkpoint.path)), checkpoint, recipe, 4.0)
-    assert "one type per tensor" in row["gguf_skipped"], row
+    assert "one ggml type per expert tensor" in row["gguf_skipped"], row
     assert {p.name for p in (demo_run / "variants").iterdir()} == before, "no ggml variant was made for it"

@@ -128,14 +128,18 @@ def gguf_skip_reason(config: DemoConfig) -> str | None:
     return None
 
 
+_MIXED_EXPERTS = ("llama.cpp holds one ggml type per expert tensor (all experts of a layer's projection) and the "
+                  "recipe gives its experts different widths; search at --granularity fine for a GGUF")
+
+
 def _gguf_stage(config: DemoConfig, checkpoint: Checkpoint, recipe: Recipe, budget: float) -> dict[str, Any]:
     """The recipe's widths as ggml types, written as a GGUF and scored by llama.cpp on the held-out windows."""
     ggml = as_ggml_recipe(recipe)
     try:  # one ggml type per tensor: a recipe whose experts of one projection differ cannot be a GGUF
         gguf_types(ggml, checkpoint.model_map(ggml.granularity))
     except MixprecError as exc:
-        log.warning("GGUF stage skipped: %s", exc)
-        return {"gguf_skipped": str(exc)}
+        log.info("GGUF stage skipped at %g bpw: %s", budget, exc)
+        return {"gguf_skipped": _MIXED_EXPERTS}
     widths = sorted({b for b in ggml.groups.values() if b is not None})
     ensure_variants(checkpoint, checkpoint.model_map("layer"), [ggml.quant_config(b) for b in widths], config.work)
     out = config.work / "gguf" / f"{checkpoint.path.name}{config.tag}-{budget:g}bpw.gguf"
