@@ -90,7 +90,7 @@ def _fine_proxies(group: Group, checkpoint: Checkpoint, variants: Mapping[int, V
         if ref.key not in source:
             source = {ref.key: read_source(checkpoint, ref.key)}  # one source tensor held at a time
         original = ref.slice_disk(source[ref.key])
-        weights = importance[ref.param.rpartition(".")[0]].weights_for(ref.param, int(ref.expert or 0))
+        weights = importance[ref.param.rpartition(".")[0]].weights_for(ref.param, int(ref.expert))  # type: ignore[arg-type]
         row = proxies.setdefault(owner[ref.unit], {})
         for bits, variant in variants.items():
             row[bits] = row.get(bits, 0.0) + _proxy(variant.dequantized(ref) - original, weights)
@@ -116,6 +116,7 @@ def expert_shares(fine_map: ModelMap, expert_map: ModelMap, checkpoint: Checkpoi
 
 
 def _row(template: pd.Series, group: Group, bits: int, kl: float, se: float, storage: int, base: int) -> MeasurementRow:
+    """A split row: the statistics only a measurement has (median, top-1 agreement, ...) are NaN, not made up."""
     nan = float("nan")
     return MeasurementRow(
         group=group.name, kind=group.kind.value, layer=group.layer, params=group.num_params, mode="split",
@@ -127,6 +128,7 @@ def _row(template: pd.Series, group: Group, bits: int, kl: float, se: float, sto
 
 
 def _fine_cell(fine: Measurement, group: str, bits: int) -> pd.Series:
+    """The fine table's row of `group` at `bits` (a table measured at other widths is named, not indexed past)."""
     table = fine.table
     found = table[(table["group"] == group) & (table["bits"] == bits)]
     if found.empty:
