@@ -61,6 +61,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--bits", type=int, nargs="+", default=[2, 3, 4, 5, 6, 8], help="measured widths")
     p.add_argument("--independent", action="store_true", help="one unlinked stage per budget (the old behaviour)")
     p.add_argument("--no-correct", action="store_true", help="no interaction correction of the estimate")
+    p.add_argument("--select", default="same", choices=["same", "between"],
+                   help="windows recipes are compared on: the measurement's, or the ones halfway between them")
     p.add_argument("--screen", type=float, default=0.0, metavar="F",
                    help="screen proposals on this fraction of the calibration windows (SearchConfig.screen; 0: off)")
     p.add_argument("--windows", type=int, default=32, help="calibration windows of the measurement (default 32)")
@@ -83,7 +85,7 @@ def _config(args: argparse.Namespace, budget: float, size: int) -> StageConfig:
     if families:
         suffix = "-o" + "-".join(f"{f.method}{f.group_size}" for f in families)
     mode = "ind" if args.independent else "sweep"
-    split = "-split" if args.mode == "split" else ""
+    split = ("-split" if args.mode == "split" else "") + ("-between" if args.select == "between" else "")
     measure = MeasureConfig(work=work, model=args.model, mode=args.mode, granularity=args.granularity,
                             bits=tuple(args.bits),
                             quant=families[0] if families else QuantSettings(method=args.method, group_size=size),
@@ -95,7 +97,8 @@ def _config(args: argparse.Namespace, budget: float, size: int) -> StageConfig:
                                      f"{'-nocorr' if args.no_correct else ''}{screen}-s{args.seed}")
     return StageConfig(work=work, budget=Budget(bpw=budget), model=args.model, granularity=args.granularity,
                        measure=measure, eval_windows=args.eval_windows, eval_seq_len=args.seq_len,
-                       eval_files=tuple(args.eval_data or ()), search=search, gain_curve=True, options=families)
+                       eval_files=tuple(args.eval_data or ()), search=search, gain_curve=True, options=families,
+                       select=args.select)
 
 
 def _families(args: argparse.Namespace, size: int) -> tuple[QuantSettings, ...]:

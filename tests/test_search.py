@@ -41,7 +41,7 @@ from mixprec.search.inputs import (
     uniform_grid,
 )
 from mixprec.search.moves import blocks, fill, mutate, repair, total_cost
-from mixprec.search.pipeline import SMALLER_BUDGET, _calibration_windows, run_stage
+from mixprec.search.pipeline import SMALLER_BUDGET, EngineCache, _calibration_windows, run_stage
 from mixprec.search.solve import Problem, Solution, greedy, hq_at_budget, pareto_front, uniform
 from mixprec.search.study import SearchConfig, run_search
 from mixprec.search.sweep import neighbour_seeds, run_budgets
@@ -491,3 +491,42 @@ def test_cli_search_over_several_budgets_writes_one_recipe_each(
     code, _, err = mixprec("search", str(model), "--budget", "3", "3.2", "--group-size", "64", "32", "--seq-len", "32",
                            capsys=capsys)
     assert code == 2 and "one group size" in err, err
+
+
+@pytest.mark.slow
+def test_select_between_compares_recipes_on_windows_the_table_never_saw(
+        tiny_model_dirs: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """`--select between`: the study and the shipping choice score recipes on the windows halfway between the
+    measurement's; the recipe records them, and its calibration KL is the KL on exactly those windows."""
+    from mixprec.model.data import BETWEEN_SUFFIX, load_windows
+
+    model = _tiny_model(tiny_model_dirs, tmp_path, monkeypatch)
+    out = tmp_path / "r.yaml"
+    code, _, err = mixprec("search", str(model), "--work", str(tmp_path / "work"), "--bits", "2", "3", "4",
+                           "--windows", "4", "--seq-len", "32", "--eval-windows", "4", "--studies-dir",
+                           str(tmp_path / "studies"), "--budget", "3", "--trials", "4", "--select", "between",
+                           "--out", str(out), capsys=capsys)
+    assert code == 0, err
+    recipe = Recipe.load(out)
+    calibration = recipe.provenance["calibration"]
+    assert calibration["source"].endswith(BETWEEN_SUFFIX) and calibration["num_windows"] == 3
+    measured = json.loads((tmp_path / "work" / "measure" / "drop-fine" / "summary.json").read_text())["data"]
+    assert calibration["sha256"] != measured["sha256"]
+    between = load_windows(model, "calibration", WindowConfig(32, 4), between=True)
+    assert calibration["sha256"] == between.spec.sha256
+    assert [p.name for p in (tmp_path / "studies").glob("*.db")] == ["tiny-fine-3.0bpw-s0-between.db"]
+    checkpoint = Checkpoint.open(model)
+    config = StageConfig(work=tmp_path / "work", budget=Budget(bpw=3.0), model=str(model), granularity="fine",
+                         measure=MeasureConfig(work=tmp_path / "work", model=str(model), bits=(2, 3, 4),
+                                               granularity="fine", num_windows=4, seq_len=32))
+    inputs = prepare(config)
+    engine = EngineCache().get(inputs, between, "cpu")
+    kl = engine.evaluate(recipe.widths()).kl.double().mean()
+    assert float(kl) == pytest.approx(recipe.kl["calibration"], rel=1e-6)
+    assert checkpoint.fingerprint == recipe.model.fingerprint
+
+
+def test_select_mode_is_checked() -> None:
+    with pytest.raises(MixprecError, match="select='other' is unknown"):
+        StageConfig(work=Path("w"), budget=Budget(bpw=3.0), select="other")

@@ -46,7 +46,7 @@ from mixprec.quant import SUPPORTED_GROUP_SIZES, QuantSettings, quantizer_class,
 from mixprec.quant.ggml import GGMLQuantizer
 from mixprec.quant.options import option_width, parse_families
 from mixprec.search.costs import Constraints, parse_settings
-from mixprec.search.inputs import Inputs, StageConfig, check, measure_missing, prepare
+from mixprec.search.inputs import SELECT_MODES, Inputs, StageConfig, check, measure_missing, prepare
 from mixprec.search.pipeline import StageResult, run_stage, run_stages
 from mixprec.search.study import SAMPLERS, SearchConfig, quiet_optuna
 from mixprec.search.sweep import run_budgets
@@ -123,6 +123,10 @@ def _add_advanced(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--studies-dir", type=Path, default=Path("studies"), help="default storage and artifacts")
     group.add_argument("--sampler", choices=SAMPLERS, default="local", help="proposal strategy (default local)")
     group.add_argument("--multi-objective", action="store_true", help="minimise KL and bpw (budget is a cap)")
+    group.add_argument("--select", choices=list(SELECT_MODES), default="same",
+                       help="windows the study and the shipping choice compare recipes on: the measurement's "
+                            "(same, default) or the ones halfway between them (between), which the table never "
+                            "saw, so recipes fitted to its noise do not win by it")
     group.add_argument("--screen", type=float, default=0.0, metavar="F",
                        help="score each proposal of the study on this fraction of the calibration windows first "
                             "(whole chunks of 8) and stop it there when the best trial beats it by more than "
@@ -192,6 +196,8 @@ def config_from_args(args: argparse.Namespace, group_size: int | None = None,
     work = default_work_dir(args.model, args.work)
     name = resolve_model_path(args.model).name
     study = args.study or f"{name}-{args.granularity}-{_label(budget)}-s{args.seed}"
+    if not args.study and args.select != "same":
+        study = f"{study}-{args.select}"  # trials measured on other windows are another study
     if not args.study and args.mode != "drop":
         study = f"{study}-{args.mode}"  # another table (raise, split) is another study
     if not args.study and 0 < args.screen < 1:
@@ -222,7 +228,7 @@ def config_from_args(args: argparse.Namespace, group_size: int | None = None,
                        constraints=constraints, search=search, eval_windows=args.eval_windows,
                        eval_seq_len=args.seq_len, eval_files=tuple(args.eval_data or ()), device=args.device,
                        uniform_group_sizes=tuple(dict.fromkeys(args.uniform_group_sizes)), gain_curve=args.gain,
-                       options=families)
+                       options=families, select=args.select)
 
 
 def configs_from_args(args: argparse.Namespace) -> list[StageConfig]:

@@ -23,8 +23,11 @@ from safetensors import safe_open
 
 from mixprec.core.errors import MixprecError
 
-__all__ = ["WindowConfig", "DataSpec", "TokenWindows", "load_windows", "windows_from_tokens",
-           "require_disjoint", "BUNDLED_SPLITS", "max_positions", "check_seq_len"]
+__all__ = ["WindowConfig", "DataSpec", "TokenWindows", "load_windows", "windows_from_tokens", "windows_between",
+           "require_disjoint", "BUNDLED_SPLITS", "max_positions", "check_seq_len", "BETWEEN_SUFFIX"]
+
+#: Marks the source of the windows halfway between another set's (`windows_between`).
+BETWEEN_SUFFIX = "#between"
 
 BUNDLED_SPLITS = ("calibration", "evaluation")
 
@@ -115,6 +118,22 @@ def windows_from_tokens(stream: torch.Tensor, config: WindowConfig, source: str,
     return TokenWindows(tokens, spec)
 
 
+def windows_between(stream: torch.Tensor, config: WindowConfig, source: str, split: str) -> TokenWindows:
+    """The `num_windows - 1` windows halfway between the `num_windows` that `windows_from_tokens` cuts: the
+    same text, never the same tokens, so recipes chosen on the first set can be compared on these without
+    the first set's noise (which the sensitivity table, and every recipe fitted to it, has learned)."""
+    available = stream.numel() // config.seq_len
+    if config.num_windows < 2 or available < 2 * config.num_windows:
+        raise MixprecError(f"{source}: {available} windows of {config.seq_len} tokens are too few to put "
+                           f"{config.num_windows - 1} windows between {config.num_windows} others; give at least "
+                           f"{2 * config.num_windows} windows' worth of text or measure on fewer windows")
+    step = (available - 1) / (config.num_windows - 1)
+    starts = [round(step * (i + 0.5)) * config.seq_len for i in range(config.num_windows - 1)]
+    tokens = torch.stack([stream[s : s + config.seq_len] for s in starts]).to(torch.int64)
+    spec = DataSpec(source + BETWEEN_SUFFIX, split, config.seq_len, len(starts), tokens.numel(), _hash_tokens(tokens))
+    return TokenWindows(tokens, spec)
+
+
 def _bundled_stream(model_dir: Path, split: str) -> torch.Tensor:
     path = model_dir / f"{split}.safetensors"
     if not path.exists():
@@ -144,17 +163,19 @@ def _text_stream(paths: list[Path], model_dir: Path) -> torch.Tensor:
 
 
 def load_windows(model_dir: str | Path, split: str = "calibration", config: WindowConfig | None = None,
-                 text_files: list[Path] | None = None) -> TokenWindows:
-    """Windows from the model folder's shipped split, or from text files tokenized with its tokenizer."""
+                 text_files: list[Path] | None = None, between: bool = False) -> TokenWindows:
+    """Windows from the model folder's shipped split, or from text files tokenized with its tokenizer
+    (`between`: the windows halfway between those, `windows_between`)."""
     config = config or WindowConfig()
     model_dir = Path(model_dir)
     check_seq_len(model_dir, config.seq_len)
+    cut = windows_between if between else windows_from_tokens
     if text_files:
         source = ",".join(str(p) for p in text_files)
-        return windows_from_tokens(_text_stream(text_files, model_dir), config, source, split)
+        return cut(_text_stream(text_files, model_dir), config, source, split)
     if split not in BUNDLED_SPLITS:
         raise MixprecError(f"split {split!r} is unknown; use one of {BUNDLED_SPLITS} or pass text files")
-    return windows_from_tokens(_bundled_stream(model_dir, split), config, f"{model_dir.name}:{split}", split)
+    return cut(_bundled_stream(model_dir, split), config, f"{model_dir.name}:{split}", split)
 
 
 def require_disjoint(tuned_on: DataSpec, judged_on: DataSpec) -> None:

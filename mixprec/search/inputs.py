@@ -39,9 +39,13 @@ from mixprec.search.solve import (
 from mixprec.search.study import SearchConfig
 
 __all__ = ["StageConfig", "Inputs", "restrict", "UniformQuant", "check", "measure_missing", "prepare", "baselines",
-           "uniform_grid", "nearest_uniform", "seeds"]
+           "uniform_grid", "nearest_uniform", "seeds", "SELECT_MODES"]
 
 log = logging.getLogger(__name__)
+
+
+#: Which windows recipes are compared on (`StageConfig.select`).
+SELECT_MODES = ("same", "between")
 
 
 @dataclass(frozen=True)
@@ -63,10 +67,15 @@ class StageConfig:
     gain_curve: bool = False
     #: Option families (`--options`): each group picks width, method and group size among them jointly.
     options: tuple[QuantSettings, ...] = ()
+    #: Windows the study and the shipping choice compare recipes on: the measurement's own (`same`), or the
+    #: windows halfway between them (`between`), which the sensitivity table never saw.
+    select: str = "same"
 
     def __post_init__(self) -> None:
         Granularity(self.granularity)
         WindowConfig(self.eval_seq_len, self.eval_windows)
+        if self.select not in SELECT_MODES:
+            raise MixprecError(f"select={self.select!r} is unknown; use one of {SELECT_MODES}")
         for size in self.uniform_group_sizes:
             QuantSettings(group_size=size)  # validates the value
         if len(set(self.options)) != len(self.options):

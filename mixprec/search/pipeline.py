@@ -89,17 +89,28 @@ class StageResult:
     cost: dict[str, float] = field(default_factory=dict)
 
 
-def _calibration_windows(inputs: Inputs) -> TokenWindows:
+def _calibration_windows(inputs: Inputs, between: bool = False) -> TokenWindows:
+    """The measurement's windows, rebuilt and checked against its token hash (`between`: then the windows
+    halfway between them, from the same text)."""
     data = inputs.measurement.summary.data
     # Note: a shipped split is named "<model folder>:<split>"; the folder may have been moved or renamed since,
     # so the split is read from the model folder as it is now, and the token hash below proves it is the same.
     shipped = data.split in BUNDLED_SPLITS and data.source.endswith(f":{data.split}")
     files = None if shipped else [Path(p) for p in data.source.split(",")]
-    windows = load_windows(inputs.checkpoint.path, data.split, WindowConfig(data.seq_len, data.num_windows), files)
+    config = WindowConfig(data.seq_len, data.num_windows)
+    windows = load_windows(inputs.checkpoint.path, data.split, config, files)
     if windows.spec.sha256 != data.sha256:
         raise FingerprintMismatchError(f"the calibration tokens of {inputs.measurement.folder} cannot be rebuilt "
                                        f"from {data.source} (sha256 differs); re-run `mixprec measure`")
-    return windows
+    return load_windows(inputs.checkpoint.path, data.split, config, files, between=True) if between else windows
+
+
+def _selection_windows(inputs: Inputs, config: StageConfig) -> TokenWindows:
+    """The windows recipes are compared on: the measurement's (`select="same"`), or the ones halfway between
+    them (`"between"`). Every estimate and every DP point is fitted to the measurement windows' noise, so on
+    those windows the fitted recipes look better than they are; on the windows between, a greedy or uniform
+    recipe that is really as good is not beaten by noise."""
+    return _calibration_windows(inputs, between=config.select == "between")
 
 
 def _compare(engine_for: Callable[[str], KLEngine], solutions: dict[str, Solution],
@@ -286,7 +297,7 @@ def _study(config: StageConfig, inputs: Inputs, engines: EngineCache,
     with `extra_seeds`, e.g. the recipes of neighbouring budgets, moved to this budget)."""
     compared = {k: v for k, v in baselines(inputs).items() if k != "dp"}
     quant, uniforms = _uniform_candidates(inputs, config, engines, compared)
-    calibration = _calibration_windows(inputs)
+    calibration = _selection_windows(inputs, config)
     engine = engines.get(inputs, calibration, config.device)
     provenance = _provenance(inputs, config, calibration)
 
@@ -298,6 +309,8 @@ def _study(config: StageConfig, inputs: Inputs, engines: EngineCache,
     starts = starts[:1] + list(extra_seeds) + starts[1:]  # the DP point stays first: the paired reference
     context = {"model": inputs.checkpoint.fingerprint, "measurement": provenance["measurement"]["table_sha256"],
                "budget": asdict(config.budget), "constraints": provenance["constraints"]}
+    if config.select != "same":  # a study's trials are KL on its windows: other windows are another study
+        context["selection"] = calibration.spec.sha256
     before = engine.token_layers
     result = run_search(inputs.problem, inputs.limit_bits, lambda a, chunks=None: engine.evaluate(a, chunks).kl,
                         engine.num_sequences, starts, config.search, recipe_for, context,
