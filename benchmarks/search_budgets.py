@@ -61,7 +61,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--bits", type=int, nargs="+", default=[2, 3, 4, 5, 6, 8], help="measured widths")
     p.add_argument("--independent", action="store_true", help="one unlinked stage per budget (the old behaviour)")
     p.add_argument("--no-correct", action="store_true", help="no interaction correction of the estimate")
-    p.add_argument("--select", default="same", choices=["same", "between"],
+    p.add_argument("--select", default="same", choices=["same", "between"],  # same: as the rows measured before it
                    help="windows recipes are compared on: the measurement's, or the ones halfway between them")
     p.add_argument("--screen", type=float, default=0.0, metavar="F",
                    help="screen proposals on this fraction of the calibration windows (SearchConfig.screen; 0: off)")

@@ -530,3 +530,21 @@ def test_select_between_compares_recipes_on_windows_the_table_never_saw(
 def test_select_mode_is_checked() -> None:
     with pytest.raises(MixprecError, match="select='other' is unknown"):
         StageConfig(work=Path("w"), budget=Budget(bpw=3.0), select="other")
+
+
+@pytest.mark.slow
+def test_select_auto_falls_back_to_the_measurement_windows_on_short_text(
+        tiny_model_dirs: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """3,000 calibration tokens hold 93 windows of 32: 50 measured leave no room for 49 between them, so the
+    default (`auto`) compares recipes on the measurement's windows and `--select between` refuses in one line."""
+    model = _tiny_model(tiny_model_dirs, tmp_path, monkeypatch)
+    common = [str(model), "--work", str(tmp_path / "work"), "--bits", "2", "4", "--windows", "50", "--seq-len", "32",
+              "--eval-windows", "4", "--studies-dir", str(tmp_path / "studies"), "--budget", "3", "--trials", "2"]
+    out = tmp_path / "r.yaml"
+    code, _, err = mixprec("search", *common, "--out", str(out), capsys=capsys)
+    assert code == 0, err
+    measured = json.loads((tmp_path / "work" / "measure" / "drop-fine" / "summary.json").read_text())["data"]
+    assert Recipe.load(out).provenance["calibration"]["sha256"] == measured["sha256"]
+    code, _, err = mixprec("search", *common, "--select", "between", "--out", str(tmp_path / "b.yaml"), capsys=capsys)
+    assert code == 2 and "too few" in err and len(err.strip().splitlines()) == 1, err

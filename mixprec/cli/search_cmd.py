@@ -123,10 +123,11 @@ def _add_advanced(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--studies-dir", type=Path, default=Path("studies"), help="default storage and artifacts")
     group.add_argument("--sampler", choices=SAMPLERS, default="local", help="proposal strategy (default local)")
     group.add_argument("--multi-objective", action="store_true", help="minimise KL and bpw (budget is a cap)")
-    group.add_argument("--select", choices=list(SELECT_MODES), default="same",
+    group.add_argument("--select", choices=list(SELECT_MODES), default="auto",
                        help="windows the study and the shipping choice compare recipes on: the measurement's "
-                            "(same, default) or the ones halfway between them (between), which the table never "
-                            "saw, so recipes fitted to its noise do not win by it")
+                            "(same) or the ones halfway between them (between), which the table never saw, so "
+                            "recipes fitted to its noise do not win by it; auto (default): between when the text "
+                            "holds twice the measurement's windows")
     group.add_argument("--screen", type=float, default=0.0, metavar="F",
                        help="score each proposal of the study on this fraction of the calibration windows first "
                             "(whole chunks of 8) and stop it there when the best trial beats it by more than "
@@ -196,7 +197,7 @@ def config_from_args(args: argparse.Namespace, group_size: int | None = None,
     work = default_work_dir(args.model, args.work)
     name = resolve_model_path(args.model).name
     study = args.study or f"{name}-{args.granularity}-{_label(budget)}-s{args.seed}"
-    if not args.study and args.select != "same":
+    if not args.study and args.select != "auto":
         study = f"{study}-{args.select}"  # trials measured on other windows are another study
     if not args.study and args.mode != "drop":
         study = f"{study}-{args.mode}"  # another table (raise, split) is another study

@@ -45,7 +45,7 @@ log = logging.getLogger(__name__)
 
 
 #: Which windows recipes are compared on (`StageConfig.select`).
-SELECT_MODES = ("same", "between")
+SELECT_MODES = ("auto", "same", "between")
 
 
 @dataclass(frozen=True)
@@ -67,9 +67,10 @@ class StageConfig:
     gain_curve: bool = False
     #: Option families (`--options`): each group picks width, method and group size among them jointly.
     options: tuple[QuantSettings, ...] = ()
-    #: Windows the study and the shipping choice compare recipes on: the measurement's own (`same`), or the
-    #: windows halfway between them (`between`), which the sensitivity table never saw.
-    select: str = "same"
+    #: Windows the study and the shipping choice compare recipes on: the measurement's own (`same`), the
+    #: windows halfway between them (`between`), which the sensitivity table never saw, or `auto`: between
+    #: when the text holds twice the measurement's windows, else the measurement's.
+    select: str = "auto"
 
     def __post_init__(self) -> None:
         Granularity(self.granularity)
