@@ -337,8 +337,9 @@ def _open_study(problem: Problem, limit_bits: int, config: SearchConfig, context
             study.set_metric_names(["kl", "bpw"] if config.multi_objective else ["kl"])
     elif recorded["fingerprint"] != fingerprint:
         raise FingerprintMismatchError(
-            f"study {config.study_name!r} in {config.storage_url} was run for another model, measurement, budget or "
-            "constraints; give a new --study name (or --storage) to start a fresh study")
+            f"study {config.study_name!r} in {config.storage_url} was run for another model, measurement, budget, "
+            "constraints or comparison windows (studies made before `--select auto` compared on the measurement's "
+            "own); give a new --study name (or --storage, or a fresh --work for the demo) to start afresh")
     return study
 
 
