@@ -541,10 +541,11 @@ def test_select_auto_falls_back_to_the_measurement_windows_on_short_text(
     model = _tiny_model(tiny_model_dirs, tmp_path, monkeypatch)
     common = [str(model), "--work", str(tmp_path / "work"), "--bits", "2", "4", "--windows", "50", "--seq-len", "32",
               "--eval-windows", "4", "--studies-dir", str(tmp_path / "studies"), "--budget", "3", "--trials", "2"]
+    code, _, err = mixprec("search", *common, "--select", "between", "--out", str(tmp_path / "b.yaml"), capsys=capsys)
+    assert code == 2 and "too few" in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "work" / "measure").exists(), "refused before measuring"
     out = tmp_path / "r.yaml"
     code, _, err = mixprec("search", *common, "--out", str(out), capsys=capsys)
     assert code == 0, err
     measured = json.loads((tmp_path / "work" / "measure" / "drop-fine" / "summary.json").read_text())["data"]
     assert Recipe.load(out).provenance["calibration"]["sha256"] == measured["sha256"]
-    code, _, err = mixprec("search", *common, "--select", "between", "--out", str(tmp_path / "b.yaml"), capsys=capsys)
-    assert code == 2 and "too few" in err and len(err.strip().splitlines()) == 1, err

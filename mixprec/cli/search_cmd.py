@@ -19,6 +19,8 @@ Advanced:
     --multi-objective                   search KL vs bpw under the budget as a cap (Pareto front)
     --sampler local|tpe|random          proposal strategy (default local: budget-preserving moves)
     --screen 0.25 [--screen-z 2]        screen proposals on a quarter of the windows; prune those clearly worse
+    --select same                       compare recipes on the measurement's own windows (default auto: between them)
+    --granularity expert --mode split   a width per routed expert, rows split from the fine table
     --export-exl3 FILE --exl3-source 4=/quants/4.0bpw ...   exllamav3 override YAML
     --export-llama-quantize FILE        llama-quantize --tensor-type-file (recipes of --method gguf*)
     --streaming on --max-memory 24GB    one layer's weights resident at a time, caches within 24 GB

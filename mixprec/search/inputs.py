@@ -18,7 +18,7 @@ from mixprec.measure.config import MeasureConfig
 from mixprec.measure.run import run_measure
 from mixprec.measure.table import Measurement, is_finished, load_measurement
 from mixprec.model.arch import GroupKind
-from mixprec.model.data import WindowConfig
+from mixprec.model.data import WindowConfig, load_windows
 from mixprec.model.loading import Checkpoint
 from mixprec.model.modelmap import DEFAULT_GRANULARITY, Granularity, ModelMap
 from mixprec.quant import SUPPORTED_GROUP_SIZES, QuantConfig, QuantSettings, quantizer_class, storage_bits
@@ -199,6 +199,9 @@ def check(config: StageConfig) -> tuple[Checkpoint, ModelMap]:
     planned: dict[Option, QuantConfig] = ({option_label(c): c for c in option_configs(config.options, measure.bits)}
                                           if config.options else {b: measure.quant_config(b) for b in measure.bits})
     _check_budget(CostTable.from_configs(model_map, planned, [GroupKind(k) for k in measure.kinds]), config)
+    if config.select == "between":  # the text must hold windows between the measurement's: say so now
+        load_windows(checkpoint.path, measure.split, WindowConfig(measure.seq_len, measure.num_windows),
+                     list(measure.data_files) or None, between=True)
     return checkpoint, model_map
 
 
