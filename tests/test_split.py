@@ -206,3 +206,27 @@ def test_expert_fine_groups_and_split(split_table, tmp_path: Path) -> None:
         for bits in (2, 4, 8):
             assert part[part["bits"] == bits]["kl_mean"].sum() == pytest.approx(
                 float(whole[whole["bits"] == bits]["kl_mean"].iloc[0]), rel=1e-9)
+
+
+def test_importance_is_computed_once_and_read_back_exactly(split_table, tmp_path: Path) -> None:
+    """Every family's split table shares one forward pass: the importance file is reused, read back bitwise."""
+    from mixprec.model.data import WindowConfig, load_windows
+    from mixprec.quant.importance import load_importance
+
+    config, _, _ = split_table
+    saved, = (config.work / "measure").glob("importance-*.safetensors")
+    checkpoint = Checkpoint.open(config.model)
+    windows = load_windows(checkpoint.path, "calibration", WindowConfig(config.seq_len, config.num_windows))
+    fresh = list(collect_expert_importance(load_model(checkpoint), checkpoint.model_map("fine"), windows.tokens,
+                                           config.engine.batch_windows))
+    loaded = load_importance(saved)
+    assert [(i.layer, i.module, i.tokens) for i in loaded] == [(i.layer, i.module, i.tokens) for i in fresh]
+    assert all(torch.equal(a.gate_up, b.gate_up) and torch.equal(a.down, b.down)
+               for a, b in zip(loaded, fresh, strict=True))
+    stamp = saved.stat().st_mtime_ns
+    run_measure(replace(config, quant=replace(config.quant, group_size=32)))  # another family's split table
+    assert saved.stat().st_mtime_ns == stamp, "the second family reused the importance"
+    broken = tmp_path / "importance.safetensors"
+    broken.write_bytes(b"not safetensors")
+    with pytest.raises(MixprecError, match="delete it and re-run"):
+        load_importance(broken)

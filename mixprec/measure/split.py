@@ -18,6 +18,7 @@ every composed recipe the study tries is still measured for real.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import time
@@ -29,6 +30,7 @@ import pandas as pd
 import torch
 
 from mixprec.core.errors import MixprecError
+from mixprec.core.fileio import sha256_text
 from mixprec.core.version import __version__
 from mixprec.measure.config import MeasureConfig
 from mixprec.measure.inputs import measure_variants
@@ -48,7 +50,7 @@ from mixprec.model.data import WindowConfig, load_windows
 from mixprec.model.loading import Checkpoint
 from mixprec.model.modelmap import Group, ModelMap
 from mixprec.model.streaming import open_model
-from mixprec.quant.importance import ExpertImportance, collect_expert_importance
+from mixprec.quant.importance import ExpertImportance, collect_expert_importance, load_importance, save_importance
 from mixprec.quant.variants import Variant, read_source
 
 __all__ = ["fine_config", "check_split", "expert_shares", "split_rows", "run_split"]
@@ -166,11 +168,18 @@ def split_rows(fine: Measurement, expert_map: ModelMap, checkpoint: Checkpoint, 
 
 
 def _importance(config: MeasureConfig, checkpoint: Checkpoint, fine_map: ModelMap) -> list[ExpertImportance]:
-    """Router-weighted input second moments on the measurement's own calibration windows."""
+    """Router-weighted input second moments on the measurement's own calibration windows, computed once per
+    model and windows (`WORK/measure/importance-<key>.safetensors`) and shared by every family's split."""
     windows = load_windows(checkpoint.path, config.split, WindowConfig(config.seq_len, config.num_windows),
                            list(config.data_files) or None)
+    key = sha256_text(json.dumps([checkpoint.fingerprint, windows.spec.sha256, config.engine.batch_windows]))
+    path = Path(config.work) / "measure" / f"importance-{key[:16]}.safetensors"
+    if path.exists():
+        return load_importance(path)
     model = open_model(checkpoint, config.streaming, torch.device("cpu"), config.max_memory)
-    return list(collect_expert_importance(model, fine_map, windows.tokens, config.engine.batch_windows))
+    found = list(collect_expert_importance(model, fine_map, windows.tokens, config.engine.batch_windows))
+    save_importance(found, path)
+    return found
 
 
 def run_split(config: MeasureConfig) -> Path:

@@ -20,20 +20,25 @@ at a time for a `StreamedModel`.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import json
+from collections.abc import Iterator, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 from mixprec.core.errors import MixprecError
+from mixprec.core.fileio import atomic_path
 from mixprec.model.arch import GroupKind
 from mixprec.model.modelmap import ModelMap
 from mixprec.model.streaming import StreamedModel
 from mixprec.quant.hessians import capture_layer_inputs, decoder_of, expert_intermediate, hook_input
 
-__all__ = ["ExpertImportance", "collect_expert_importance"]
+__all__ = ["ExpertImportance", "collect_expert_importance", "save_importance", "load_importance"]
 
 
 @dataclass
@@ -110,3 +115,29 @@ def collect_expert_importance(model: torch.nn.Module | StreamedModel, model_map:
             states = [(out[0] if isinstance(out, tuple) else out, kwargs)
                       for out, (_, kwargs) in zip(outputs, states, strict=True)]
             yield from (o.result for o in observers)
+
+
+def save_importance(found: Sequence[ExpertImportance], path: Path) -> None:
+    """Write the importance of every experts module to one safetensors file (atomically): it depends only on
+    the fp32 model and the windows, so the split tables of every option family can share one forward pass."""
+    tensors: dict[str, torch.Tensor] = {}
+    layers = {}
+    for imp in found:
+        tensors[f"{imp.module}.gate_up"], tensors[f"{imp.module}.down"] = imp.gate_up, imp.down
+        tensors[f"{imp.module}.tokens"] = torch.tensor(imp.tokens, dtype=torch.int64)
+        layers[imp.module] = imp.layer
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata={"layers": json.dumps(layers)})
+
+
+def load_importance(path: Path) -> list[ExpertImportance]:
+    """Read what `save_importance` wrote; a damaged file is an error naming it and the fix."""
+    try:
+        with safe_open(str(path), "pt") as handle:
+            layers = json.loads(handle.metadata()["layers"])
+            return [ExpertImportance(int(layer), module, handle.get_tensor(f"{module}.gate_up"),
+                                     handle.get_tensor(f"{module}.down"),
+                                     [int(t) for t in handle.get_tensor(f"{module}.tokens")])
+                    for module, layer in layers.items()]
+    except Exception as exc:
+        raise MixprecError(f"{path} cannot be read ({exc}); delete it and re-run (it is rebuilt)") from exc
