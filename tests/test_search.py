@@ -150,6 +150,30 @@ def test_interrupted_study_resumes_as_if_uninterrupted(setup: Setup, tmp_path: P
                    setup.engine.num_sequences, setup.seeds[-1:], config)
 
 
+def test_compact_trials_hold_no_parameters_and_resume_like_full_ones(setup: Setup, tmp_path: Path) -> None:
+    """Past `compact_above` groups a trial keeps its recipe as one attribute: no Optuna parameter per group,
+    every seed still evaluated, the budget kept, the same proposals as with parameters, and a resumed study
+    equal to an uninterrupted one."""
+    whole, config = search(setup, tmp_path / "whole", trials=12, compact_above=0, seed=5)
+    study = optuna.load_study(study_name="s", storage=config.storage_url)
+    complete = study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))
+    assert len(complete) == 12 and all(not t.params for t in complete), "compact trials suggest no parameters"
+    evaluated = [t.user_attrs["assignment"] for t in complete]
+    assert all(seed.assignment in evaluated for seed in setup.seeds), "every seed is evaluated"
+    assert all(t.user_attrs["metrics"]["storage_bits"] <= setup.limit for t in complete)
+    assert len({tuple(t.user_attrs["levels"]) for t in complete}) == 12, "the sampler proposes unseen recipes"
+    assert sum("seed" not in t.user_attrs for t in complete) >= 3, "the sampler's own proposals are run"
+    full, _ = search(setup, tmp_path / "full", trials=12, seed=5)
+    assert sequence(whole) == sequence(full), "the same proposals as a study with one parameter per group"
+    journal = str(tmp_path / "parts" / "study.log")
+    search(setup, tmp_path / "parts", trials=7, storage=journal, compact_above=0, seed=5)
+    resumed, _ = search(setup, tmp_path / "parts", trials=12, storage=journal, compact_above=0, seed=5)
+    assert sequence(resumed) == sequence(whole)
+    assert resumed.best.assignment == whole.best.assignment  # type: ignore[attr-defined]
+    with pytest.raises(FingerprintMismatchError):  # a compact study is not resumed as a full one
+        search(setup, tmp_path / "parts", trials=13, storage=journal, seed=5)
+
+
 def test_killed_trials_are_recovered(setup: Setup, tmp_path: Path) -> None:
     calls = 0
 

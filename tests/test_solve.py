@@ -27,12 +27,16 @@ from mixprec.search.costs import (
     parse_settings,
 )
 from mixprec.search.solve import (
+    HullFront,
+    ParetoFront,
     Problem,
     compressed,
     compressed_solutions,
+    exact_front,
     greedy,
     hq_at_budget,
     hq_rule,
+    hull_front,
     isotonic_decreasing,
     pareto_front,
     tied_solutions,
@@ -148,6 +152,57 @@ def test_greedy_reproduces_exllamav3_optimizer() -> None:
                            for costs, losses in zip(problem.costs, problem.losses, strict=True)]}
         expected = exllamav3_optimize(meas, limit - sum(c[0] for c in problem.costs))
         assert list(problem.indices(greedy(problem, limit).assignment)) == expected
+
+
+def test_greedy_reproduces_exllamav3_optimizer_on_many_groups() -> None:
+    """The heap's tie-breaking and its dropping of moves that stopped fitting match the full rescan."""
+    rng = random.Random(11)
+    for _ in range(4):
+        problem = random_problem(rng, 60, 6, costly=True)
+        lo, hi = sum(min(c) for c in problem.costs), sum(max(c) for c in problem.costs)
+        limit = rng.randint(lo, (lo + hi) // 2)
+        meas = {"groups": [{"candidates": [{"dkld": losses[j] - losses[0], "dbits": costs[j] - costs[0]}
+                                           for j in range(1, len(costs))]}
+                           for costs, losses in zip(problem.costs, problem.losses, strict=True)]}
+        expected = exllamav3_optimize(meas, limit - sum(c[0] for c in problem.costs))
+        assert list(problem.indices(greedy(problem, limit).assignment)) == expected
+
+
+def test_hull_points_are_exact_optima_at_their_cost() -> None:
+    """Every point of the hull front is a recipe the exact DP cannot beat at the same cost."""
+    rng = random.Random(21)
+    for _ in range(20):
+        problem = random_problem(rng, rng.randint(2, 12), 6, costly=True)
+        hull, exact = hull_front(problem), exact_front(problem)
+        assert all(a < b for a, b in zip(hull.costs, hull.costs[1:], strict=False))
+        for point in range(len(hull)):
+            solution = hull.solution(point)
+            assert solution.cost == hull.costs[point]
+            assert solution.loss == pytest.approx(float(hull.losses[point]), abs=1e-9)
+            assert solution.loss == pytest.approx(exact.best_under(solution.cost).loss, abs=1e-9)
+
+
+def test_hull_solution_fits_and_is_within_one_step_of_exact() -> None:
+    rng = random.Random(31)
+    for _ in range(40):
+        problem = random_problem(rng, rng.randint(3, 30), 6, costly=True)
+        lo, hi = sum(min(c) for c in problem.costs), sum(max(c) for c in problem.costs)
+        limit = rng.randint(lo, hi)
+        hull, exact = hull_front(problem).best_under(limit), exact_front(problem).best_under(limit)
+        assert hull.cost <= limit and hull.cost == problem.cost(hull.assignment)
+        step = max(max(v) - min(v) for v in problem.losses)
+        assert exact.loss - 1e-9 <= hull.loss <= exact.loss + step, (hull.loss, exact.loss, step)
+        assert all(s.cost <= limit for s in hull_front(problem).near(limit, 3))
+
+
+def test_large_problems_fall_back_to_the_hull() -> None:
+    problem = random_problem(random.Random(41), 40, 6, costly=True)
+    assert isinstance(pareto_front(problem), ParetoFront)
+    small_budget = pareto_front(problem, max_work=1_000)
+    assert isinstance(small_budget, HullFront)
+    limit = sum(min(c) for c in problem.costs) + 5_000
+    assert small_budget.best_under(limit).solver == "hull"
+    assert small_budget.best_under(limit).loss >= exact_front(problem).best_under(limit).loss - 1e-9
 
 
 def synthetic_model_problem() -> Problem:

@@ -57,11 +57,13 @@ class LocalMoveSampler(optuna.samplers.BaseSampler):
     The random stream is seeded by (seed, trial number) and parents come from the study, so no state
     lives in the sampler. Before any trial has
     completed it defers to a seeded `RandomSampler` (and the objective repairs the budget).
+    With `compact` (problems with very many groups) it proposes through `propose` only: the study's trials
+    then hold no per-group parameters, so Optuna sees an empty search space.
     """
 
     def __init__(self, problem: Problem, limit_bits: int, seed: int = 0, max_moves: int = 3, top: int = 3,
                  multi_objective: bool = False, candidates: int = 24, exploit: float = 0.7,
-                 correct: bool = True) -> None:
+                 correct: bool = True, compact: bool = False) -> None:
         self.problem = problem
         self.correct = correct
         self.candidates = candidates
@@ -71,8 +73,9 @@ class LocalMoveSampler(optuna.samplers.BaseSampler):
         self.max_moves = max_moves
         self.top = top
         self.multi_objective = multi_objective
-        self._space = {problem.names[i]: IntDistribution(0, len(o) - 1)
-                       for i, o in enumerate(problem.options) if len(o) > 1}
+        self._index = {name: i for i, name in enumerate(problem.names)}
+        self._space = {} if compact else {problem.names[i]: IntDistribution(0, len(o) - 1)
+                                          for i, o in enumerate(problem.options) if len(o) > 1}
         self._fallback = optuna.samplers.RandomSampler(seed)
         self._blocks = blocks(problem) if problem.layers and problem.kinds else []
         self._proxies = {1.0: problem, **{p: compressed(problem, p) for p in COMPRESSION_POWERS}}
@@ -82,19 +85,25 @@ class LocalMoveSampler(optuna.samplers.BaseSampler):
 
     def sample_relative(self, study: optuna.Study, trial: FrozenTrial,
                         search_space: dict[str, BaseDistribution]) -> dict[str, Any]:
+        child = self.propose(study, trial.number) if search_space else None
+        if child is None:
+            return {}  # a random proposal, repaired to the budget
+        return {name: child[self._index[name]] for name in search_space}
+
+    def propose(self, study: optuna.Study, number: int) -> list[int] | None:
+        """Levels of trial `number`'s recipe, or None before any trial completed or when every child of five
+        parents was evaluated already."""
         trials = study.get_trials(deepcopy=False)
         done = completed(trials)
-        if not done or not search_space:
-            return {}
-        rng = random.Random(f"{self.seed}:{trial.number}")
+        if not done:
+            return None
+        rng = random.Random(f"{self.seed}:{number}")
         seen = {tuple(t.user_attrs["levels"]) for t in trials if "levels" in t.user_attrs}  # pruned ones too
         for _ in range(5):  # another parent when every child of this one was evaluated already
             child = self._child(study, done, seen, rng)
             if child is not None:
-                break
-        else:
-            return {}  # everything nearby is evaluated: a random proposal, repaired to the budget
-        return {name: child[self.problem.names.index(name)] for name in search_space}
+                return child
+        return None
 
     def _child(self, study: optuna.Study, done: list[FrozenTrial], seen: set[tuple[int, ...]],
                rng: random.Random) -> list[int] | None:

@@ -8,9 +8,15 @@ recipes well in the medium-bit regime (HIGGS' linearity theorem, FIELD.md §2.3,
 * `pareto_front` solves it exactly for **every** budget at once: a DP over groups that keeps only
   (cost, loss) points no other point beats on both, with back-pointers to rebuild each recipe.
   Equal-size groups make many sums coincide, so the front stays small (hundreds to a few thousand
-  points for tens of groups).
+  points for tens of groups). Its work grows with groups x front size, i.e. quadratically: a width per
+  routed expert of a 256-expert, 58-layer model (15,000-30,000 groups) would take hours and tens of GiB
+  of back-pointers, so past `EXACT_WORK` it returns a `HullFront` instead: the lower convex hull of
+  the front, every point of which is optimal at its own cost (Lagrangian relaxation), with the budget's
+  leftover bits spent by the ascent below. Its loss at a budget is within one group's step of the
+  exact optimum, a gap that shrinks as groups multiply (measured in `benchmarks/search_scale.py`).
 * `greedy` is exllamav3's `optimize_model.py` allocation, reproduced as a baseline (ΔKL per added
-  bit, negative ΔKL compressed by a 0.69 power, strictly improving moves that fit).
+  bit, negative ΔKL compressed by a 0.69 power, strictly improving moves that fit). Moves live in a
+  heap, so it takes O(moves log moves) instead of exllamav3's rescan of every group per step.
 * `uniform` and `hq_rule` are the rule baselines: every group at one width, and exllamav3's
   allocation with `--hq` (attention +2, shared experts +2, dense MLP +1), fitted to the same budget.
 * `isotonic_decreasing` cleans a noisy table: more bits must not cost more KL, and entries at the
@@ -21,6 +27,7 @@ All solvers are pure functions of a `Problem`; none of them imports Optuna or to
 
 from __future__ import annotations
 
+import heapq
 import math
 from collections.abc import Callable, Hashable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -36,7 +43,12 @@ __all__ = [
     "Problem",
     "Solution",
     "ParetoFront",
+    "HullFront",
     "pareto_front",
+    "exact_front",
+    "hull_front",
+    "ascend",
+    "EXACT_WORK",
     "greedy",
     "uniform",
     "hq_rule",
@@ -49,6 +61,10 @@ __all__ = [
     "compressed_solutions",
     "COMPRESSION_POWERS",
 ]
+
+#: Budget of the exact DP in (front point x option) pairs folded, summed over groups: about 2 s and
+#: 100 MB of back-pointers. Larger problems get the convex-hull front (`hull_front`).
+EXACT_WORK = 50_000_000
 
 #: Powers tried by `compressed_solutions` (0.69 is exllamav3's; 1.0 is the plain estimate).
 COMPRESSION_POWERS = (0.5, 0.69, 0.85)
@@ -178,14 +194,30 @@ class ParetoFront:
         return [self.solution(p, "dp" if p == best else f"dp-{best - p}") for p in points]
 
 
-def pareto_front(problem: Problem) -> ParetoFront:
-    """Exact multiple-choice knapsack for all budgets: fold groups in, keeping non-dominated points."""
+class _TooLarge(Exception):
+    """The exact DP passed its work budget (internal: `pareto_front` falls back to the hull)."""
+
+
+def pareto_front(problem: Problem, max_work: int = EXACT_WORK) -> ParetoFront | HullFront:
+    """Exact multiple-choice knapsack for all budgets, or its convex hull when that would be too slow."""
+    try:
+        return exact_front(problem, max_work)
+    except _TooLarge:
+        return hull_front(problem)
+
+
+def exact_front(problem: Problem, max_work: int | None = None) -> ParetoFront:
+    """Fold groups in one at a time, keeping the non-dominated (cost, loss) points and back-pointers."""
     costs = np.zeros(1, dtype=np.int64)
     losses = np.zeros(1, dtype=np.float64)
     parents: list[np.ndarray] = []
     choices: list[np.ndarray] = []
-    for option_costs, option_losses in zip(problem.costs, problem.losses, strict=True):
+    work = 0
+    for done, (option_costs, option_losses) in enumerate(zip(problem.costs, problem.losses, strict=True)):
         k = len(option_costs)
+        work += costs.size * k
+        if max_work is not None and work + _work_ahead(costs.size, done, problem.costs[done:]) > max_work:
+            raise _TooLarge
         all_costs = (costs[:, None] + np.asarray(option_costs, dtype=np.int64)[None, :]).ravel()
         all_losses = (losses[:, None] + np.asarray(option_losses, dtype=np.float64)[None, :]).ravel()
         order = np.lexsort((all_losses, all_costs))  # by cost, then loss
@@ -201,32 +233,154 @@ def pareto_front(problem: Problem) -> ParetoFront:
     return ParetoFront(problem, costs, losses, parents, choices)
 
 
+def _work_ahead(front: int, done: int, ahead: Sequence[Sequence[int]]) -> float:
+    """The DP's remaining work if the front keeps growing at its average rate so far (it grows about
+    linearly with the groups folded in), so a problem too large is given up early, not at the limit."""
+    growth = front / max(done, 1)
+    return float(sum(len(c) * (front + growth * j) for j, c in enumerate(ahead, start=1)))
+
+
+def _group_hull(costs: Sequence[int], losses: Sequence[float]) -> list[int]:
+    """Option indices on one group's lower convex hull, from its cheapest (lowest loss among the
+    cheapest) to its lowest-loss option: the only options a Lagrangian solution ever picks."""
+    order = sorted(range(len(costs)), key=lambda k: (costs[k], losses[k]))
+    hull: list[int] = []
+    for k in order:
+        if hull and (costs[k] == costs[hull[-1]] or losses[k] >= losses[hull[-1]]):
+            continue  # same cost but worse, or costs more without losing less
+        while len(hull) >= 2:
+            a, b = hull[-2], hull[-1]  # drop b if it lies on or above the chord a-k
+            if (losses[b] - losses[a]) * (costs[k] - costs[a]) >= (losses[k] - losses[a]) * (costs[b] - costs[a]):
+                hull.pop()
+            else:
+                break
+        hull.append(k)
+    return hull
+
+
+@dataclass
+class HullFront:
+    """The lower convex hull of the Pareto front, for problems too large for the exact DP.
+
+    Every group walks its own hull; the hull segments of all groups, taken in order of loss saved per
+    bit (steepest first), trace the global hull: point m takes the first m segments. Convexity keeps each
+    group's segments in its own order, so every point is a valid recipe and optimal at its own cost.
+    `best_under` then spends the bits left below the budget on the best affordable moves (`ascend`).
+    """
+
+    problem: Problem
+    costs: np.ndarray
+    losses: np.ndarray
+    _hulls: list[list[int]] = field(repr=False)
+    _segment_groups: np.ndarray = field(repr=False)
+
+    def __len__(self) -> int:
+        return int(self.costs.size)
+
+    def indices(self, point: int) -> list[int]:
+        steps = np.bincount(self._segment_groups[:point], minlength=len(self._hulls))
+        return [hull[int(s)] for hull, s in zip(self._hulls, steps, strict=True)]
+
+    def solution(self, point: int, solver: str = "hull") -> Solution:
+        return self.problem.solution(self.problem.assignment(self.indices(point)), solver)
+
+    def best_point(self, limit_bits: int) -> int | None:
+        point = int(np.searchsorted(self.costs, limit_bits, side="right")) - 1
+        return None if point < 0 else point
+
+    def best_under(self, limit_bits: int) -> Solution:
+        point = self.best_point(limit_bits)
+        if point is None:
+            raise MixprecError(f"no recipe costs at most {limit_bits} bits; the cheapest costs {int(self.costs[0])}")
+        picks = ascend(self.problem, self.indices(point), limit_bits, _raw_gain)
+        return self.problem.solution(self.problem.assignment(picks), "hull")
+
+    def near(self, limit_bits: int, count: int) -> list[Solution]:
+        """The filled hull point under the limit and the `count - 1` next cheaper hull points."""
+        best = self.best_point(limit_bits)
+        if best is None:
+            return []
+        cheaper = range(best - 1, max(-1, best - count), -1)
+        return [self.best_under(limit_bits), *(self.solution(p, f"hull-{best - p}") for p in cheaper)]
+
+
+def hull_front(problem: Problem) -> HullFront:
+    """All groups' hull segments merged by slope (stable: ties keep group, then hull order)."""
+    hulls = [_group_hull(c, v) for c, v in zip(problem.costs, problem.losses, strict=True)]
+    groups, d_costs, d_losses = [], [], []
+    for i, hull in enumerate(hulls):
+        for a, b in zip(hull, hull[1:], strict=False):
+            groups.append(i)
+            d_costs.append(problem.costs[i][b] - problem.costs[i][a])
+            d_losses.append(problem.losses[i][b] - problem.losses[i][a])
+    group_ids = np.asarray(groups, dtype=np.int64)
+    d_cost = np.asarray(d_costs, dtype=np.int64)
+    d_loss = np.asarray(d_losses, dtype=np.float64)
+    order = np.lexsort((np.arange(group_ids.size), d_loss / np.maximum(d_cost, 1)))
+    start_cost = sum(problem.costs[i][h[0]] for i, h in enumerate(hulls))
+    start_loss = float(sum(problem.losses[i][h[0]] for i, h in enumerate(hulls)))
+    costs = np.concatenate(([start_cost], start_cost + np.cumsum(d_cost[order]))).astype(np.int64)
+    losses = np.concatenate(([start_loss], start_loss + np.cumsum(d_loss[order])))
+    return HullFront(problem, costs, losses, hulls, group_ids[order])
+
+
+def _raw_gain(losses: Sequence[float], current: int, option: int) -> float:
+    return losses[option] - losses[current]
+
+
+def ascend(problem: Problem, picks: Sequence[int], limit_bits: int,
+           gain: Callable[[Sequence[float], int, int], float], strict: bool = False) -> list[int]:
+    """From `picks`, repeatedly take the (group, other option) move with the most negative `gain` per
+    added bit that fits the bits left (`strict`: leaves at least one bit, exllamav3's test), until none does.
+
+    Moves sit in a heap keyed (ratio, group, option), so ties go to the lowest group and option, as in a
+    scan; a move that no longer fits never will (the bits left only shrink), and moves of a group that
+    has moved since are dropped when they surface.
+    """
+    picks = list(picks)
+    left = limit_bits - sum(problem.costs[i][k] for i, k in enumerate(picks))
+    heap = [move for i in range(len(picks)) for move in _moves(problem, picks, i, gain)]
+    heapq.heapify(heap)
+    while heap:
+        _, i, j, start = heapq.heappop(heap)
+        if picks[i] != start:
+            continue
+        added = problem.costs[i][j] - problem.costs[i][start]
+        if added > left or (strict and added == left):
+            continue
+        picks[i], left = j, left - added
+        for move in _moves(problem, picks, i, gain):
+            heapq.heappush(heap, move)
+    return picks
+
+
+def _moves(problem: Problem, picks: Sequence[int], i: int,
+           gain: Callable[[Sequence[float], int, int], float]) -> list[tuple[float, int, int, int]]:
+    """Improving moves of group i to a later (costlier) option, as (ratio, group, option, current option)."""
+    s, costs, losses = picks[i], problem.costs[i], problem.losses[i]
+    found = []
+    for j in range(s + 1, len(costs)):
+        added = costs[j] - costs[s]
+        ratio = 1e10 * gain(losses, s, j) / (added + 1)
+        if ratio < 0.0:
+            found.append((ratio, i, j, s))
+    return found
+
+
 def _adjust(dkl: float) -> float:
     """exllamav3's compression of improvements: -(|ΔKL|^0.69) for negative ΔKL."""
     return dkl if dkl > 0 else -((-dkl) ** 0.69)
 
 
+def _adjusted_gain(losses: Sequence[float], current: int, option: int) -> float:
+    return _adjust(losses[option] - losses[0]) - _adjust(losses[current] - losses[0])
+
+
 def greedy(problem: Problem, limit_bits: int) -> Solution:
     """exllamav3 `optimize_model.optimize`: start every group at its cheapest option, then repeatedly take
     the (group, higher option) move with the most negative adjusted ΔKL per added bit that fits."""
-    solution = [0] * len(problem.names)
-    budget = limit_bits - sum(c[0] for c in problem.costs)
-    while True:
-        best, best_ratio = None, 0.0
-        for i, (costs, losses) in enumerate(zip(problem.costs, problem.losses, strict=True)):
-            s = solution[i]
-            for j in range(s + 1, len(costs)):
-                dk = _adjust(losses[j] - losses[0]) - _adjust(losses[s] - losses[0])
-                db = costs[j] - costs[s]
-                ratio = 1e10 * dk / (db + 1)
-                if ratio < best_ratio and budget > db:
-                    best, best_ratio = (i, j, db), ratio
-        if best is None:
-            break
-        i, j, db = best
-        solution[i] = j
-        budget -= db
-    return problem.solution(problem.assignment(solution), "greedy")
+    picks = ascend(problem, [0] * len(problem.names), limit_bits, _adjusted_gain, strict=True)
+    return problem.solution(problem.assignment(picks), "greedy")
 
 
 def _nearest_index(options: tuple[Option, ...], bits: int, at_least: bool = False) -> int:

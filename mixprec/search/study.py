@@ -42,6 +42,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import random
 import tempfile
 import warnings
 from collections.abc import Callable, Mapping, Sequence
@@ -112,6 +113,10 @@ class SearchConfig:
     correct_after: int = 6
     screen: float = 0.0
     screen_z: float = 2.0
+    #: Above this many groups (with the local sampler) a trial keeps its recipe as one attribute instead of one
+    #: Optuna parameter per group: every parameter is one storage write (~2 ms on SQLite, a round trip on a
+    #: server), 60 s per trial at the 30,000 groups of a width per expert and projection of DeepSeek-V3.
+    compact_above: int = 512
 
     def __post_init__(self) -> None:
         if self.trials < 1:
@@ -127,6 +132,8 @@ class SearchConfig:
             raise MixprecError(f"sampler {self.sampler!r} is unknown; use one of {SAMPLERS}")
         if self.correct_after < 3:
             raise MixprecError(f"correct_after={self.correct_after} must be at least 3 (the fit needs three recipes)")
+        if self.compact_above < 0:
+            raise MixprecError(f"compact_above={self.compact_above} must be a number of groups, 0 or more")
         if min(self.front_seeds, self.max_moves, self.explore_top) < 1:
             raise MixprecError("front_seeds, max_moves and explore_top must be at least 1")
         if not self.study_name or "/" in self.study_name:
@@ -137,6 +144,10 @@ class SearchConfig:
     @property
     def screening(self) -> bool:
         return 0.0 < self.screen < 1.0
+
+    def compact(self, problem: Problem) -> bool:
+        """Whether trials of `problem` keep their recipe as one attribute (no per-group Optuna parameters)."""
+        return self.sampler == "local" and len(problem.names) > self.compact_above
 
     @property
     def storage_url(self) -> str:
@@ -222,8 +233,7 @@ class _Objective:
 
     def __call__(self, trial: optuna.Trial) -> float | tuple[float, float]:
         trial.set_user_attr("owner", process_owner())
-        raw = [trial.suggest_int(name, 0, len(opts) - 1) if len(opts) > 1 else 0
-               for name, opts in zip(self.problem.names, self.problem.options, strict=True)]
+        raw = self._compact_levels(trial) if self.config.compact(self.problem) else self._suggested_levels(trial)
         raw_cost = total_cost(self.problem, raw)
         picks = raw if raw_cost <= self.limit_bits else repair(self.problem, raw, self.limit_bits)
         solution = self.problem.solution(self.problem.assignment(picks), str(trial.user_attrs.get("seed", "search")))
@@ -248,6 +258,22 @@ class _Objective:
         log.info("trial %d (%s): %.4f bpw, KL %.4e ± %.1e, vs %s %+.2e ± %.1e", trial.number, solution.solver, bpw,
                  mean, se, self.reference.solver, diff, diff_se)
         return (mean, bpw) if self.config.multi_objective else mean
+
+    def _suggested_levels(self, trial: optuna.Trial) -> list[int]:
+        return [trial.suggest_int(name, 0, len(opts) - 1) if len(opts) > 1 else 0
+                for name, opts in zip(self.problem.names, self.problem.options, strict=True)]
+
+    def _compact_levels(self, trial: optuna.Trial) -> list[int]:
+        """A seed's levels (enqueued with it), else the local sampler's proposal, else (before any trial has
+        completed, or when everything nearby was evaluated) random levels seeded by the trial number."""
+        if "levels" in trial.user_attrs:
+            return list(trial.user_attrs["levels"])
+        sampler = trial.study.sampler
+        proposed = sampler.propose(trial.study, trial.number) if isinstance(sampler, LocalMoveSampler) else None
+        if proposed is not None:
+            return proposed
+        rng = random.Random(f"{self.config.seed}:{trial.number}")
+        return [rng.randrange(len(opts)) for opts in self.problem.options]
 
     def _score(self, trial: optuna.Trial, picks: list[int], solution: Solution) -> torch.Tensor:
         """Per-token KL on every window; a screened proposal first on the screening chunks, pruned there when
@@ -308,12 +334,14 @@ def _make_sampler(problem: Problem, limit_bits: int, config: SearchConfig) -> op
     if config.sampler == "random":
         return optuna.samplers.RandomSampler(seed=config.seed)
     return LocalMoveSampler(problem, limit_bits, config.seed, config.max_moves, config.explore_top,
-                            config.multi_objective, correct=config.correct)
+                            config.multi_objective, correct=config.correct, compact=config.compact(problem))
 
 
 def _fingerprint(problem: Problem, limit_bits: int, config: SearchConfig, context: Mapping[str, Any]) -> str:
     payload = {"names": problem.names, "options": problem.options, "costs": problem.costs, "limit": limit_bits,
                "multi_objective": config.multi_objective, "context": dict(context)}
+    if config.compact(problem):  # its trials hold no parameters: a study of the other kind cannot be resumed
+        payload["compact"] = True
     return sha256_text(json.dumps(payload, sort_keys=True, default=str))
 
 
@@ -352,8 +380,11 @@ def _recover_stale(study: optuna.Study) -> None:
             study._storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)
 
 
-def _enqueue_seeds(study: optuna.Study, problem: Problem, seeds: Sequence[Solution]) -> None:
+def _enqueue_seeds(study: optuna.Study, problem: Problem, seeds: Sequence[Solution], compact: bool = False) -> None:
     """Enqueue each distinct seed unless a live (waiting, running or complete) trial already has its params."""
+    if compact:
+        _enqueue_compact(study, problem, seeds)
+        return
     searchable = [i for i, o in enumerate(problem.options) if len(o) > 1]
     live = [t.system_attrs.get("fixed_params", t.params) for t in study.get_trials(deepcopy=False)
             if t.state != TrialState.FAIL]
@@ -364,6 +395,17 @@ def _enqueue_seeds(study: optuna.Study, problem: Problem, seeds: Sequence[Soluti
             continue
         study.enqueue_trial(params, user_attrs={"seed": seed.solver})
         live.append(params)
+
+
+def _enqueue_compact(study: optuna.Study, problem: Problem, seeds: Sequence[Solution]) -> None:
+    """Compact trials: each seed's levels travel as a user attribute; distinct by levels."""
+    live = {tuple(t.user_attrs["levels"]) for t in study.get_trials(deepcopy=False)
+            if t.state != TrialState.FAIL and "levels" in t.user_attrs}
+    for seed in seeds:
+        levels = tuple(problem.indices(seed.assignment))
+        if levels not in live:
+            study.enqueue_trial({}, user_attrs={"seed": seed.solver, "levels": list(levels)})
+            live.add(levels)
 
 
 def _history(study: optuna.Study) -> list[dict[str, Any]]:
@@ -435,7 +477,7 @@ def _enqueue_corrected(study: optuna.Study, problem: Problem, limit_bits: int, c
     front = pareto_front(correction.apply(problem)).near(limit_bits, 2)
     fresh = [s for s in front if tuple(problem.indices(s.assignment)) not in seen]
     labelled = [problem.solution(s.assignment, f"corrected-{s.solver}") for s in fresh]
-    _enqueue_seeds(study, problem, labelled)
+    _enqueue_seeds(study, problem, labelled, config.compact(problem))
 
 
 def run_search(problem: Problem, limit_bits: int, evaluate: Evaluator, num_sequences: int,
@@ -458,7 +500,7 @@ def run_search(problem: Problem, limit_bits: int, evaluate: Evaluator, num_seque
         raise MixprecError(f"seed recipe(s) {over} exceed the budget; only seeds within it can be enqueued")
     study = _open_study(problem, limit_bits, config, context or {})
     _recover_stale(study)
-    _enqueue_seeds(study, problem, seeds)
+    _enqueue_seeds(study, problem, seeds, config.compact(problem))
     windows = _Windows.of(config, num_sequences, chunks, spent)
     objective = _Objective(problem, limit_bits, evaluate, num_sequences, config, seeds[0], recipe_for, windows)
     remaining = config.trials - len(study.get_trials(deepcopy=False, states=_COUNTED))
