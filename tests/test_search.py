@@ -530,7 +530,7 @@ def test_select_between_compares_recipes_on_windows_the_table_never_saw(
     code, _, err = mixprec("search", str(model), "--work", str(tmp_path / "work"), "--bits", "2", "3", "4",
                            "--windows", "4", "--seq-len", "32", "--eval-windows", "4", "--studies-dir",
                            str(tmp_path / "studies"), "--budget", "3", "--trials", "4", "--select", "between",
-                           "--out", str(out), capsys=capsys)
+                           "--granularity", "fine", "--out", str(out), capsys=capsys)
     assert code == 0, err
     recipe = Recipe.load(out)
     calibration = recipe.provenance["calibration"]

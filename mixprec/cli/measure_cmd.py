@@ -8,7 +8,9 @@ experts by each one's router-weighted output error (`mixprec.measure.split`). Mi
 journal, so an interrupted run continues where it stopped, and several workers (--workers N here, or
 the same command started elsewhere with a shared --storage URL) split one table.
 
-Writes WORK/measure/<mode>-<granularity>/{table.csv, summary.json, measurement.json, journal.log}.
+Writes WORK/measure/<mode>-<granularity>/{table.csv, summary.json, measurement.json, journal.log}. The default
+`--granularity auto` measures the fine table and splits it per routed expert and projection (split-expert-fine)
+for a MoE model, the fine table alone otherwise (`mixprec.cli.granularity`).
 
 Basic:
     mixprec measure --bits 2 3 4 5 6 8
@@ -33,13 +35,13 @@ from pathlib import Path
 from mixprec.checkpoint.shards import parse_size
 from mixprec.cli.checks import check_storage_arg, check_windows
 from mixprec.cli.common import add_model_argument, add_work_argument, default_work_dir, print_table
+from mixprec.cli.granularity import AUTO, GRANULARITY_CHOICES, resolve_granularity
 from mixprec.core.errors import MixprecError
 from mixprec.measure.config import MODES, MeasureConfig
 from mixprec.measure.engine.core import EngineConfig
 from mixprec.measure.run import run_measure
 from mixprec.measure.table import format_table, load_measurement
 from mixprec.model.arch import DEFAULT_QUANTIZED_KINDS, GroupKind
-from mixprec.model.modelmap import DEFAULT_GRANULARITY, Granularity
 from mixprec.model.streaming import STREAMING_MODES
 from mixprec.quant import SUPPORTED_BITS, SUPPORTED_GROUP_SIZES, QuantSettings, quantizer_names
 from mixprec.quant.options import parse_families
@@ -52,12 +54,15 @@ def _add_basic(parser: argparse.ArgumentParser) -> None:
     add_work_argument(parser)
     parser.add_argument("--bits", type=int, nargs="+", default=[2, 3, 4, 5, 6, 8], metavar="B",
                         help=f"bit widths to measure, each one of {SUPPORTED_BITS} (default: 2 3 4 5 6 8)")
-    parser.add_argument("--mode", choices=list(MODES), default="drop",
+    parser.add_argument("--mode", choices=list(MODES), default=None,
                         help="drop: lower one group from full precision; raise: raise one group from --base-bits; "
-                             "split (with --granularity expert): split the fine table's expert losses per expert")
+                             "split (with --granularity expert or expert-fine): split the fine table's expert losses "
+                             "per expert (default: split where --granularity auto picks expert-fine, else drop)")
     parser.add_argument("--base-bits", type=int, default=2, metavar="B", help="raise mode's base width (default 2)")
-    parser.add_argument("--granularity", choices=[g.value for g in Granularity], default=DEFAULT_GRANULARITY,
-                        help="group per layer block, per projection, or per routed expert (default fine)")
+    parser.add_argument("--granularity", choices=GRANULARITY_CHOICES, default=AUTO,
+                        help="group per layer block, per projection, or per routed expert (default auto: "
+                             "expert-fine split from the fine table for MoE models, fine for ggml types or dense "
+                             "models)")
     parser.add_argument("--windows", type=int, default=32, help="token windows (default 32)")
     parser.add_argument("--seq-len", type=int, default=256, help="tokens per window (default 256)")
     parser.add_argument("--data", type=Path, nargs="+", default=None, metavar="FILE",
@@ -110,6 +115,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def config_from_args(args: argparse.Namespace) -> MeasureConfig:
     """Validated configuration (raises MixprecError on bad values, before any model is loaded)."""
+    resolve_granularity(args)
     engine = EngineConfig(batch_windows=args.batch_windows, max_batch_windows=max(32, args.batch_windows),
                           prefix_cache_mib=args.cache_mib)
     return MeasureConfig(

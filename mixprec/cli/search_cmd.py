@@ -13,14 +13,14 @@ Basic:
     mixprec search path/to/model --budget-gib 1.5 --floor attention=5 --pin layers.0.mlp=8
 
 Advanced:
-    --granularity layer|fine|expert     group size searched (default fine: q|kv|o, gate_up|down per layer)
+    --granularity fine                  one width per layer's q|kv|o and gate_up|down (default auto: per routed
+                                        expert and projection for MoE models, split from the fine table)
     --group-size 64 128                 one study per quantizer group size; ships the lower calibration KL
     --study NAME --storage URL          resume or share a study (default sqlite:///studies/NAME.db)
     --multi-objective                   search KL vs bpw under the budget as a cap (Pareto front)
     --sampler local|tpe|random          proposal strategy (default local: budget-preserving moves)
     --screen 0.25 [--screen-z 2]        screen proposals on a quarter of the windows; prune those clearly worse
     --select same                       compare recipes on the measurement's own windows (default auto: between them)
-    --granularity expert --mode split   a width per routed expert, rows split from the fine table
     --export-exl3 FILE --exl3-source 4=/quants/4.0bpw ...   exllamav3 override YAML
     --export-llama-quantize FILE        llama-quantize --tensor-type-file (recipes of --method gguf*)
     --streaming on --max-memory 24GB    one layer's weights resident at a time, caches within 24 GB
@@ -36,13 +36,13 @@ from mixprec.checkpoint.gguf import llama_quantize_types
 from mixprec.checkpoint.shards import parse_size
 from mixprec.cli.checks import check_out_file, check_storage_arg, check_windows, is_override_file, is_recipe_file
 from mixprec.cli.common import add_model_argument, add_work_argument, default_work_dir, print_table
+from mixprec.cli.granularity import AUTO, GRANULARITY_CHOICES, resolve_granularity
 from mixprec.core.errors import MixprecError, QuantConfigError
 from mixprec.formats.exl3 import recipe_to_exl3
 from mixprec.formats.llamacpp import is_tensor_type_file, write_tensor_type_file
 from mixprec.formats.recipe import Budget, Recipe
 from mixprec.measure.config import MODES, MeasureConfig
 from mixprec.model.loading import resolve_model_path
-from mixprec.model.modelmap import DEFAULT_GRANULARITY, Granularity
 from mixprec.model.streaming import STREAMING_MODES
 from mixprec.quant import SUPPORTED_GROUP_SIZES, QuantSettings, quantizer_class, quantizer_names
 from mixprec.quant.ggml import GGMLQuantizer
@@ -91,11 +91,14 @@ def _add_basic(parser: argparse.ArgumentParser) -> None:
 
 def _add_advanced(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("advanced")
-    group.add_argument("--granularity", choices=[g.value for g in Granularity], default=DEFAULT_GRANULARITY,
-                       help="search granularity; the measurement must be at the same one (default fine)")
-    group.add_argument("--mode", choices=list(MODES), default="drop",
-                       help="which measurement table to read (split: per-expert rows split from the fine table; "
-                            "use with --granularity expert)")
+    group.add_argument("--granularity", choices=GRANULARITY_CHOICES, default=AUTO,
+                       help="search granularity; the measurement must be at the same one (default auto: "
+                            "expert-fine split from the fine table for MoE models, fine with ggml types, "
+                            "--export-exl3 or a dense model)")
+    group.add_argument("--mode", choices=list(MODES), default=None,
+                       help="which measurement table to read (split: per-expert rows split from the fine table, "
+                            "with --granularity expert or expert-fine; default: split where --granularity auto "
+                            "picks expert-fine, else drop)")
     group.add_argument("--base-bits", type=int, default=2, help="raise-mode measurement base width (default 2)")
     group.add_argument("--bits", type=int, nargs="+", default=[2, 3, 4, 5, 6, 8], metavar="B",
                        help="widths of the measurement (default 2 3 4 5 6 8)")
@@ -193,6 +196,7 @@ def config_from_args(args: argparse.Namespace, group_size: int | None = None,
                      budget: Budget | None = None) -> StageConfig:
     """Validated stage configuration for one group size and budget (default: the first given); raises
     MixprecError on bad values, before any model is loaded."""
+    resolve_granularity(args)
     budget = budget or _budgets(args)[0]
     sizes = list(dict.fromkeys(args.group_size))
     size = sizes[0] if group_size is None else group_size
