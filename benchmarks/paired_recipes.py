@@ -4,7 +4,9 @@ Used to compare what two versions of the search shipped (e.g. the committed reci
 for each pair it prints held-out KL ± SE of both, the paired difference B − A ± SE and the ratio B / A ±
 its paired bootstrap SE (both resample whole sequences for A and B together). The two recipes of a pair share
 one engine over both recipes' variants: a widths-only recipe against one with option labels (`--options`) works,
-two widths-only recipes must use the same quantizer settings.
+two widths-only recipes must use the same quantizer settings. Recipes at two granularities (e.g. `fine` against
+`expert-fine`) run on the finer one's groups, each finer group taking the option of the coarser group that holds
+its weights: the same weights, so the same model.
 
 Run: .venv/bin/python benchmarks/paired_recipes.py --a recipes/stdlib-moe-3.0bpw.yaml ... --b new/...yaml ...
 """
@@ -22,6 +24,7 @@ from mixprec.formats.recipe import Recipe
 from mixprec.measure.engine.core import KLEngine
 from mixprec.model.data import WindowConfig, load_windows
 from mixprec.model.loading import Checkpoint, load_model
+from mixprec.model.modelmap import ModelMap
 from mixprec.search.pipeline import paired_ratio_se
 
 
@@ -46,6 +49,20 @@ def _variants(a: Recipe, b: Recipe, checkpoint: Checkpoint, work: Path) -> dict[
     return {**found, **other}
 
 
+def _on_groups(recipe: Recipe, finer: ModelMap, checkpoint: Checkpoint) -> dict[str, object]:
+    """`recipe`'s options on the groups of `finer`, through the weights each group holds."""
+    if recipe.granularity == finer.granularity:
+        return dict(recipe.groups)
+    owner = {ref: g.name for g in checkpoint.model_map(recipe.granularity).groups for ref in g.weights}
+    return {g.name: recipe.groups[owner[g.weights[0]]] for g in finer.groups
+            if owner.get(g.weights[0]) in recipe.groups}
+
+
+def _finer(a: Recipe, b: Recipe, checkpoint: Checkpoint) -> ModelMap:
+    maps = [checkpoint.model_map(r.granularity) for r in (a, b)]
+    return max(maps, key=lambda m: len(m.groups))
+
+
 def main() -> None:
     args = _parser().parse_args()
     checkpoint = Checkpoint.open(args.model)
@@ -55,9 +72,10 @@ def main() -> None:
     rows = []
     for path_a, path_b in zip(args.a, args.b, strict=True):
         a, b = Recipe.load(path_a), Recipe.load(path_b)
-        engine = KLEngine(model, checkpoint.model_map(a.granularity), windows, _variants(a, b, checkpoint, work),
-                          "cpu")
-        kl_a, kl_b = engine.evaluate(a.groups).kl, engine.evaluate(b.groups).kl
+        groups = _finer(a, b, checkpoint)
+        engine = KLEngine(model, groups, windows, _variants(a, b, checkpoint, work), "cpu")
+        kl_a = engine.evaluate(_on_groups(a, groups, checkpoint)).kl
+        kl_b = engine.evaluate(_on_groups(b, groups, checkpoint)).kl
         n = engine.num_sequences
         diff, diff_se = paired_difference(kl_b, kl_a, n)
         row = {"a": str(path_a), "b": str(path_b), "bpw_a": a.achieved["bpw"], "bpw_b": b.achieved["bpw"],

@@ -36,7 +36,7 @@ from mixprec.measure.config import MeasureConfig
 from mixprec.quant import QuantSettings, quantizer_class
 from mixprec.quant.options import option_family, parse_families
 from mixprec.search.inputs import Inputs, StageConfig, measure_missing, prepare
-from mixprec.search.pipeline import EngineCache, StageResult, run_stage, run_stages
+from mixprec.search.pipeline import EngineCache, StageResult, baseline_recipes, run_stage, run_stages
 from mixprec.search.study import SearchConfig, quiet_optuna
 from mixprec.search.sweep import run_budgets
 
@@ -208,6 +208,18 @@ def _print(results: list[dict[str, Any]], measurement_cost: float) -> None:
                   f"{pruned} (measurement {measurement_cost:.3g}, shared by all budgets)")
 
 
+def _save_recipes(args: argparse.Namespace, results: list[StageResult]) -> None:
+    """The shipped recipes as <model>-<budget>bpw.yaml and, for one group size, the baselines beside them as
+    <model>-<budget>bpw.<baseline>.yaml (for `paired_recipes.py` against another table or granularity)."""
+    name = Path(args.model or "stdlib-moe").name
+    for budget, result in zip(args.budgets, results, strict=True):
+        result.recipe.save(args.recipes / f"{name}-{budget}bpw.yaml")
+        if len(args.group_size) == 1:
+            config = _config(args, budget, args.group_size[0])
+            for baseline, recipe in baseline_recipes(prepare(config), config).items():
+                recipe.save(args.recipes / f"{name}-{budget}bpw.{baseline}.yaml")
+
+
 def main() -> None:
     args = _parser().parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
@@ -216,8 +228,7 @@ def main() -> None:
     results, seconds, measurement_cost = _run(args, engines)
     summaries = [_summary(b, r, s) for b, r, s in zip(args.budgets, results, seconds, strict=True)]
     if args.recipes is not None:
-        for budget, result in zip(args.budgets, results, strict=True):
-            result.recipe.save(args.recipes / f"{Path(args.model or 'stdlib-moe').name}-{budget}bpw.yaml")
+        _save_recipes(args, results)
     settings = {k: [str(x) for x in v] if isinstance(v, list) and v and isinstance(v[0], Path)
                 else str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
     atomic_write_json(args.json, {"args": settings,

@@ -41,7 +41,7 @@ from mixprec.search.inputs import (
     uniform_grid,
 )
 from mixprec.search.moves import blocks, fill, mutate, repair, total_cost
-from mixprec.search.pipeline import SMALLER_BUDGET, EngineCache, _calibration_windows, run_stage
+from mixprec.search.pipeline import SMALLER_BUDGET, EngineCache, _calibration_windows, baseline_recipes, run_stage
 from mixprec.search.solve import Problem, Solution, greedy, hq_at_budget, pareto_front, uniform
 from mixprec.search.study import SearchConfig, run_search
 from mixprec.search.sweep import neighbour_seeds, run_budgets
@@ -363,6 +363,12 @@ def test_uniform_baseline_is_the_nearest_quant_over_widths_and_group_sizes(
                         measure=replace(measure, num_windows=8))
     with pytest.raises(FingerprintMismatchError, match="num_windows=4 there, 8 asked"):
         prepare(other)
+    recipes = baseline_recipes(inputs, config)
+    expected = baselines(inputs)
+    assert set(recipes) == set(expected) and {"dp", "greedy", "hq"} <= set(recipes)
+    for name, recipe in recipes.items():
+        assert recipe.groups == expected[name].assignment and recipe.achieved["storage_bits"] == expected[name].cost
+        assert recipe.granularity == "layer" and Recipe.from_yaml(recipe.to_yaml()).groups == recipe.groups
     assert replace(measure, quant=QuantSettings(group_size=128)).folder.name == "drop-layer-g128", \
         "other settings get their own table"
     assert replace(measure, quant=QuantSettings(method="gptq", clip_search=True)).folder.name == "drop-layer-gptq-clip"

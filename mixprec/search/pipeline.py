@@ -59,7 +59,7 @@ from mixprec.search.solve import Solution
 from mixprec.search.study import SearchResult, run_search
 
 __all__ = ["StageResult", "EngineCache", "SMALLER_BUDGET", "paired_ratio_se", "uniform_curve", "run_stage",
-           "run_stages"]
+           "run_stages", "baseline_recipes"]
 
 log = logging.getLogger(__name__)
 
@@ -164,6 +164,13 @@ def _recipe(inputs: Inputs, config: StageConfig, solution: Solution, kl: dict[st
         granularity=inputs.model_map.granularity, quantizer=quantizer,
         groups=dict(solution.assignment), budget=config.budget, achieved=table.achieved(solution.assignment),
         provenance=provenance, kl=kl)
+
+
+def baseline_recipes(inputs: Inputs, config: StageConfig) -> dict[str, Recipe]:
+    """The rule baselines at the budget (exllamav3's greedy on each option family, `--hq`, the DP point) as
+    recipes, so a benchmark can compare them paired with recipes of another table or granularity."""
+    return {name: _recipe(inputs, config, solution, {"predicted": solution.loss}, {"solver": solution.solver})
+            for name, solution in baselines(inputs).items()}
 
 
 def _variant_provenance(variants: dict[Any, Variant]) -> dict[str, dict[str, str]]:
