@@ -92,7 +92,7 @@ def test_streamed_measure_fits_a_cap_below_the_bf16_checkpoint(model_dir: Path, 
     assert _mixprec(["quantize", str(model_dir), "--work", str(tmp_path), "--bits", "2", "4"]).returncode == 0
     measure = ["measure", str(model_dir), "--work", str(tmp_path), "--bits", "2", "4", "--windows", "4",
                "--seq-len", "32", "--device", "cpu", "--no-quantize", "--kinds", "routed_experts", "--max-jobs", "4",
-               "--granularity", "layer"]
+               "--granularity", "layer", "--options"]
     whole = _mixprec([*measure, "--streaming", "off"], cap=allowance)
     assert whole.returncode != 0, "the cap must be too small for the in-memory model, or it proves nothing"
     assert "memory" in whole.stderr.lower(), whole.stderr[-2000:]
@@ -129,9 +129,9 @@ def test_every_stage_fits_a_cap_below_the_bf16_checkpoint(wide_model_dir: Path, 
     small = ["--seq-len", "32", "--device", "cpu"]
     stages = [["quantize", str(model), "--work", str(work), "--bits", "2", "4"],
               ["measure", str(model), "--work", str(work), "--bits", "2", "4", "--windows", "4", *small,
-               "--no-quantize", "--granularity", "layer"],
+               "--no-quantize", "--granularity", "layer", "--options"],
               ["search", str(model), "--work", str(work), "--budget", "3.0", "--trials", "2", "--bits", "2", "4",
-               "--granularity", "layer", "--windows", "4", "--eval-windows", "4", *small, "--no-measure",
+               "--granularity", "layer", "--options", "--windows", "4", "--eval-windows", "4", *small, "--no-measure",
                "--out", str(tmp_path / "recipe.yaml"), "--studies-dir", str(tmp_path / "studies")],
               ["compile", str(tmp_path / "recipe.yaml"), "--model", str(model), "--work", str(work),
                "--out", str(tmp_path / "out")]]

@@ -260,7 +260,7 @@ def test_cli_search_end_to_end(tiny_model_dirs: dict[str, Path], tmp_path: Path,
                                capsys: pytest.CaptureFixture[str]) -> None:
     model = _tiny_model(tiny_model_dirs, tmp_path, monkeypatch)
     common = [str(model), "--work", str(tmp_path / "work"), "--bits", "2", "3", "4", "--windows", "4",
-              "--seq-len", "32", "--eval-windows", "4", "--studies-dir", str(tmp_path / "studies")]
+              "--seq-len", "32", "--eval-windows", "4", "--studies-dir", str(tmp_path / "studies"), "--options"]
     code, _, err = mixprec("search", *common, "--budget", "1.5", capsys=capsys)
     assert code == 2 and "between" in err and "bpw" in err, err
     assert not (tmp_path / "work" / "measure").exists(), "an infeasible budget must fail before measuring"
@@ -536,7 +536,7 @@ def test_select_between_compares_recipes_on_windows_the_table_never_saw(
     code, _, err = mixprec("search", str(model), "--work", str(tmp_path / "work"), "--bits", "2", "3", "4",
                            "--windows", "4", "--seq-len", "32", "--eval-windows", "4", "--studies-dir",
                            str(tmp_path / "studies"), "--budget", "3", "--trials", "4", "--select", "between",
-                           "--granularity", "fine", "--out", str(out), capsys=capsys)
+                           "--granularity", "fine", "--options", "--out", str(out), capsys=capsys)
     assert code == 0, err
     recipe = Recipe.load(out)
     calibration = recipe.provenance["calibration"]

@@ -113,7 +113,8 @@ def test_search_reads_the_split_table(model_dir: Path, tmp_path: Path, capsys: p
     out = tmp_path / "r.yaml"
     code = main(["search", str(model_dir), "--work", str(tmp_path / "work"), "--bits", "2", "4", "8",
                  "--windows", "4", "--seq-len", "24", "--eval-windows", "4", "--studies-dir", str(tmp_path / "s"),
-                 "--granularity", "expert", "--mode", "split", "--budget", "4.5", "--trials", "4", "--out", str(out)])
+                 "--granularity", "expert", "--mode", "split", "--budget", "4.5", "--trials", "4", "--options",
+                 "--out", str(out)])
     assert code == 0, capsys.readouterr().err
     assert (tmp_path / "work" / "measure" / "drop-fine" / "table.csv").exists()
     assert (tmp_path / "work" / "measure" / "split-expert" / "table.csv").exists()

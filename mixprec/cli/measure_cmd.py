@@ -10,7 +10,7 @@ the same command started elsewhere with a shared --storage URL) split one table.
 
 Writes WORK/measure/<mode>-<granularity>/{table.csv, summary.json, measurement.json, journal.log}. The default
 `--granularity auto` measures the fine table and splits it per routed expert and projection (split-expert-fine)
-for a MoE model, the fine table alone otherwise (`mixprec.cli.granularity`).
+for a MoE model, the fine table alone otherwise (`mixprec.cli.auto`).
 
 Basic:
     mixprec measure --bits 2 3 4 5 6 8
@@ -33,9 +33,9 @@ from dataclasses import replace
 from pathlib import Path
 
 from mixprec.checkpoint.shards import parse_size
+from mixprec.cli.auto import AUTO, GRANULARITY_CHOICES, resolve_granularity, resolve_options
 from mixprec.cli.checks import check_storage_arg, check_windows
 from mixprec.cli.common import add_model_argument, add_work_argument, default_work_dir, print_table
-from mixprec.cli.granularity import AUTO, GRANULARITY_CHOICES, resolve_granularity
 from mixprec.core.errors import MixprecError
 from mixprec.measure.config import MODES, MeasureConfig
 from mixprec.measure.engine.core import EngineConfig
@@ -75,16 +75,18 @@ def _add_advanced(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("advanced")
     group.add_argument("--kinds", nargs="+", default=[k.value for k in DEFAULT_QUANTIZED_KINDS],
                        choices=[k.value for k in GroupKind], metavar="KIND", help="group kinds to measure")
-    group.add_argument("--group-size", type=int, default=64, choices=SUPPORTED_GROUP_SIZES,
-                       help="quantizer group size (default 64)")
+    group.add_argument("--group-size", type=int, default=None, choices=SUPPORTED_GROUP_SIZES,
+                       help="quantizer group size: one table at this size (default: RTN at 64, 32 and 128, see "
+                            "--options)")
     group.add_argument("--asym", action="store_true", help="asymmetric quantization")
     group.add_argument("--method", default=QuantSettings.method, choices=quantizer_names(),
                        help=f"quantizer (default {QuantSettings.method})")
     group.add_argument("--clip-search", action=argparse.BooleanOptionalAction, default=QuantSettings.clip_search,
                        help="per-group MSE clipping search instead of sign-aware absmax scales (default off)")
-    group.add_argument("--options", nargs="+", default=None, metavar="FAMILY",
+    group.add_argument("--options", nargs="*", default=None, metavar="FAMILY",
                        help="measure a table over options: one table per family, e.g. rtn-g32 rtn-g128 gptq-g64, "
-                            "on the same tokens (replaces --method/--group-size; `mixprec search --options` reads "
+                            "on the same tokens (default rtn-g64 rtn-g32 rtn-g128 unless --method, --group-size or "
+                            "--storage is given; no family: one table; `mixprec search --options` reads "
                             "them together)")
     group.add_argument("--no-quantize", action="store_true",
                        help="fail instead of quantizing missing variants")
@@ -116,6 +118,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def config_from_args(args: argparse.Namespace) -> MeasureConfig:
     """Validated configuration (raises MixprecError on bad values, before any model is loaded)."""
     resolve_granularity(args)
+    resolve_options(args, 64)
     engine = EngineConfig(batch_windows=args.batch_windows, max_batch_windows=max(32, args.batch_windows),
                           prefix_cache_mib=args.cache_mib)
     return MeasureConfig(

@@ -34,9 +34,9 @@ from pathlib import Path
 from mixprec.checkpoint.compile import open_variants
 from mixprec.checkpoint.gguf import llama_quantize_types
 from mixprec.checkpoint.shards import parse_size
+from mixprec.cli.auto import AUTO, GRANULARITY_CHOICES, resolve_granularity, resolve_options
 from mixprec.cli.checks import check_out_file, check_storage_arg, check_windows, is_override_file, is_recipe_file
 from mixprec.cli.common import add_model_argument, add_work_argument, default_work_dir, print_table
-from mixprec.cli.granularity import AUTO, GRANULARITY_CHOICES, resolve_granularity
 from mixprec.core.errors import MixprecError, QuantConfigError
 from mixprec.formats.exl3 import recipe_to_exl3
 from mixprec.formats.llamacpp import is_tensor_type_file, write_tensor_type_file
@@ -91,6 +91,12 @@ def _add_basic(parser: argparse.ArgumentParser) -> None:
 
 def _add_advanced(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("advanced")
+    _add_table_flags(group)
+    _add_study_flags(group)
+
+
+def _add_table_flags(group: argparse._ArgumentGroup) -> None:
+    """Which measurement tables the search reads: groups, widths, quantizer families."""
     group.add_argument("--granularity", choices=GRANULARITY_CHOICES, default=AUTO,
                        help="search granularity; the measurement must be at the same one (default auto: "
                             "expert-fine split from the fine table for MoE models, fine with ggml types, "
@@ -102,18 +108,26 @@ def _add_advanced(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--base-bits", type=int, default=2, help="raise-mode measurement base width (default 2)")
     group.add_argument("--bits", type=int, nargs="+", default=[2, 3, 4, 5, 6, 8], metavar="B",
                        help="widths of the measurement (default 2 3 4 5 6 8)")
-    group.add_argument("--group-size", type=int, nargs="+", default=[64], choices=SUPPORTED_GROUP_SIZES,
-                       metavar="G", help="quantizer group size (default 64); several (e.g. 64 128) run one "
-                                         "measurement and study each and ship the recipe with the lowest "
+    group.add_argument("--group-size", type=int, nargs="+", default=None, choices=SUPPORTED_GROUP_SIZES,
+                       metavar="G", help="quantizer group size, one for the whole recipe (default: RTN at 64, 32 "
+                                         "and 128 chosen per group, see --options); several (e.g. 64 128) run "
+                                         "one measurement and study each and ship the recipe with the lowest "
                                          "calibration KL")
     group.add_argument("--method", default=QuantSettings.method, choices=quantizer_names(),
                        help=f"quantizer (default {QuantSettings.method})")
     group.add_argument("--clip-search", action=argparse.BooleanOptionalAction, default=QuantSettings.clip_search,
                        help="RTN per-group MSE clipping search (default off)")
-    group.add_argument("--options", nargs="+", default=None, metavar="FAMILY",
+    group.add_argument("--options", nargs="*", default=None, metavar="FAMILY",
                        help="search options beyond bits: each group picks width, method and group size jointly "
                             "among these families, each at every --bits width, e.g. rtn-g32 rtn-g128 gptq-g64 "
+                            "(default rtn-g64 rtn-g32 rtn-g128 unless --method or --group-size is given; no "
+                            "family: one group size) "
                             "(measured one table per family; GPTQ variants need `mixprec quantize --options` first)")
+
+
+
+def _add_study_flags(group: argparse._ArgumentGroup) -> None:
+    """Baselines, windows, the study and where things run."""
     group.add_argument("--uniform-group-sizes", type=int, nargs="+", default=list(SUPPORTED_GROUP_SIZES),
                        metavar="G", help="group sizes of the uniform quants the nearest-uniform baseline is picked "
                                          f"from (default {' '.join(map(str, SUPPORTED_GROUP_SIZES))})")
@@ -165,7 +179,7 @@ def _budgets(args: argparse.Namespace) -> list[Budget]:
     if args.budget is None:
         return [Budget(gib=args.budget_gib)]
     budgets = [Budget(bpw=b) for b in dict.fromkeys(args.budget)]
-    if len(budgets) > 1 and len(dict.fromkeys(args.group_size)) > 1:
+    if len(budgets) > 1 and len(dict.fromkeys(args.group_size or [64])) > 1:
         raise MixprecError("several --budget values run one linked sweep at one --group-size; give one group size")
     return budgets
 
@@ -197,6 +211,7 @@ def config_from_args(args: argparse.Namespace, group_size: int | None = None,
     """Validated stage configuration for one group size and budget (default: the first given); raises
     MixprecError on bad values, before any model is loaded."""
     resolve_granularity(args)
+    resolve_options(args, [64])
     budget = budget or _budgets(args)[0]
     sizes = list(dict.fromkeys(args.group_size))
     size = sizes[0] if group_size is None else group_size
@@ -240,6 +255,7 @@ def config_from_args(args: argparse.Namespace, group_size: int | None = None,
 
 def configs_from_args(args: argparse.Namespace) -> list[StageConfig]:
     """One stage configuration per requested group size (one budget) or per budget (one group size)."""
+    resolve_options(args, [64])
     budgets = _budgets(args)
     if len(budgets) > 1:
         return [config_from_args(args, budget=b) for b in budgets]

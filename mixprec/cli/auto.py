@@ -1,4 +1,6 @@
-"""`--granularity auto` (the default of measure and search): the finest groups the target can hold.
+"""The defaults of measure and search that depend on the model and the other flags.
+
+**`--granularity auto`**: the finest groups the target can hold.
 
 A width per routed expert, and per projection within it, is what pays most on MoE models (on the bundled
 model 0.61-0.91x the held-out KL of one width per layer's experts, and gate+up apart from down another
@@ -8,6 +10,13 @@ layer and projection of the experts, vLLM fuses every expert of a layer, and exl
 kernels want one width per layer and projection. So `auto` means `expert-fine` with `--mode split` for a
 model with routed experts, and `fine` wherever the run says the recipe goes elsewhere: ggml types
 (`--method gguf*`), an exllamav3 export, an explicit drop or raise table, or a model without experts.
+
+**Options** (no `--options`, `--group-size` or `--method` given): RTN at group sizes 64, 32 and 128, each
+group choosing its width and group size jointly, as the demo does. Every group size costs another fine
+table on the same tokens (split mode shares one importance pass), and it pays: per-group group sizes gave
+recipes 0.78-0.94x the KL of one group size on the bundled model, mostly by putting 3-4-bit groups at g128
+and keeping g64 where 2 bits need it. `--options` with no family, any `--group-size` or another method
+gives one group size; so do raise tables and a shared `measure --storage` (one table per storage).
 """
 
 from __future__ import annotations
@@ -22,11 +31,12 @@ from mixprec.quant import QuantSettings, quantizer_class
 from mixprec.quant.ggml import GGMLQuantizer
 from mixprec.quant.options import parse_families
 
-__all__ = ["AUTO", "GRANULARITY_CHOICES", "resolve_granularity"]
+__all__ = ["AUTO", "GRANULARITY_CHOICES", "DEFAULT_OPTIONS", "resolve_granularity", "resolve_options"]
 
 log = logging.getLogger(__name__)
 
 AUTO = "auto"
+DEFAULT_OPTIONS = ("rtn-g64", "rtn-g32", "rtn-g128")
 GRANULARITY_CHOICES = [AUTO, *(g.value for g in Granularity)]
 
 
@@ -63,3 +73,14 @@ def resolve_granularity(args: argparse.Namespace) -> None:
         return
     args.granularity, args.mode = Granularity.FINE.value, args.mode or "drop"
     log.info("--granularity auto: fine (%s)", reason)
+
+
+def resolve_options(args: argparse.Namespace, default_group_size: int | list[int]) -> None:
+    """Fill an unset `args.options` (None) with the RTN group-size families when nothing asked for one
+    setting, and an unset `args.group_size` with `default_group_size`, in place."""
+    one_setting = (args.group_size is not None or args.method != QuantSettings.method or args.mode == "raise"
+                   or getattr(args, "storage", None) is not None)
+    if args.options is None:
+        args.options = [] if one_setting else list(DEFAULT_OPTIONS)
+    if args.group_size is None:
+        args.group_size = default_group_size
