@@ -15,8 +15,9 @@ ascending in cost.
 
 from __future__ import annotations
 
+import heapq
 import random
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from mixprec.core.errors import MixprecError
 from mixprec.search.solve import Problem
@@ -28,12 +29,33 @@ def total_cost(problem: Problem, picks: Sequence[int]) -> int:
     return sum(problem.costs[i][k] for i, k in enumerate(picks))
 
 
-def _choose(scored: list[tuple[float, int]], rng: random.Random | None, top: int) -> int:
-    """Index of the best-scored candidate, or a random one of the `top` best when exploring."""
-    scored.sort()
-    if rng is None or top <= 1:
-        return scored[0][1]
-    return scored[rng.randrange(min(top, len(scored)))][1]
+Candidate = tuple[float, int]  # (estimated harm or -gain per bit, group index): sorted, best first
+
+
+def _take(heap: list[Candidate], usable: Callable[[int], bool], rng: random.Random | None, top: int) -> int | None:
+    """The best usable candidate, or (exploring) a random one of the `top` best; None when none is usable.
+
+    Candidates that are not usable are dropped for good (the caller's budget only moves one way), the
+    others examined go back, so this picks exactly what sorting every candidate would, in O(top log n).
+    """
+    want = 1 if rng is None or top <= 1 else top
+    ready: list[Candidate] = []
+    while heap and len(ready) < want:
+        candidate = heapq.heappop(heap)
+        if usable(candidate[1]):
+            ready.append(candidate)
+    if not ready:
+        return None
+    chosen = ready.pop(0 if want == 1 else rng.randrange(len(ready)))  # type: ignore[union-attr]
+    for candidate in ready:
+        heapq.heappush(heap, candidate)
+    return chosen[1]
+
+
+def _lower_candidate(problem: Problem, picks: Sequence[int], i: int) -> Candidate:
+    k = picks[i]
+    freed = problem.costs[i][k] - problem.costs[i][k - 1]
+    return (problem.losses[i][k - 1] - problem.losses[i][k]) / max(freed, 1), i
 
 
 def lower_until_fits(problem: Problem, picks: list[int], limit: int, rng: random.Random | None = None,
@@ -41,22 +63,28 @@ def lower_until_fits(problem: Problem, picks: list[int], limit: int, rng: random
     """Lower groups one level at a time, least estimated harm per freed bit first, until the cost fits."""
     picks = list(picks)
     cost = total_cost(problem, picks)
+    heap = [_lower_candidate(problem, picks, i) for i, k in enumerate(picks) if k > 0 and i not in frozen]
+    heapq.heapify(heap)
     while cost > limit:
-        scored = []
-        for i, k in enumerate(picks):
-            if k == 0 or i in frozen:
-                continue
-            freed = problem.costs[i][k] - problem.costs[i][k - 1]
-            harm = problem.losses[i][k - 1] - problem.losses[i][k]
-            scored.append((harm / max(freed, 1), i))
-        if not scored:
+        i = _take(heap, lambda _: True, rng, top)
+        if i is None:
             if frozen:  # give up the protection rather than leave the recipe over budget
                 return lower_until_fits(problem, picks, limit, rng, top)
             raise MixprecError(f"cannot fit {limit} bits: every group is already at its cheapest option")
-        i = _choose(scored, rng, top)
         cost -= problem.costs[i][picks[i]] - problem.costs[i][picks[i] - 1]
         picks[i] -= 1
+        if picks[i] > 0:
+            heapq.heappush(heap, _lower_candidate(problem, picks, i))
     return picks
+
+
+def _raise_candidate(problem: Problem, picks: Sequence[int], i: int) -> Candidate | None:
+    k = picks[i]
+    if k + 1 >= len(problem.costs[i]):
+        return None
+    extra = problem.costs[i][k + 1] - problem.costs[i][k]
+    gain = problem.losses[i][k] - problem.losses[i][k + 1]
+    return (-gain / max(extra, 1), i) if gain > 0 else None
 
 
 def fill(problem: Problem, picks: list[int], limit: int, rng: random.Random | None = None, top: int = 1,
@@ -64,20 +92,19 @@ def fill(problem: Problem, picks: list[int], limit: int, rng: random.Random | No
     """Raise groups one level at a time, largest estimated gain per added bit first, while they fit."""
     picks = list(picks)
     cost = total_cost(problem, picks)
-    while True:
-        scored = []
-        for i, k in enumerate(picks):
-            if k + 1 >= len(problem.costs[i]) or i in frozen:
-                continue
-            extra = problem.costs[i][k + 1] - problem.costs[i][k]
-            gain = problem.losses[i][k] - problem.losses[i][k + 1]
-            if cost + extra <= limit and gain > 0:
-                scored.append((-gain / max(extra, 1), i))
-        if not scored:
-            return picks
-        i = _choose(scored, rng, top)
+    heap = [c for i in range(len(picks)) if i not in frozen and (c := _raise_candidate(problem, picks, i))]
+    heapq.heapify(heap)
+
+    def fits(i: int) -> bool:
+        return cost + problem.costs[i][picks[i] + 1] - problem.costs[i][picks[i]] <= limit
+
+    while (i := _take(heap, fits, rng, top)) is not None:
         cost += problem.costs[i][picks[i] + 1] - problem.costs[i][picks[i]]
         picks[i] += 1
+        candidate = _raise_candidate(problem, picks, i)
+        if candidate is not None:
+            heapq.heappush(heap, candidate)
+    return picks
 
 
 def repair(problem: Problem, picks: Sequence[int], limit: int) -> list[int]:
