@@ -221,7 +221,7 @@ def run_stage(command: list[str]) -> dict[str, float]:
 def measure_command(model: Path, work: Path, args: argparse.Namespace, streaming: str) -> list[str]:
     return ["measure", str(model), "--work", str(work), "--bits", *map(str, args.bits), "--windows",
             str(args.windows), "--seq-len", str(args.seq_len), "--granularity", "layer", "--device", "cpu",
-            "--streaming", streaming, "--no-quantize",
+            "--streaming", streaming, "--no-quantize", "--options",
             *(["--max-jobs", str(args.max_jobs)] if args.max_jobs else [])]
 
 
@@ -282,7 +282,7 @@ def bench_search(args: argparse.Namespace, model: Path, shared: Path, modes: lis
     """The whole drop table (streamed; search reads it), then `search --trials N` per streaming mode: the study's
     composed trials and the held-out check of the recipe and its baselines (one group size: no extra variants)."""
     table = ["--windows", str(args.windows), "--seq-len", str(args.seq_len), "--bits", *map(str, args.bits),
-             "--granularity", "layer", "--device", "cpu"]
+             "--granularity", "layer", "--device", "cpu", "--options"]  # one group size: the variants quantized
     result: dict[str, object] = {}
     if not list(shared.glob("measure/drop-layer/table.csv")):
         result["measure_table"] = run_stage(["measure", str(model), "--work", str(shared), *table,
