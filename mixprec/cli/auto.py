@@ -1,4 +1,4 @@
-"""The defaults of measure and search that depend on the model and the other flags.
+"""The defaults of quantize, measure and search that depend on the model and the other flags.
 
 **`--granularity auto`**: the finest groups the target can hold.
 
@@ -17,6 +17,7 @@ table on the same tokens (split mode shares one importance pass), and it pays: p
 recipes 0.78-0.94x the KL of one group size on the bundled model, mostly by putting 3-4-bit groups at g128
 and keeping g64 where 2 bits need it. `--options` with no family, any `--group-size` or another method
 gives one group size; so do raise tables and a shared `measure --storage` (one table per storage).
+`quantize` follows the same rule, so `quantize`, `measure --no-quantize` and `search --no-measure` agree.
 """
 
 from __future__ import annotations
@@ -78,8 +79,8 @@ def resolve_granularity(args: argparse.Namespace) -> None:
 def resolve_options(args: argparse.Namespace, default_group_size: int | list[int]) -> None:
     """Fill an unset `args.options` (None) with the RTN group-size families when nothing asked for one
     setting, and an unset `args.group_size` with `default_group_size`, in place."""
-    one_setting = (args.group_size is not None or args.method != QuantSettings.method or args.mode == "raise"
-                   or getattr(args, "storage", None) is not None)
+    one_setting = (args.group_size is not None or args.method != QuantSettings.method
+                   or getattr(args, "mode", None) == "raise" or getattr(args, "storage", None) is not None)
     if args.options is None:
         args.options = [] if one_setting else list(DEFAULT_OPTIONS)
     if args.group_size is None:

@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from mixprec.cli.auto import resolve_options
 from mixprec.cli.checks import check_windows
 from mixprec.cli.common import add_model_argument, add_work_argument, default_work_dir, print_table
 from mixprec.model.arch import DEFAULT_QUANTIZED_KINDS, GroupKind
@@ -51,8 +52,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add_work_argument(parser)
     parser.add_argument("--bits", type=int, nargs="+", default=[2, 3, 4, 5, 6, 8], metavar="B",
                         help=f"bit widths, each one of {SUPPORTED_BITS} (default: 2 3 4 5 6 8)")
-    parser.add_argument("--group-size", type=int, default=64, choices=SUPPORTED_GROUP_SIZES,
-                        help="weights per scale along the input dimension (default 64)")
+    parser.add_argument("--group-size", type=int, default=None, choices=SUPPORTED_GROUP_SIZES,
+                        help="weights per scale along the input dimension, one size (default: RTN at 64, 32 and "
+                             "128, as measure and search use them, see --options)")
     parser.add_argument("--asym", action="store_true", help="asymmetric (integer zero point per group)")
     parser.add_argument("--method", default=QuantSettings.method, choices=quantizer_names(),
                         help=f"quantizer (default {QuantSettings.method})")
@@ -63,10 +65,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         choices=[k.value for k in GroupKind], metavar="KIND",
                         help="group kinds to quantize (default: attention dense_mlp shared_experts "
                              "routed_experts; add router, embedding or lm_head to include them)")
-    parser.add_argument("--options", nargs="+", default=None, metavar="FAMILY",
+    parser.add_argument("--options", nargs="*", default=None, metavar="FAMILY",
                         help="option families to quantize, each at every --bits width, e.g. rtn-g32 rtn-g128 "
                              "gptq-g64 (<method>-g<group size>; --asym/--clip-search apply to all); replaces "
-                             "--method/--group-size")
+                             "--method/--group-size (default rtn-g64 rtn-g32 rtn-g128 unless --method or "
+                             "--group-size is given; no family: one)")
     _add_calibration_arguments(parser)
     parser.set_defaults(run=run)
 
@@ -91,7 +94,8 @@ def _add_calibration_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def configs_from_args(args: argparse.Namespace) -> list[QuantConfig]:
-    """Validated settings, one per requested bit width (duplicates removed, order kept)."""
+    """Validated settings, one per requested bit width and option family (duplicates removed, order kept)."""
+    resolve_options(args, 64)
     settings = QuantSettings(method=args.method, group_size=args.group_size, symmetric=not args.asym,
                              clip_search=args.clip_search)
     widths = list(dict.fromkeys(args.bits))
