@@ -16,7 +16,7 @@ from mixprec.core.errors import ModelLoadError, UnsupportedArchitectureError
 from mixprec.model.arch import GroupKind, supported_model_types
 from mixprec.model.loading import Checkpoint, load_model
 from mixprec.model.modelmap import Granularity
-from tests.tiny_models import TINY_CONFIGS
+from tests.tiny_models import TINY_CONFIGS, save_tiny_model
 
 FAMILIES = sorted(TINY_CONFIGS)
 
@@ -147,3 +147,14 @@ def test_every_tiny_family_runs_a_forward_pass(model_type: str, tiny_model_dirs:
     with torch.no_grad():
         logits = model(torch.arange(3, 19).view(2, 8)).logits
     assert logits.shape == (2, 8, 160) and torch.isfinite(logits).all()
+
+
+def test_zero_width_shared_expert_forms_no_group(tmp_path: Path) -> None:
+    """Qwen2-MoE with `shared_expert_intermediate_size: 0` (no shared expert) lists no empty shared groups."""
+    path = save_tiny_model("qwen2_moe", tmp_path / "noshared", shared_expert_intermediate_size=0)
+    checkpoint = Checkpoint.open(path)
+    for granularity in (Granularity.FINE, Granularity.EXPERT_FINE):
+        model_map = checkpoint.model_map(granularity)
+        assert not [g.name for g in model_map.groups if g.kind is GroupKind.SHARED_EXPERTS]
+        assert all(g.num_params > 0 for g in model_map.groups)
+        assert any(g.kind is GroupKind.ROUTED_EXPERTS for g in model_map.groups)

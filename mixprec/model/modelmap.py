@@ -253,13 +253,17 @@ def build_model_map(param_shapes: Mapping[str, tuple[int, ...]], model_type: str
 
     `param_shapes` comes from `named_parameters()` (a meta-device model is enough, so big models need
     not be loaded). With `checkpoint_keys`, every on-disk key is verified to exist. A weight matrix
-    that no rule recognises is an error rather than silently left out of every recipe.
+    that no rule recognises is an error rather than silently left out of every recipe. Empty weights
+    (a dimension of 0, e.g. `shared_expert_intermediate_size: 0`) form no group: they would cost
+    measurement jobs and search variables for zero bits.
     """
     family = family_for(model_type)
     granularity = Granularity(granularity)
     members: dict[tuple[GroupKind, int | None, str | None], list[WeightRef]] = defaultdict(list)
     unknown: list[str] = []
     for name, shape in param_shapes.items():
+        if 0 in tuple(shape):  # a zero-width module (Qwen2-MoE saved with no shared expert) has nothing to quantize
+            continue
         found = family.classify(name)
         if found is None:
             if len(shape) >= 2:
