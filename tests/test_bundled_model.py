@@ -140,6 +140,7 @@ def test_training_entry_point_end_to_end(tmp_path: Path) -> None:
         "--vocab-size", "512", "--hidden-size", "32", "--num-layers", "2", "--num-experts", "4",
         "--intermediate-size", "64", "--moe-intermediate-size", "32", "--shared-intermediate-size", "64",
         "--seq-len", "32", "--batch-size", "4", "--probe-windows", "4", "--eval-every", "2", "--warmup-steps", "1",
+        "--router-aux-loss-coef", "0.05",
     ])
     summary = main(config_from_args(args))
     missing = [name for name in OUTPUT_FILES if not (out / name).is_file()]
@@ -147,6 +148,7 @@ def test_training_entry_point_end_to_end(tmp_path: Path) -> None:
     assert summary.steps == 3 and not list(tmp_path.glob(".model.*")), "temporary folder left behind"
     record = json.loads((out / "TRAINING.json").read_text())
     assert record["steps"] == 3 and record["config"]["loop"]["max_steps"] == 3
+    assert record["config"]["model"]["router_aux_loss_coef"] == 0.05
     assert record["final"]["heldout_tokens"] == json.loads((out / "splits.json").read_text())[
         "splits"]["evaluation"]["num_tokens"]
     assert [p["heldout_loss"] is not None for p in record["curve"]] == [True, True, True]

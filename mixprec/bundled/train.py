@@ -123,6 +123,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="layers with a dense MLP instead of experts (default none; llama.cpp's qwen2moe needs none)")
     p.add_argument("--norm-topk", action="store_true",
                    help="renormalise top-k routing weights (llama.cpp's qwen2moe never does; default off)")
+    p.add_argument("--router-aux-loss-coef", type=float, default=ModelConfig.router_aux_loss_coef,
+                   help="weight of the router's load-balancing loss (higher: fewer idle experts)")
     p.add_argument("--corpus-root", type=Path, default=None, help="folder of .py files (default: the stdlib)")
     p.add_argument("--heldout-fraction", type=float, default=CorpusConfig.evaluation_fraction,
                    help="fraction of files in each of calibration and evaluation")
@@ -144,6 +146,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         moe_intermediate_size=args.moe_intermediate_size,
         shared_expert_intermediate_size=args.shared_intermediate_size,
         dense_layers=tuple(args.dense_layers), norm_topk_prob=args.norm_topk,
+        router_aux_loss_coef=args.router_aux_loss_coef,
         max_position_embeddings=max(ModelConfig.max_position_embeddings, args.seq_len),
     )
     corpus = CorpusConfig(root=args.corpus_root, calibration_fraction=args.heldout_fraction,
