@@ -142,16 +142,19 @@ def exllamav3_optimize(meas: dict, budget: float) -> list[int]:
         budget -= db
 
 
+def _exllamav3_picks(problem: Problem, limit: int) -> list[int]:
+    meas = {"groups": [{"candidates": [{"dkld": losses[j] - losses[0], "dbits": costs[j] - costs[0]}
+                                       for j in range(1, len(costs))]}
+                       for costs, losses in zip(problem.costs, problem.losses, strict=True)]}
+    return exllamav3_optimize(meas, limit - sum(c[0] for c in problem.costs))
+
+
 def test_greedy_reproduces_exllamav3_optimizer() -> None:
     rng = random.Random(5)
     for _ in range(40):
         problem = random_problem(rng, rng.randint(2, 8), 6, costly=True)
         limit = rng.randint(sum(min(c) for c in problem.costs), sum(max(c) for c in problem.costs))
-        meas = {"groups": [{"candidates": [{"dkld": losses[j] - losses[0], "dbits": costs[j] - costs[0]}
-                                           for j in range(1, len(costs))]}
-                           for costs, losses in zip(problem.costs, problem.losses, strict=True)]}
-        expected = exllamav3_optimize(meas, limit - sum(c[0] for c in problem.costs))
-        assert list(problem.indices(greedy(problem, limit).assignment)) == expected
+        assert list(problem.indices(greedy(problem, limit).assignment)) == _exllamav3_picks(problem, limit)
 
 
 def test_greedy_reproduces_exllamav3_optimizer_on_many_groups() -> None:
@@ -161,11 +164,7 @@ def test_greedy_reproduces_exllamav3_optimizer_on_many_groups() -> None:
         problem = random_problem(rng, 60, 6, costly=True)
         lo, hi = sum(min(c) for c in problem.costs), sum(max(c) for c in problem.costs)
         limit = rng.randint(lo, (lo + hi) // 2)
-        meas = {"groups": [{"candidates": [{"dkld": losses[j] - losses[0], "dbits": costs[j] - costs[0]}
-                                           for j in range(1, len(costs))]}
-                           for costs, losses in zip(problem.costs, problem.losses, strict=True)]}
-        expected = exllamav3_optimize(meas, limit - sum(c[0] for c in problem.costs))
-        assert list(problem.indices(greedy(problem, limit).assignment)) == expected
+        assert list(problem.indices(greedy(problem, limit).assignment)) == _exllamav3_picks(problem, limit)
 
 
 def test_hull_points_are_exact_optima_at_their_cost() -> None:

@@ -151,8 +151,36 @@ class Solution:
     extra: dict[str, float] = field(default_factory=dict)
 
 
+class _Front:
+    """What both fronts share: recipes by ascending cost (`costs`), looked up by budget; `indices` rebuilds one."""
+
+    problem: Problem
+    costs: np.ndarray
+    label = "front"
+
+    def __len__(self) -> int:
+        return int(self.costs.size)
+
+    def indices(self, point: int) -> list[int]:
+        raise NotImplementedError
+
+    def solution(self, point: int, solver: str | None = None) -> Solution:
+        return self.problem.solution(self.problem.assignment(self.indices(point)), solver or self.label)
+
+    def best_point(self, limit_bits: int) -> int | None:
+        """Index of the lowest-loss point within `limit_bits` (the most expensive that fits), or None."""
+        point = int(np.searchsorted(self.costs, limit_bits, side="right")) - 1
+        return None if point < 0 else point
+
+    def _point_under(self, limit_bits: int) -> int:
+        point = self.best_point(limit_bits)
+        if point is None:
+            raise MixprecError(f"no recipe costs at most {limit_bits} bits; the cheapest costs {int(self.costs[0])}")
+        return point
+
+
 @dataclass
-class ParetoFront:
+class ParetoFront(_Front):
     """Every cost-optimal recipe of a problem: costs ascending, losses strictly descending."""
 
     problem: Problem
@@ -160,9 +188,7 @@ class ParetoFront:
     losses: np.ndarray
     _parents: list[np.ndarray] = field(repr=False)
     _choices: list[np.ndarray] = field(repr=False)
-
-    def __len__(self) -> int:
-        return int(self.costs.size)
+    label = "dp"
 
     def indices(self, point: int) -> list[int]:
         """Option index per group of front point `point`, rebuilt from the back-pointers."""
@@ -172,19 +198,8 @@ class ParetoFront:
             point = int(self._parents[stage][point])
         return picks
 
-    def solution(self, point: int, solver: str = "dp") -> Solution:
-        return self.problem.solution(self.problem.assignment(self.indices(point)), solver)
-
-    def best_point(self, limit_bits: int) -> int | None:
-        """Index of the lowest-loss point within `limit_bits` (the most expensive that fits), or None."""
-        point = int(np.searchsorted(self.costs, limit_bits, side="right")) - 1
-        return None if point < 0 else point
-
     def best_under(self, limit_bits: int) -> Solution:
-        point = self.best_point(limit_bits)
-        if point is None:
-            raise MixprecError(f"no recipe costs at most {limit_bits} bits; the cheapest costs {int(self.costs[0])}")
-        return self.solution(point)
+        return self.solution(self._point_under(limit_bits))
 
     def near(self, limit_bits: int, count: int) -> list[Solution]:
         """The best point under the limit and the `count - 1` next cheaper points (seeds for the search)."""
@@ -260,7 +275,7 @@ def _group_hull(costs: Sequence[int], losses: Sequence[float]) -> list[int]:
 
 
 @dataclass
-class HullFront:
+class HullFront(_Front):
     """The lower convex hull of the Pareto front, for problems too large for the exact DP.
 
     Every group walks its own hull; the hull segments of all groups, taken in order of loss saved per
@@ -274,26 +289,14 @@ class HullFront:
     losses: np.ndarray
     _hulls: list[list[int]] = field(repr=False)
     _segment_groups: np.ndarray = field(repr=False)
-
-    def __len__(self) -> int:
-        return int(self.costs.size)
+    label = "hull"
 
     def indices(self, point: int) -> list[int]:
         steps = np.bincount(self._segment_groups[:point], minlength=len(self._hulls))
         return [hull[int(s)] for hull, s in zip(self._hulls, steps, strict=True)]
 
-    def solution(self, point: int, solver: str = "hull") -> Solution:
-        return self.problem.solution(self.problem.assignment(self.indices(point)), solver)
-
-    def best_point(self, limit_bits: int) -> int | None:
-        point = int(np.searchsorted(self.costs, limit_bits, side="right")) - 1
-        return None if point < 0 else point
-
     def best_under(self, limit_bits: int) -> Solution:
-        point = self.best_point(limit_bits)
-        if point is None:
-            raise MixprecError(f"no recipe costs at most {limit_bits} bits; the cheapest costs {int(self.costs[0])}")
-        picks = ascend(self.problem, self.indices(point), limit_bits, _raw_gain)
+        picks = ascend(self.problem, self.indices(self._point_under(limit_bits)), limit_bits, _raw_gain)
         return self.problem.solution(self.problem.assignment(picks), "hull")
 
     def near(self, limit_bits: int, count: int) -> list[Solution]:
