@@ -350,7 +350,8 @@ def _finish_report(report: dict[str, Any], plan: CompilePlan, model_map: ModelMa
     conflicts = vllm_fusion_conflicts(model_map, schemes(plan))
     if conflicts:
         log.warning("vLLM fuses modules the recipe gives different widths (e.g. %s); vLLM will not load this "
-                    "checkpoint, other compressed-tensors readers will", conflicts[:3])
+                    "checkpoint, other compressed-tensors readers will; for vLLM search with --granularity fine "
+                    "(the default, auto, gives every routed expert its own width)", conflicts[:3])
     report.update({"format": QUANT_METHOD, "pack_format": PACK_FORMAT, "negative_scales": signs.negative,
                    "scales": signs.total, "vllm_fusion_conflicts": conflicts,
                    "compressed_tensors_validated": validated_by})
