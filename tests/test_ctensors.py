@@ -34,7 +34,7 @@ from mixprec.cli import main
 from mixprec.formats.recipe import ModelRef, Recipe
 from mixprec.model.arch import GroupKind
 from mixprec.model.loading import Checkpoint
-from mixprec.quant import SUPPORTED_BITS, SUPPORTED_GROUP_SIZES, QuantSettings
+from mixprec.quant import INTEGER_CODE_BITS, SUPPORTED_GROUP_SIZES, QuantSettings
 from mixprec.quant.variants import ensure_variants
 from tests.tiny_models import TINY_CONFIGS, save_tiny_model
 
@@ -52,8 +52,8 @@ def all_widths_recipe(checkpoint: Checkpoint, settings: QuantSettings, nulls: tu
     """Expert granularity, widths 2..8 cycling over the default kinds' groups (every width used), `nulls`
     kept at original precision."""
     groups = [g.name for g in checkpoint.model_map("expert").select()]
-    assert len(groups) >= len(SUPPORTED_BITS) + len(nulls)
-    bits: dict[str, int | None] = dict(zip(groups, itertools.cycle(SUPPORTED_BITS), strict=False))
+    assert len(groups) >= len(INTEGER_CODE_BITS) + len(nulls)
+    bits: dict[str, int | None] = dict(zip(groups, itertools.cycle(INTEGER_CODE_BITS), strict=False))
     bits.update(dict.fromkeys(nulls))
     return Recipe(ModelRef("wide", checkpoint.model_type, checkpoint.fingerprint), checkpoint.model_map("expert")
                   .granularity, settings, dict(bits))
@@ -97,7 +97,7 @@ def test_ct_decompressor_rebuilds_what_mixprec_load_reads(wide_model: Path, tmp_
                                                           symmetric: bool) -> None:
     checkpoint = Checkpoint.open(wide_model)
     recipe = all_widths_recipe(checkpoint, QuantSettings(group_size=group_size, symmetric=symmetric))
-    assert set(recipe.groups.values()) == set(SUPPORTED_BITS)
+    assert set(recipe.groups.values()) == set(INTEGER_CODE_BITS)
     assert_ct_rebuilds_mixprec_load(checkpoint, recipe, tmp_path)
 
 
@@ -137,7 +137,7 @@ def test_config_is_valid_for_compressed_tensors(wide_model: Path, tmp_path: Path
     settings = QuantSettings(group_size=64, symmetric=False)
     # layers.1.experts.2 stays unquantized: it must be in ignore and in no target
     recipe = all_widths_recipe(checkpoint, settings, nulls=("layers.1.experts.2",))
-    ensure_variants(checkpoint, checkpoint.model_map("expert"), [settings.config(b) for b in SUPPORTED_BITS],
+    ensure_variants(checkpoint, checkpoint.model_map("expert"), [settings.config(b) for b in INTEGER_CODE_BITS],
                     tmp_path / "work")
     compile_ctensors(recipe, checkpoint, tmp_path / "work", tmp_path / "ct")
     qconfig = json.loads((tmp_path / "ct" / "config.json").read_text())["quantization_config"]
@@ -145,7 +145,7 @@ def test_config_is_valid_for_compressed_tensors(wide_model: Path, tmp_path: Path
     assert parsed.quant_method == "compressed-tensors" and parsed.format == "pack-quantized"
     assert parsed.quantization_status == "compressed"
     widths = {s.weights.num_bits: s for s in parsed.config_groups.values()}
-    assert sorted(widths) == list(SUPPORTED_BITS)
+    assert sorted(widths) == list(INTEGER_CODE_BITS)
     for scheme in widths.values():
         assert scheme.weights.group_size == 64 and not scheme.weights.symmetric
         assert scheme.weights.strategy == "group" and scheme.format == "pack-quantized"
@@ -156,7 +156,7 @@ def test_config_is_valid_for_compressed_tensors(wide_model: Path, tmp_path: Path
     assert not any("experts.2." in t and ".layers.1." in t for t in targets)
 
 
-@pytest.mark.parametrize("bits", SUPPORTED_BITS)
+@pytest.mark.parametrize("bits", INTEGER_CODE_BITS)
 def test_int32_packing_equals_compressed_tensors(bits: int) -> None:
     codes = torch.randint(0, 2**bits, (5, 77), dtype=torch.uint8)  # 77: rows end mid-word at every width
     ours = pack_int32(codes, bits)
@@ -188,7 +188,7 @@ def test_cli_writes_compressed_tensors_and_flags_vllm_fusions(wide_model: Path, 
     checkpoint = Checkpoint.open(wide_model)
     settings = QuantSettings()
     recipe = all_widths_recipe(checkpoint, settings)  # experts of one layer at different widths
-    ensure_variants(checkpoint, checkpoint.model_map("expert"), [settings.config(b) for b in SUPPORTED_BITS],
+    ensure_variants(checkpoint, checkpoint.model_map("expert"), [settings.config(b) for b in INTEGER_CODE_BITS],
                     tmp_path / "work")
     recipe.save(tmp_path / "r.yaml")
     assert main(["compile", str(tmp_path / "r.yaml"), "--model", str(wide_model), "--work", str(tmp_path / "work"),

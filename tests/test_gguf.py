@@ -33,17 +33,26 @@ from mixprec.formats.llamacpp import (  # noqa: E402
     write_tensor_type_file,
 )
 from mixprec.formats.recipe import ModelRef, Recipe  # noqa: E402
+from mixprec.model.data import WindowConfig, windows_from_tokens  # noqa: E402
 from mixprec.model.loading import Checkpoint, load_model  # noqa: E402
 from mixprec.quant import QuantSettings  # noqa: E402
+from mixprec.quant.calibration import Calibration  # noqa: E402
 from mixprec.quant.ggml import LADDERS  # noqa: E402
+from mixprec.quant.hessians import CalibConfig  # noqa: E402
 from mixprec.quant.variants import Variant, apply_group, ensure_variants  # noqa: E402
 
 GGUF_SETTINGS = QuantSettings(method="gguf")
+IQ_SETTINGS = QuantSettings(method="gguf-iq")
 #: fine-granularity part -> bits per layer: every K-quant of the ladder and Q8_0 appear.
 MIX = [{"attn.q": 8, "attn.kv": 6, "attn.o": 5, "experts.gate_up": 2, "experts.down": 3, "shared.gate_up": 4,
         "shared.down": 5},
        {"attn.q": 4, "attn.kv": 8, "attn.o": 3, "experts.gate_up": 3, "experts.down": 2, "shared.gate_up": 6,
         "shared.down": 4}]
+#: The i-quant ladder with its 1-bit rung (IQ1_M) on the routed experts, as quant publishers use it.
+IQ_MIX = [{"attn.q": 4, "attn.kv": 4, "attn.o": 1, "experts.gate_up": 1, "experts.down": 1, "shared.gate_up": 2,
+           "shared.down": 4},
+          {"attn.q": 2, "attn.kv": 4, "attn.o": 4, "experts.gate_up": 1, "experts.down": 2, "shared.gate_up": 4,
+           "shared.down": 2}]
 
 
 def _save_llama_cpp_moe(directory: Path) -> Path:
@@ -62,14 +71,15 @@ def _save_llama_cpp_moe(directory: Path) -> Path:
     return directory
 
 
-def _recipe(checkpoint: Checkpoint, mix: list[dict[str, int]] | None) -> Recipe:
+def _recipe(checkpoint: Checkpoint, mix: list[dict[str, int]] | None,
+            settings: QuantSettings = GGUF_SETTINGS) -> Recipe:
     model_map = checkpoint.model_map("fine")
     groups: dict[str, int | None] = {}
     for group in model_map.select():
         part = group.name.split(".", 2)[2]
         groups[group.name] = None if mix is None else mix[group.layer][part]
     return Recipe(ModelRef("tiny", checkpoint.model_type, checkpoint.fingerprint), model_map.granularity,
-                  GGUF_SETTINGS, groups)
+                  settings, groups)
 
 
 @pytest.fixture(scope="module")
@@ -80,14 +90,15 @@ def built(tmp_path_factory: pytest.TempPathFactory) -> dict:
     ensure_variants(checkpoint, checkpoint.model_map("layer"), [GGUF_SETTINGS.config(b) for b in (2, 3, 4, 5, 6, 8)],
                     root / "work")
     report = compile_gguf(recipe, checkpoint, root / "work", root / "mixed.gguf")
-    return {"root": root, "checkpoint": checkpoint, "recipe": recipe, "report": report, "gguf": root / "mixed.gguf"}
+    return {"root": root, "checkpoint": checkpoint, "recipe": recipe, "report": report, "gguf": root / "mixed.gguf",
+            "work": root / "work"}
 
 
 def _types(path: Path) -> dict[str, str]:
     return {t.name: t.tensor_type.name for t in GGUFReader(path).tensors}
 
 
-def _expected_types(checkpoint: Checkpoint, recipe: Recipe) -> dict[str, str]:
+def _expected_types(recipe: Recipe, method: str = "gguf") -> dict[str, str]:
     """Derived from the recipe by hand: llama.cpp tensor name per group part, the ladder's type."""
     names = {"attn.q": ["attn_q"], "attn.kv": ["attn_k", "attn_v"], "attn.o": ["attn_output"],
              "experts.gate_up": ["ffn_gate_exps", "ffn_up_exps"], "experts.down": ["ffn_down_exps"],
@@ -96,13 +107,13 @@ def _expected_types(checkpoint: Checkpoint, recipe: Recipe) -> dict[str, str]:
     for group, bits in recipe.groups.items():
         _, layer, part = group.split(".", 2)
         for name in names[part]:
-            expected[f"blk.{layer}.{name}.weight"] = LADDERS["gguf"][bits]
+            expected[f"blk.{layer}.{name}.weight"] = LADDERS[method][bits]
     return expected
 
 
 def test_tensor_types_read_back_equal_the_recipe(built: dict) -> None:
     types = _types(built["gguf"])
-    expected = _expected_types(built["checkpoint"], built["recipe"])
+    expected = _expected_types(built["recipe"])
     assert {name: types[name] for name in expected} == expected
     assert types["token_embd.weight"] == "F16" and types["output.weight"] == "F16"
     assert types["blk.0.ffn_gate_inp.weight"] == "F32" and types["blk.1.attn_norm.weight"] == "F32"
@@ -150,7 +161,7 @@ def _mixprec_model(built: dict) -> torch.nn.Module:
     params = dict(model.named_parameters())
     for name, bits in recipe.groups.items():
         apply_group(params, model_map.group(name),
-                    Variant.open(built["root"] / "work" / "variants" / recipe.quant_config(bits).variant_id))
+                    Variant.open(built["work"] / "variants" / recipe.quant_config(bits).variant_id))
     return model
 
 
@@ -164,6 +175,45 @@ def test_llama_cpp_runs_the_gguf_as_mixprec_measured_it(built: dict) -> None:
     engine_kl, quant_kl = _kl(measured, served), _kl(reference, measured)
     print(f"KL(mixprec dequantized ‖ llama.cpp) {engine_kl:.2e}, quantization KL {quant_kl:.2e}")
     assert quant_kl > 1e-3, quant_kl
+    assert engine_kl < 0.02 * quant_kl, (engine_kl, quant_kl)
+
+
+@pytest.fixture(scope="module")
+def built_iq(built: dict) -> dict:
+    """The same model as a gguf-iq recipe whose routed experts (and one attention output) sit at width 1, IQ1_M,
+    with importance matrices from a small random-token calibration."""
+    root, checkpoint = built["root"], built["checkpoint"]
+    tokens = torch.randint(3, 160, (6 * 32,), generator=torch.Generator().manual_seed(1))
+    calibration = Calibration(checkpoint, windows_from_tokens(tokens, WindowConfig(32, 6), "random",
+                                                               "quantizer-calibration"),
+                              CalibConfig(num_windows=6, seq_len=32, batch_windows=6), root / "calibration")
+    ensure_variants(checkpoint, checkpoint.model_map("layer"), [IQ_SETTINGS.config(b) for b in (1, 2, 4)],
+                    root / "work-iq", calibration=calibration)
+    recipe = _recipe(checkpoint, IQ_MIX, IQ_SETTINGS)
+    report = compile_gguf(recipe, checkpoint, root / "work-iq", root / "iq1.gguf")
+    return {**built, "recipe": recipe, "report": report, "gguf": root / "iq1.gguf", "work": root / "work-iq"}
+
+
+def test_iq1_m_rung_is_written_and_counted_exactly(built_iq: dict) -> None:
+    types, tensors = _types(built_iq["gguf"]), {t.name: t for t in GGUFReader(built_iq["gguf"]).tensors}
+    assert {name: types[name] for name in _expected_types(built_iq["recipe"], "gguf-iq")} == \
+        _expected_types(built_iq["recipe"], "gguf-iq")
+    assert {"IQ1_M", "IQ2_XXS", "IQ4_XS"} <= set(types.values())
+    assert int(tensors["blk.0.ffn_gate_exps.weight"].n_bytes) * 8 == 256 * 256 * 4 * 1.75
+    assert built_iq["report"]["actual"]["quantized_bytes"] == built_iq["report"]["predicted"]["quantized_bytes"]
+
+
+def test_llama_cpp_runs_the_iq1_m_gguf_as_mixprec_measured_it(built_iq: dict) -> None:
+    """llama.cpp evaluates the IQ1_M tensors as mixprec's dequantized model does (the gguf package reading
+    libggml's blocks); what is left is llama.cpp's 8-bit activations in its i-quant dot products."""
+    tokens = torch.randint(3, 160, (48,), generator=torch.Generator().manual_seed(5)).tolist()
+    with torch.no_grad():
+        reference = load_model(built_iq["checkpoint"])(torch.tensor([tokens])).logits[0]
+        measured = _mixprec_model(built_iq)(torch.tensor([tokens])).logits[0]
+    served = _llama_logits(built_iq["gguf"], tokens)
+    engine_kl, quant_kl = _kl(measured, served), _kl(reference, measured)
+    print(f"IQ1_M recipe: KL(mixprec dequantized ‖ llama.cpp) {engine_kl:.2e}, quantization KL {quant_kl:.2e}")
+    assert served.isfinite().all() and quant_kl > 1e-3, quant_kl
     assert engine_kl < 0.02 * quant_kl, (engine_kl, quant_kl)
 
 
@@ -224,9 +274,12 @@ def test_cli_compile_format_gguf_writes_file_and_override(built: dict, tmp_path:
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("method,bits,budget", [("gguf", ["2", "4", "8"], "4"), ("gguf-iq", ["1", "2", "8"], "2")])
 def test_pipeline_quantize_search_compile_in_ggml_types(built: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                                         capsys: pytest.CaptureFixture) -> None:
-    """measure, DP, study and recipe run unchanged over ggml types; the recipe becomes a GGUF llama.cpp runs."""
+                                                         capsys: pytest.CaptureFixture, method: str, bits: list[str],
+                                                         budget: str) -> None:
+    """measure, DP, study and recipe run unchanged over ggml types (gguf-iq with its 1-bit IQ1_M rung, which a
+    2.0 bpw budget must use: IQ2_XXS alone is 2.06); the recipe becomes a GGUF llama.cpp runs."""
     from safetensors.torch import save_file
 
     monkeypatch.chdir(tmp_path)
@@ -237,17 +290,20 @@ def test_pipeline_quantize_search_compile_in_ggml_types(built: dict, tmp_path: P
         save_file({"tokens": torch.randint(3, 160, (2048,), generator=generator, dtype=torch.int32)},
                   model / f"{split}.safetensors")
     recipe_path, types, out = tmp_path / "r.yaml", tmp_path / "types.txt", tmp_path / "r.gguf"
-    common = [str(model), "--work", str(tmp_path / "work"), "--method", "gguf", "--bits", "2", "4", "8",
+    common = [str(model), "--work", str(tmp_path / "work"), "--method", method, "--bits", *bits,
               "--windows", "4", "--seq-len", "32", "--eval-windows", "4", "--studies-dir", str(tmp_path / "studies")]
-    assert main(["search", *common, "--budget", "4", "--trials", "4", "--out", str(recipe_path),
+    assert main(["quantize", str(model), "--work", str(tmp_path / "work"), "--method", method, "--bits", *bits,
+                 "--calib-windows", "4", "--calib-seq-len", "32"]) == 0, capsys.readouterr().err
+    assert main(["search", *common, "--budget", budget, "--trials", "4", "--out", str(recipe_path),
                  "--export-llama-quantize", str(types)]) == 0, capsys.readouterr().err
     recipe = Recipe.load(recipe_path)
-    assert recipe.quantizer.method == "gguf" and recipe.achieved["bpw"] <= 4.0
+    assert recipe.quantizer.method == method and recipe.achieved["bpw"] <= float(budget)
     assert main(["compile", str(recipe_path), "--format", "gguf", "--out", str(out), "--model", str(model),
                  "--work", str(tmp_path / "work")]) == 0
     written = _types(out)
     items = read_tensor_type_file(types.read_text())
     assert all(match_tensor_type(items, name) == qtype for name, qtype in written.items() if qtype != "F32")
+    assert (method == "gguf-iq") == ("IQ1_M" in written.values())
     assert _llama_logits(out, list(range(3, 35))).isfinite().all()
 
 

@@ -113,6 +113,9 @@ def test_blend_weights_own_hessian_by_token_count() -> None:
     assert torch.allclose(h, expected)
     assert blend_hessian(own, fallback, threshold=2)[1] == 1.0
     assert torch.equal(blend_hessian(HessianSum(3), fallback, threshold=4)[0], torch.eye(3))
+    zero = torch.zeros(3, 3)  # a fallback with no signal (all-padding calibration): each expert its own copy
+    first, second = (blend_hessian(HessianSum(3), zero, threshold=4)[0] for _ in range(2))
+    assert torch.equal(first, zero) and first.data_ptr() not in (second.data_ptr(), zero.data_ptr())
 
 
 @pytest.mark.parametrize("model_type", sorted(TINY_CONFIGS))

@@ -43,7 +43,7 @@ from mixprec.measure.run import run_measure
 from mixprec.measure.table import format_table, load_measurement
 from mixprec.model.arch import DEFAULT_QUANTIZED_KINDS, GroupKind
 from mixprec.model.streaming import STREAMING_MODES
-from mixprec.quant import SUPPORTED_BITS, SUPPORTED_GROUP_SIZES, QuantSettings, quantizer_names
+from mixprec.quant import SUPPORTED_GROUP_SIZES, QuantSettings, quantizer_names
 from mixprec.quant.options import parse_families
 
 __all__ = ["register", "config_from_args"]
@@ -53,7 +53,8 @@ def _add_basic(parser: argparse.ArgumentParser) -> None:
     add_model_argument(parser)
     add_work_argument(parser)
     parser.add_argument("--bits", type=int, nargs="+", default=[2, 3, 4, 5, 6, 8], metavar="B",
-                        help=f"bit widths to measure, each one of {SUPPORTED_BITS} (default: 2 3 4 5 6 8)")
+                        help="bit widths to measure, each a width of --method (rtn, gptq: 2-8; gguf, gguf-imatrix: "
+                             "2-6, 8; gguf-iq: 1 (IQ1_M) to 6, 8) (default: 2 3 4 5 6 8)")
     parser.add_argument("--mode", choices=list(MODES), default=None,
                         help="drop: lower one group from full precision; raise: raise one group from --base-bits; "
                              "split (with --granularity expert or expert-fine): split the fine table's expert losses "

@@ -30,7 +30,6 @@ from mixprec.model.arch import DEFAULT_QUANTIZED_KINDS, GroupKind
 from mixprec.model.loading import Checkpoint
 from mixprec.model.streaming import STREAMING_MODES
 from mixprec.quant import (
-    SUPPORTED_BITS,
     SUPPORTED_GROUP_SIZES,
     QuantConfig,
     QuantSettings,
@@ -51,7 +50,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add_model_argument(parser)
     add_work_argument(parser)
     parser.add_argument("--bits", type=int, nargs="+", default=[2, 3, 4, 5, 6, 8], metavar="B",
-                        help=f"bit widths, each one of {SUPPORTED_BITS} (default: 2 3 4 5 6 8)")
+                        help="bit widths, each a width of --method (rtn, gptq: 2-8; gguf, gguf-imatrix: 2-6, 8; "
+                             "gguf-iq: 1 (IQ1_M) to 6, 8) (default: 2 3 4 5 6 8)")
     parser.add_argument("--group-size", type=int, default=None, choices=SUPPORTED_GROUP_SIZES,
                         help="weights per scale along the input dimension, one size (default: RTN at 64, 32 and "
                              "128, as measure and search use them, see --options)")

@@ -107,7 +107,7 @@ def _add_table_flags(group: argparse._ArgumentGroup) -> None:
                             "picks expert-fine, else drop)")
     group.add_argument("--base-bits", type=int, default=2, help="raise-mode measurement base width (default 2)")
     group.add_argument("--bits", type=int, nargs="+", default=[2, 3, 4, 5, 6, 8], metavar="B",
-                       help="widths of the measurement (default 2 3 4 5 6 8)")
+                       help="widths of the measurement; gguf-iq also has 1 (IQ1_M) (default 2 3 4 5 6 8)")
     group.add_argument("--group-size", type=int, nargs="+", default=None, choices=SUPPORTED_GROUP_SIZES,
                        metavar="G", help="quantizer group size, one for the whole recipe (default: RTN at 64, 32 "
                                          "and 128 chosen per group, see --options); several (e.g. 64 128) run "

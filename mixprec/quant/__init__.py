@@ -6,6 +6,7 @@ from mixprec.quant import ggml as _ggml  # noqa: F401  (registers "gguf", "gguf-
 from mixprec.quant import gptq as _gptq  # noqa: F401  (registers "gptq")
 from mixprec.quant import rtn as _rtn  # noqa: F401  (registers "rtn")
 from mixprec.quant.base import (
+    INTEGER_CODE_BITS,
     SUPPORTED_BITS,
     SUPPORTED_GROUP_SIZES,
     QuantConfig,
@@ -20,6 +21,7 @@ from mixprec.quant.base import (
 )
 
 __all__ = [
+    "INTEGER_CODE_BITS",
     "SUPPORTED_BITS",
     "SUPPORTED_GROUP_SIZES",
     "QuantConfig",

@@ -20,6 +20,7 @@ from mixprec.core.errors import QuantConfigError
 
 __all__ = [
     "SUPPORTED_BITS",
+    "INTEGER_CODE_BITS",
     "SUPPORTED_GROUP_SIZES",
     "SCALE_BITS",
     "QuantSettings",
@@ -34,7 +35,10 @@ __all__ = [
     "integer_code_bits",
 ]
 
-SUPPORTED_BITS = (2, 3, 4, 5, 6, 7, 8)
+#: Widths the stored format can hold (the bit packer packs 1..8); each method declares its own subset.
+SUPPORTED_BITS = (1, 2, 3, 4, 5, 6, 7, 8)
+#: Widths of the integer-code methods (RTN, GPTQ): a symmetric 1-bit grid is {-s, 0}, which is no quantizer.
+INTEGER_CODE_BITS = (2, 3, 4, 5, 6, 7, 8)
 SUPPORTED_GROUP_SIZES = (32, 64, 128)
 #: Scales are stored as fp16: 16 bits per group, counted in every bpw figure.
 SCALE_BITS = 16
@@ -92,7 +96,7 @@ class QuantConfig(QuantSettings):
         super().__post_init__()
         method = quantizer_class(self.method)
         if self.bits not in method.supported_bits:
-            raise QuantConfigError(f"bits={self.bits} is out of range; choose one of {method.supported_bits}")
+            raise QuantConfigError(_width_refusal(self.method, self.bits))
         method.check_config(self)
 
     @property
@@ -103,6 +107,14 @@ class QuantConfig(QuantSettings):
     def bits_per_weight(self, shape: tuple[int, int]) -> float:
         """Exact bits per weight of a matrix of `shape`, codes + scales (+ zero points)."""
         return storage_bits(self, shape) / (shape[0] * shape[1])
+
+
+def _width_refusal(method: str, bits: int) -> str:
+    """Why `method` refuses a width, naming the methods that do have it (1 bit: only the i-quant ladder)."""
+    others = [name for name in quantizer_names() if bits in quantizer_class(name).supported_bits]
+    where = f"; --method {' / '.join(others)} has a {bits}-bit width" if others else ""
+    return (f"bits={bits} is out of range for --method {method}; choose one of "
+            f"{quantizer_class(method).supported_bits}{where}")
 
 
 def storage_bits(config: QuantConfig, shape: tuple[int, int]) -> int:

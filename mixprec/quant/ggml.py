@@ -12,7 +12,9 @@ Bits are never the ladder's nominal width: they come from `GGML_QUANT_SIZES` (Q2
 follow llama.cpp's shape fallback (a row length not divisible by 256 turns Q4_K into Q5_0, …), so the
 bit accounting of a recipe is that of the file llama.cpp writes. `gguf-imatrix` uses the same ladder
 with an importance matrix (the diagonal of mixprec's calibration Hessians, Σx² per input column, which
-is what `llama-imatrix` collects), and `gguf-iq` is the i-quant ladder, which needs one for 2 bits.
+is what `llama-imatrix` collects), and `gguf-iq` is the i-quant ladder, which needs one for 1 and 2 bits.
+Its width 1 is IQ1_M (1.75 bpw), the rung quant publishers give cold experts of huge MoEs; IQ1_S (1.5625 bpw,
+coarser block scales) is left out because a ladder holds one type per integer width.
 """
 
 from __future__ import annotations
@@ -50,7 +52,7 @@ __all__ = [
 LADDERS: dict[str, dict[int, str]] = {
     "gguf": {2: "Q2_K", 3: "Q3_K", 4: "Q4_K", 5: "Q5_K", 6: "Q6_K", 8: "Q8_0"},
     "gguf-imatrix": {2: "Q2_K", 3: "Q3_K", 4: "Q4_K", 5: "Q5_K", 6: "Q6_K", 8: "Q8_0"},
-    "gguf-iq": {2: "IQ2_XXS", 3: "IQ3_S", 4: "IQ4_XS", 5: "Q5_K", 6: "Q6_K", 8: "Q8_0"},
+    "gguf-iq": {1: "IQ1_M", 2: "IQ2_XXS", 3: "IQ3_S", 4: "IQ4_XS", 5: "Q5_K", 6: "Q6_K", 8: "Q8_0"},
 }
 
 #: llama.cpp's substitutes when a row length is not divisible by the type's block size
@@ -61,8 +63,10 @@ FALLBACKS: dict[str, str] = {
     "Q4_K": "Q5_0", "Q5_K": "Q5_1", "Q6_K": "Q8_0",
 }
 
-#: Types whose ggml quantizer refuses to run without an importance matrix (`ggml_quantize_requires_imatrix`).
-_NEEDS_IMATRIX = ("IQ2_XXS", "IQ2_XS", "IQ1_S")
+#: Types llama-quantize refuses to write without an importance matrix: `ggml_quantize_requires_imatrix`
+#: (IQ2_XXS, IQ2_XS, IQ1_S), and IQ1_M, which libggml quantizes without one but llama-quant.cpp refuses for
+#: every tensor but the embeddings and the output (its error without one is 1.5x that with one).
+_NEEDS_IMATRIX = ("IQ2_XXS", "IQ2_XS", "IQ1_S", "IQ1_M")
 
 
 def _gguf() -> Any:
@@ -190,6 +194,8 @@ class GGMLQuantizedWeight(QuantizedWeight):
 
 
 _LADDER_BITS = (2, 3, 4, 5, 6, 8)
+#: The i-quant ladder also has a sub-2-bit rung (IQ1_M); the K-quant ladders have no 1-bit type.
+_IQ_LADDER_BITS = (1, *_LADDER_BITS)
 
 
 class GGMLQuantizer(Quantizer):
@@ -257,8 +263,8 @@ class GGMLQuantizerIMatrix(GGMLQuantizer):
 
 @register_quantizer("gguf-iq")
 class GGMLQuantizerIQ(GGMLQuantizer):
-    """The i-quant ladder (IQ2_XXS, IQ3_S, IQ4_XS, then K-quants), with the calibration importance matrix."""
+    """The i-quant ladder (IQ1_M, IQ2_XXS, IQ3_S, IQ4_XS, then K-quants), with the calibration importance matrix."""
 
     needs_hessian = True
-    supported_bits = _LADDER_BITS
+    supported_bits = _IQ_LADDER_BITS
     supported_group_sizes = (64,)

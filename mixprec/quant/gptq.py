@@ -36,7 +36,7 @@ import torch
 
 from mixprec.core.errors import QuantConfigError
 from mixprec.quant.base import (
-    SUPPORTED_BITS,
+    INTEGER_CODE_BITS,
     SUPPORTED_GROUP_SIZES,
     QuantConfig,
     QuantizedWeight,
@@ -208,7 +208,7 @@ class GPTQQuantizer(Quantizer):
     """GPTQ with RTN's group scales; needs the Hessian of every matrix (see `mixprec.quant.hessians`)."""
 
     needs_hessian = True
-    supported_bits = SUPPORTED_BITS
+    supported_bits = INTEGER_CODE_BITS
     supported_group_sizes = SUPPORTED_GROUP_SIZES
 
     def __init__(self, config: QuantConfig, settings: GPTQSettings | None = None) -> None:

@@ -101,8 +101,10 @@ def hessian_key(param: str, expert: int | None = None) -> str:
 
 
 def _unit_diag(h: torch.Tensor) -> torch.Tensor:
+    """`h` scaled to unit mean diagonal, always a new tensor: two unrouted experts blended from one all-zero
+    fallback must not share storage (safetensors refuses to save shared tensors)."""
     scale = float(torch.diagonal(h).mean())
-    return h / scale if scale > 0 else h
+    return h / scale if scale > 0 else h.clone()
 
 
 def blend_hessian(own: HessianSum, fallback: torch.Tensor, threshold: float) -> tuple[torch.Tensor, float]:

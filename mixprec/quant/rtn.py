@@ -18,7 +18,7 @@ import math
 import torch
 
 from mixprec.quant.base import (
-    SUPPORTED_BITS,
+    INTEGER_CODE_BITS,
     SUPPORTED_GROUP_SIZES,
     QuantConfig,
     QuantizedWeight,
@@ -111,7 +111,7 @@ class RTNQuantizer(Quantizer):
     """
 
     needs_hessian = False
-    supported_bits = SUPPORTED_BITS
+    supported_bits = INTEGER_CODE_BITS
     supported_group_sizes = SUPPORTED_GROUP_SIZES
 
     def quantize(self, weight: torch.Tensor, hessian: torch.Tensor | None = None) -> QuantizedWeight:
