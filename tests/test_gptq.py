@@ -22,7 +22,14 @@ from mixprec.model.modelmap import build_model_map
 from mixprec.quant import QuantConfig, get_quantizer
 from mixprec.quant.calibration import Calibration, stdlib_train_windows
 from mixprec.quant.gptq import GPTQQuantizer, GPTQSettings
-from mixprec.quant.hessians import CalibConfig, HessianSum, blend_hessian, collect_hessians, hessian_key
+from mixprec.quant.hessians import (
+    CalibConfig,
+    HessianSum,
+    blend_hessian,
+    collect_hessians,
+    hessian_key,
+    layer_hessian_bytes,
+)
 from mixprec.quant.variants import ensure_variants
 from tests.tiny_models import _COMMON, TINY_CONFIGS, build_tiny_model
 
@@ -131,6 +138,19 @@ def test_every_quantizable_matrix_of_every_family_gets_a_hessian(model_type: str
         for ref in group.weights:
             h = hessians[hessian_key(ref.param, ref.expert)]
             assert h.shape == (ref.shape[1], ref.shape[1]) and torch.isfinite(h).all(), f"{model_type}: {ref.unit}"
+
+
+@pytest.mark.parametrize("model_type", ["qwen2_moe", "deepseek_v3", "llama"])
+def test_layer_hessian_bytes_is_what_calibration_really_holds(model_type: str) -> None:
+    """The estimate that decides whether GPTQ is a default (before any calibration) equals the largest layer's
+    Hessians that collection really yields, for MoE layouts (per expert) and a dense one."""
+    model = build_tiny_model(model_type)
+    mm = build_model_map({n: tuple(p.shape) for n, p in model.named_parameters()}, model_type,
+                         model.config.num_hidden_layers)
+    tokens = torch.randint(3, 160, (2, 16), generator=torch.Generator().manual_seed(0))
+    held = [sum(4 * h.numel() for h in layer.hessians.values())
+            for layer in collect_hessians(model, mm, tokens, CALIB, include_head=False)]
+    assert layer_hessian_bytes(mm) == max(held) > 0
 
 
 def _router_capture(model: torch.nn.Module, layer: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:

@@ -89,7 +89,8 @@ def _allowance(model: Path) -> int:
 
 def test_streamed_measure_fits_a_cap_below_the_bf16_checkpoint(model_dir: Path, tmp_path: Path) -> None:
     allowance = _allowance(model_dir)
-    assert _mixprec(["quantize", str(model_dir), "--work", str(tmp_path), "--bits", "2", "4"]).returncode == 0
+    quantize = ["quantize", str(model_dir), "--work", str(tmp_path), "--bits", "2", "4", "--options"]  # RTN g64
+    assert _mixprec(quantize).returncode == 0
     measure = ["measure", str(model_dir), "--work", str(tmp_path), "--bits", "2", "4", "--windows", "4",
                "--seq-len", "32", "--device", "cpu", "--no-quantize", "--kinds", "routed_experts", "--max-jobs", "4",
                "--granularity", "layer", "--options"]

@@ -36,6 +36,7 @@ from mixprec.checkpoint.shards import parse_size
 from mixprec.cli.auto import AUTO, GRANULARITY_CHOICES, resolve_granularity, resolve_options
 from mixprec.cli.checks import check_storage_arg, check_windows
 from mixprec.cli.common import add_model_argument, add_work_argument, default_work_dir, print_table
+from mixprec.cli.quantize_cmd import add_calibration_arguments, quantize_calibrated
 from mixprec.core.errors import MixprecError
 from mixprec.measure.config import MODES, MeasureConfig
 from mixprec.measure.engine.core import EngineConfig
@@ -113,6 +114,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                                    description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     _add_basic(parser)
     _add_advanced(parser)
+    add_calibration_arguments(parser, streaming=False)
     parser.set_defaults(run=run)
 
 
@@ -149,6 +151,9 @@ def run(args: argparse.Namespace) -> int:
     if args.options and args.storage is not None:
         raise MixprecError("--options measures one table per family; give each its own --storage (run them one "
                            "by one with --method/--group-size) or leave --storage out")
+    if not args.no_quantize:
+        needed = [c.quant_config(b) for c in configs for b in c.variant_bits]
+        quantize_calibrated(args, needed, configs[0].variant_kinds, configs[0].work)
     for config in configs:
         _measure_one(args, config)
     return 0

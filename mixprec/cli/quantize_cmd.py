@@ -27,7 +27,8 @@ from mixprec.cli.auto import resolve_options
 from mixprec.cli.checks import check_windows
 from mixprec.cli.common import add_model_argument, add_work_argument, default_work_dir, print_table
 from mixprec.model.arch import DEFAULT_QUANTIZED_KINDS, GroupKind
-from mixprec.model.loading import Checkpoint
+from mixprec.model.data import max_positions
+from mixprec.model.loading import Checkpoint, resolve_model_path
 from mixprec.model.streaming import STREAMING_MODES
 from mixprec.quant import (
     SUPPORTED_GROUP_SIZES,
@@ -42,7 +43,8 @@ from mixprec.quant.hessians import CalibConfig
 from mixprec.quant.options import option_configs, parse_families
 from mixprec.quant.variants import ensure_variants
 
-__all__ = ["register", "configs_from_args", "calibration_settings"]
+__all__ = ["register", "configs_from_args", "calibration_settings", "add_calibration_arguments",
+           "quantize_calibrated"]
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("quantize", help="quantize the model uniformly at several bit widths",
@@ -70,16 +72,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                              "gptq-g64 (<method>-g<group size>; --asym/--clip-search apply to all); replaces "
                              "--method/--group-size (default rtn-g64 rtn-g32 rtn-g128 unless --method or "
                              "--group-size is given; no family: one)")
-    _add_calibration_arguments(parser)
+    add_calibration_arguments(parser)
     parser.set_defaults(run=run)
 
 
-def _add_calibration_arguments(parser: argparse.ArgumentParser) -> None:
+def add_calibration_arguments(parser: argparse.ArgumentParser, streaming: bool = True) -> None:
+    """The calibration flags of the methods that need Hessians; measure and search take them too (they quantize
+    missing GPTQ variants themselves) and have their own `--streaming`, so they pass `streaming=False`."""
     calib = parser.add_argument_group("calibration (gptq, gguf-imatrix, gguf-iq)")
     calib.add_argument("--calib-windows", type=int, default=CalibConfig.num_windows, metavar="N",
                        help=f"calibration windows (default {CalibConfig.num_windows})")
-    calib.add_argument("--calib-seq-len", type=int, default=CalibConfig.seq_len, metavar="T",
-                       help=f"tokens per calibration window (default {CalibConfig.seq_len})")
+    calib.add_argument("--calib-seq-len", type=int, default=None, metavar="T",
+                       help=f"tokens per calibration window (default {CalibConfig.seq_len}, or the model's positions "
+                            "if fewer)")
     calib.add_argument("--calib-data", type=Path, nargs="+", default=None, metavar="FILE",
                        help="text files to calibrate on, tokenized with the model's tokenizer (default: the "
                             "bundled corpus's train split, disjoint from measurement and evaluation data)")
@@ -88,9 +93,11 @@ def _add_calibration_arguments(parser: argparse.ArgumentParser) -> None:
                             f"(default {'on' if GPTQSettings.act_order else 'off'})")
     calib.add_argument("--damp", type=float, default=GPTQSettings.damp,
                        help=f"Hessian dampening as a fraction of its mean diagonal (default {GPTQSettings.damp})")
-    calib.add_argument("--streaming", choices=STREAMING_MODES, default="auto",
-                       help="collect the Hessians reading each layer's weights only while it runs (on), on the "
-                            "whole fp32 model (off), or stream when it exceeds half the free memory (default auto)")
+    if streaming:
+        calib.add_argument("--streaming", choices=STREAMING_MODES, default="auto",
+                           help="collect the Hessians reading each layer's weights only while it runs (on), on "
+                                "the whole fp32 model (off), or stream when it exceeds half the free memory "
+                                "(default auto)")
 
 
 def configs_from_args(args: argparse.Namespace) -> list[QuantConfig]:
@@ -108,24 +115,48 @@ def calibration_settings(args: argparse.Namespace) -> tuple[CalibConfig, GPTQSet
     """Validated calibration and solver settings when some method asked for needs the Hessian, else None."""
     if not any(quantizer_class(c.method).needs_hessian for c in configs_from_args(args)):
         return None
+    return _settings(args)
+
+
+def _settings(args: argparse.Namespace) -> tuple[CalibConfig, GPTQSettings]:
+    """Validated calibration and solver settings; an unset window length is the default one, cut to the model's
+    positions so that a default GPTQ run works on a model with short positions instead of failing."""
+    if args.calib_seq_len is None:
+        limit = max_positions(resolve_model_path(args.model)) or CalibConfig.seq_len
+        args.calib_seq_len = min(CalibConfig.seq_len, limit)
+    check_windows(args.model, args.calib_seq_len, "--calib-seq-len")
     return (CalibConfig(num_windows=args.calib_windows, seq_len=args.calib_seq_len),
             GPTQSettings(damp=args.damp, act_order=args.act_order))
+
+
+def _calibration(args: argparse.Namespace, checkpoint: Checkpoint, work: Path,
+                 settings: tuple[CalibConfig, GPTQSettings]) -> Calibration:
+    windows = calibration_windows(checkpoint.path, settings[0], args.calib_data)
+    return Calibration(checkpoint, windows, settings[0], work / "calibration", settings[1], args.streaming)
+
+
+def quantize_calibrated(args: argparse.Namespace, configs: list[QuantConfig], kinds: tuple[GroupKind, ...],
+                        work: Path) -> None:
+    """Quantize the variants among `configs` whose method needs a Hessian (GPTQ), with the calibration flags, where
+    they are missing: the measure step quantizes the others itself but has no calibration data of its own.
+    Finished variants are reused, so this costs a check when they exist."""
+    calibrated = [c for c in dict.fromkeys(configs) if quantizer_class(c.method).needs_hessian]
+    if not calibrated:
+        return
+    settings = _settings(args)
+    checkpoint = Checkpoint.open(args.model)
+    ensure_variants(checkpoint, checkpoint.model_map("layer"), calibrated, work, kinds,
+                    _calibration(args, checkpoint, work, settings))
 
 
 def run(args: argparse.Namespace) -> int:
     configs = configs_from_args(args)  # validate before touching the model
     settings = calibration_settings(args)
-    if settings is not None:
-        check_windows(args.model, args.calib_seq_len, "--calib-seq-len")
     checkpoint = Checkpoint.open(args.model)
     model_map = checkpoint.model_map("layer")
     kinds = tuple(GroupKind(k) for k in args.kinds)
     work = default_work_dir(args.model, args.work)
-    calibration = None
-    if settings is not None:
-        windows = calibration_windows(checkpoint.path, settings[0], args.calib_data)
-        calibration = Calibration(checkpoint, windows, settings[0], work / "calibration", settings[1],
-                                  args.streaming)
+    calibration = None if settings is None else _calibration(args, checkpoint, work, settings)
     # only the methods that need the Hessian get the calibration (it is part of their variants' identity)
     plain = [c for c in configs if not quantizer_class(c.method).needs_hessian]
     variants = ensure_variants(checkpoint, model_map, plain, work, kinds)

@@ -37,6 +37,7 @@ from mixprec.checkpoint.shards import parse_size
 from mixprec.cli.auto import AUTO, GRANULARITY_CHOICES, resolve_granularity, resolve_options
 from mixprec.cli.checks import check_out_file, check_storage_arg, check_windows, is_override_file, is_recipe_file
 from mixprec.cli.common import add_model_argument, add_work_argument, default_work_dir, print_table
+from mixprec.cli.quantize_cmd import add_calibration_arguments, quantize_calibrated
 from mixprec.core.errors import MixprecError, QuantConfigError
 from mixprec.formats.exl3 import recipe_to_exl3
 from mixprec.formats.llamacpp import is_tensor_type_file, write_tensor_type_file
@@ -170,6 +171,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                                    description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     _add_basic(parser)
     _add_advanced(parser)
+    add_calibration_arguments(parser, streaming=False)
     parser.set_defaults(run=run)
 
 
@@ -308,6 +310,9 @@ def run(args: argparse.Namespace) -> int:
     for config in configs:
         check(config)
     if not args.no_measure:
+        measures = [m for c in configs for m in c.measure_configs()]
+        quantize_calibrated(args, [m.quant_config(b) for m in measures for b in m.variant_bits],
+                            measures[0].variant_kinds, configs[0].work)
         for config in configs:
             measure_missing(config)  # the explicit measure step (`mixprec measure` with the same settings)
     inputs = [prepare(c) for c in configs]

@@ -103,6 +103,16 @@ class MeasureConfig:
     def quant_config(self, bits: int) -> QuantConfig:
         return self.quant.config(bits)
 
+    @property
+    def variant_bits(self) -> tuple[int, ...]:
+        """The widths whose variants this measurement reads: every width, and the base in raise mode."""
+        return tuple(sorted({*self.bits, *([self.base_bits] if self.mode == "raise" else [])}))
+
+    @property
+    def variant_kinds(self) -> tuple[GroupKind, ...]:
+        """The group kinds its variants hold: the default ones plus any measured kind beyond them."""
+        return tuple(dict.fromkeys([*DEFAULT_QUANTIZED_KINDS, *(GroupKind(k) for k in self.kinds)]))
+
     def settings(self) -> dict[str, Any]:
         """The part of the config that decides the numbers (recorded and checked by fingerprint).
 

@@ -10,7 +10,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from mixprec.core.errors import MixprecError, VariantError
-from mixprec.model.arch import DEFAULT_QUANTIZED_KINDS, GroupKind
 from mixprec.model.data import DataSpec, TokenWindows, require_disjoint
 from mixprec.model.loading import Checkpoint
 from mixprec.quant.variants import Variant, ensure_variants
@@ -24,9 +23,8 @@ __all__ = ["measure_variants", "check_disjoint", "measurement_fingerprint"]
 def measure_variants(config: MeasureConfig, checkpoint: Checkpoint) -> dict[int, Variant]:
     """The variants the measurement needs, each checked against its manifest's sha256 (a bit-flipped file
     would give NaN KL); missing or damaged ones are quantized again unless --no-quantize."""
-    widths = sorted(set(config.bits) | ({config.base_bits} if config.mode == "raise" else set()))
-    configs = [config.quant_config(b) for b in widths]
-    kinds = tuple(dict.fromkeys([*DEFAULT_QUANTIZED_KINDS, *(GroupKind(k) for k in config.kinds)]))
+    configs = [config.quant_config(b) for b in config.variant_bits]
+    kinds = config.variant_kinds
     found: dict[int, Variant] = {}
     for quant in configs:
         folder = Path(config.work) / "variants" / quant.variant_id

@@ -88,6 +88,10 @@ def stdlib_train_windows(model_dir: Path, windows: WindowConfig) -> TokenWindows
         if len(ids) >= needed or count == len(files):
             break
         count = min(len(files), 2 * count)
+    if sum(1 for i in ids if i != tokenizer.eos_token_id) < len(ids) // 2:
+        raise MixprecError(f"{model_dir}: its tokenizer turns the calibration text into (almost) nothing but "
+                           "end-of-text tokens (no tokenizer files?); add the model's tokenizer, pass --calib-data "
+                           "with text it reads, or use data-free RTN options (--options rtn-g64 rtn-g32 rtn-g128)")
     source = f"stdlib:train[{count} of {len(files)} files]"
     return windows_from_tokens(torch.tensor(ids, dtype=torch.int64), windows, source, "train")
 

@@ -44,7 +44,8 @@ from mixprec.model.modelmap import ModelMap
 from mixprec.model.streaming import StreamedModel
 
 __all__ = ["CalibConfig", "HessianSum", "ExpertStats", "LayerHessians", "hessian_key", "blend_hessian",
-           "collect_hessians", "HEAD_LAYER", "hook_input", "expert_intermediate", "decoder_of", "capture_layer_inputs"]
+           "collect_hessians", "HEAD_LAYER", "hook_input", "expert_intermediate", "decoder_of", "capture_layer_inputs",
+           "layer_hessian_bytes"]
 
 log = logging.getLogger(__name__)
 
@@ -293,6 +294,21 @@ def _layer_params(model_map: ModelMap, layer: int) -> list[str]:
     params = [ref.param for g in model_map.groups if g.layer == layer and g.kind is not GroupKind.EMBEDDING
               for ref in g.weights]
     return list(dict.fromkeys(params))
+
+
+def layer_hessian_bytes(model_map: ModelMap) -> int:
+    """The largest decoder layer's Hessians in bytes (fp32 [in, in] per parameter and routed expert): what
+    calibration holds at once besides one layer's weights and the calibration hidden states, so callers can
+    tell before starting whether an error-compensating method fits in memory (a 256-expert layer with hidden
+    size 7168 needs ~52 GB of gate/up Hessians alone)."""
+    per_layer: dict[int, dict[tuple[str, int | None], int]] = {}
+    for group in model_map.groups:
+        if group.layer is None or group.kind is GroupKind.EMBEDDING:
+            continue
+        matrices = per_layer.setdefault(group.layer, {})
+        for ref in group.weights:
+            matrices[(ref.param, ref.expert)] = 4 * ref.shape[1] ** 2
+    return max((sum(m.values()) for m in per_layer.values()), default=0)
 
 
 def collect_hessians(model: torch.nn.Module | StreamedModel, model_map: ModelMap, tokens: torch.Tensor,
