@@ -21,6 +21,7 @@ Usage:
 from __future__ import annotations
 
 import argparse
+import logging
 from pathlib import Path
 
 from mixprec.cli.auto import resolve_options
@@ -45,6 +46,8 @@ from mixprec.quant.variants import ensure_variants
 
 __all__ = ["register", "configs_from_args", "calibration_settings", "add_calibration_arguments",
            "quantize_calibrated"]
+
+log = logging.getLogger(__name__)
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("quantize", help="quantize the model uniformly at several bit widths",
@@ -144,6 +147,9 @@ def quantize_calibrated(args: argparse.Namespace, configs: list[QuantConfig], ki
     if not calibrated:
         return
     settings = _settings(args)
+    if getattr(args, "data", None) and not args.calib_data:
+        log.warning("GPTQ calibrates on the bundled corpus's train split (Python source), not on --data; give "
+                    "--calib-data with text like it (other files than --data's) to calibrate on your domain")
     checkpoint = Checkpoint.open(args.model)
     ensure_variants(checkpoint, checkpoint.model_map("layer"), calibrated, work, kinds,
                     _calibration(args, checkpoint, work, settings))
