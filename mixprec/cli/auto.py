@@ -15,7 +15,7 @@ model with routed experts, and `fine` wherever the run says the recipe goes else
 group choosing its width and group size jointly. GPTQ's error compensation is what carries recipes at 2-3
 bits (on the bundled model GPTQ's uniform KL is 0.19-0.22x RTN's at 2-4 bits, and RTN recipes cannot reach
 a bit of gain at 2.5-3 bpw: every group must stay at >= 2 bits), and it costs one calibration pass and a
-solve per matrix and width, small beside the measurement it feeds (35 s against ~15 min on the bundled
+solve per matrix and width, small beside the measurement it feeds (35 s against ~10 min on the bundled
 model). It needs calibration text and room for its Hessians, one layer's at a time (`layer_hessian_bytes`):
 where they would take more than half of the memory available (or of `--max-memory`), or the model folder
 has no tokenizer that reads text (and no `--calib-data`), the default falls back to RTN at the same group

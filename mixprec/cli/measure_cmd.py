@@ -78,7 +78,7 @@ def _add_advanced(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--kinds", nargs="+", default=[k.value for k in DEFAULT_QUANTIZED_KINDS],
                        choices=[k.value for k in GroupKind], metavar="KIND", help="group kinds to measure")
     group.add_argument("--group-size", type=int, default=None, choices=SUPPORTED_GROUP_SIZES,
-                       help="quantizer group size: one table at this size (default: RTN at 64, 32 and 128, see "
+                       help="quantizer group size: one table at this size (default: GPTQ at 64, 32 and 128, see "
                             "--options)")
     group.add_argument("--asym", action="store_true", help="asymmetric quantization")
     group.add_argument("--method", default=QuantSettings.method, choices=quantizer_names(),
@@ -87,9 +87,9 @@ def _add_advanced(parser: argparse.ArgumentParser) -> None:
                        help="per-group MSE clipping search instead of sign-aware absmax scales (default off)")
     group.add_argument("--options", nargs="*", default=None, metavar="FAMILY",
                        help="measure a table over options: one table per family, e.g. rtn-g32 rtn-g128 gptq-g64, "
-                            "on the same tokens (default rtn-g64 rtn-g32 rtn-g128 unless --method, --group-size or "
-                            "--storage is given; no family: one table; `mixprec search --options` reads "
-                            "them together)")
+                            "on the same tokens (default gptq-g64 gptq-g32 gptq-g128, RTN at those sizes where GPTQ "
+                            "cannot run, unless --method, --group-size or --storage is given; no family: one table; "
+                            "`mixprec search --options` reads them together)")
     group.add_argument("--no-quantize", action="store_true",
                        help="fail instead of quantizing missing variants")
     group.add_argument("--storage", default=None, metavar="URL",

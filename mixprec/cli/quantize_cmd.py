@@ -49,6 +49,7 @@ __all__ = ["register", "configs_from_args", "calibration_settings", "add_calibra
 
 log = logging.getLogger(__name__)
 
+
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("quantize", help="quantize the model uniformly at several bit widths",
                                    description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -58,7 +59,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="bit widths, each a width of --method (rtn, gptq: 2-8; gguf, gguf-imatrix: 2-6, 8; "
                              "gguf-iq: 1 (IQ1_M) to 6, 8) (default: 2 3 4 5 6 8)")
     parser.add_argument("--group-size", type=int, default=None, choices=SUPPORTED_GROUP_SIZES,
-                        help="weights per scale along the input dimension, one size (default: RTN at 64, 32 and "
+                        help="weights per scale along the input dimension, one size (default: GPTQ at 64, 32 and "
                              "128, as measure and search use them, see --options)")
     parser.add_argument("--asym", action="store_true", help="asymmetric (integer zero point per group)")
     parser.add_argument("--method", default=QuantSettings.method, choices=quantizer_names(),
@@ -73,8 +74,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--options", nargs="*", default=None, metavar="FAMILY",
                         help="option families to quantize, each at every --bits width, e.g. rtn-g32 rtn-g128 "
                              "gptq-g64 (<method>-g<group size>; --asym/--clip-search apply to all); replaces "
-                             "--method/--group-size (default rtn-g64 rtn-g32 rtn-g128 unless --method or "
-                             "--group-size is given; no family: one)")
+                             "--method/--group-size (default gptq-g64 gptq-g32 gptq-g128, or "
+                             "rtn-g64 rtn-g32 rtn-g128 where GPTQ cannot run: Hessians too large for memory or no "
+                             "tokenizer to calibrate with; one setting with --method or --group-size; no family: "
+                             "one)")
     add_calibration_arguments(parser)
     parser.set_defaults(run=run)
 

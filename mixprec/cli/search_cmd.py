@@ -110,7 +110,7 @@ def _add_table_flags(group: argparse._ArgumentGroup) -> None:
     group.add_argument("--bits", type=int, nargs="+", default=[2, 3, 4, 5, 6, 8], metavar="B",
                        help="widths of the measurement; gguf-iq also has 1 (IQ1_M) (default 2 3 4 5 6 8)")
     group.add_argument("--group-size", type=int, nargs="+", default=None, choices=SUPPORTED_GROUP_SIZES,
-                       metavar="G", help="quantizer group size, one for the whole recipe (default: RTN at 64, 32 "
+                       metavar="G", help="quantizer group size, one for the whole recipe (default: GPTQ at 64, 32 "
                                          "and 128 chosen per group, see --options); several (e.g. 64 128) run "
                                          "one measurement and study each and ship the recipe with the lowest "
                                          "calibration KL")
@@ -121,9 +121,9 @@ def _add_table_flags(group: argparse._ArgumentGroup) -> None:
     group.add_argument("--options", nargs="*", default=None, metavar="FAMILY",
                        help="search options beyond bits: each group picks width, method and group size jointly "
                             "among these families, each at every --bits width, e.g. rtn-g32 rtn-g128 gptq-g64 "
-                            "(default rtn-g64 rtn-g32 rtn-g128 unless --method or --group-size is given; no "
-                            "family: one group size) "
-                            "(measured one table per family; GPTQ variants need `mixprec quantize --options` first)")
+                            "(default gptq-g64 gptq-g32 gptq-g128, RTN at those sizes where GPTQ cannot run, unless "
+                            "--method or --group-size is given; no family: one group size) (measured one table "
+                            "per family; missing GPTQ variants are quantized first with the calibration flags)")
 
 
 
