@@ -12,7 +12,9 @@ computes (the bundled model is).
 
 With --imatrix both sides get the same importance matrix: the diagonals of mixprec's calibration Hessians
 (train split, each routed expert's from its own routed tokens) are passed to `llama_model_quantize` as its
-imatrix for the ftypes, and mixprec searches `--method gguf-imatrix` variants quantized with them.
+imatrix for the ftypes and for writing mixprec's recipe, and mixprec searches `--method gguf-imatrix` variants
+quantized with them. The i-quant ftypes (IQ2_XXS, IQ1_M: sub-2.5-bit mixes, which llama.cpp only writes with
+an imatrix) need --imatrix and are matched by a `--method gguf-iq` search over widths 1 (IQ1_M) to 8.
 
 Run: .venv/bin/python benchmarks/gguf_vs_llama_quantize.py [MODEL] --work work/llamacpp --trials 24
 """
@@ -44,6 +46,8 @@ from mixprec.search.pipeline import EngineCache, run_stage
 from mixprec.search.study import SearchConfig, quiet_optuna
 
 FTYPES = {"Q2_K": 10, "Q3_K_S": 11, "Q3_K_M": 12, "Q4_K_S": 14, "Q4_K_M": 15, "Q5_K_M": 17}
+#: llama.cpp's i-quant mixes (LLAMA_FTYPE_MOSTLY_*), run only when asked for by --ftypes (they need --imatrix).
+IQ_FTYPES = {"IQ2_XXS": 19, "IQ1_M": 31}
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -51,7 +55,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("model", nargs="?", default=None,
                    help="model folder in a layout llama.cpp computes (default: the bundled model)")
     p.add_argument("--work", type=Path, required=True)
-    p.add_argument("--ftypes", nargs="+", default=list(FTYPES), choices=list(FTYPES))
+    p.add_argument("--ftypes", nargs="+", default=list(FTYPES), choices=[*FTYPES, *IQ_FTYPES])
     p.add_argument("--trials", type=int, default=24)
     p.add_argument("--eval-windows", type=int, default=64, help="held-out windows for the llama.cpp evaluation")
     p.add_argument("--seq-len", type=int, default=256)
@@ -141,16 +145,19 @@ def _imatrix(checkpoint: Checkpoint, work: Path) -> dict[str, np.ndarray]:
     return {name: np.ascontiguousarray(np.concatenate([d[e] for e in sorted(d)])) for name, d in parts.items()}
 
 
-def _method(args: argparse.Namespace) -> str:
+def _method(args: argparse.Namespace, ftype: str = "Q2_K") -> str:
+    if ftype in IQ_FTYPES:
+        return "gguf-iq"
     return "gguf-imatrix" if args.imatrix else "gguf"
 
 
-def _search(args: argparse.Namespace, budget: float, engines: EngineCache) -> Recipe:
-    measure = MeasureConfig(work=args.work, model=args.model, granularity="fine",
-                            quant=QuantSettings(method=_method(args)),
-                            bits=(2, 3, 4, 5, 6, 8), seq_len=args.seq_len)
+def _search(args: argparse.Namespace, ftype: str, budget: float, engines: EngineCache) -> Recipe:
+    method = _method(args, ftype)
+    measure = MeasureConfig(work=args.work, model=args.model, granularity="fine", quant=QuantSettings(method=method),
+                            bits=(1, 2, 3, 4, 5, 6, 8) if method == "gguf-iq" else (2, 3, 4, 5, 6, 8),
+                            seq_len=args.seq_len)
     search = SearchConfig(trials=args.trials, studies_dir=args.work / "studies",
-                          study_name=f"{_method(args)}-{budget:.4f}bpw")
+                          study_name=f"{method}-{budget:.4f}bpw")
     config = StageConfig(work=args.work, budget=Budget(bpw=budget), model=args.model, measure=measure,
                          search=search, eval_windows=16, eval_seq_len=args.seq_len)
     check(config)
@@ -166,9 +173,9 @@ def _row(name: str, kl: torch.Tensor, sizes: dict[str, object]) -> dict[str, obj
 def _one(args: argparse.Namespace, ftype: str, base: Path, ctx: dict) -> dict[str, object]:
     tag = "-imatrix" if args.imatrix else ""
     peer_path = args.work / f"{ftype}{tag}.gguf"
-    _quantize(base, peer_path, FTYPES[ftype], imatrix=ctx["imatrix"])
+    _quantize(base, peer_path, {**FTYPES, **IQ_FTYPES}[ftype], imatrix=ctx["imatrix"])
     peer_sizes = _sizes(peer_path, ctx["searchable"], ctx["params"])
-    recipe = _search(args, float(peer_sizes["bpw"]), ctx["engines"])  # type: ignore[arg-type]
+    recipe = _search(args, ftype, float(peer_sizes["bpw"]), ctx["engines"])  # type: ignore[arg-type]
     recipe.save(args.work / f"mixprec-{ftype}{tag}.yaml")
     overrides = {f"^{n}$".replace(".", r"\."): t.upper() for n, t in
                  llama_quantize_types(recipe, ctx["checkpoint"]).items()}
@@ -176,7 +183,7 @@ def _one(args: argparse.Namespace, ftype: str, base: Path, ctx: dict) -> dict[st
     for name in ("token_embd.weight", "output.weight"):
         overrides[f"^{name}$".replace(".", r"\.")] = peer_types[name]  # type: ignore[index]
     ours_path = args.work / f"mixprec-{ftype}{tag}.gguf"
-    _quantize(base, ours_path, FTYPES["Q5_K_M"], overrides)
+    _quantize(base, ours_path, FTYPES["Q5_K_M"], overrides, imatrix=ctx["imatrix"])  # the blocks mixprec measured
     peer = _row(ftype, _llama_kl(peer_path, ctx["windows"], ctx["reference"]), peer_sizes)
     ours = _row(f"mixprec@{ftype}", _llama_kl(ours_path, ctx["windows"], ctx["reference"]),
                 _sizes(ours_path, ctx["searchable"], ctx["params"]))
@@ -205,10 +212,16 @@ def main() -> None:
     base = args.work / "base-bf16.gguf"
     args.json = args.json or Path(f"benchmarks/results/gguf_vs_llama_quantize{'_imatrix' if args.imatrix else ''}.json")
     imatrix = None
+    iq = [f for f in args.ftypes if f in IQ_FTYPES]
+    if iq and not args.imatrix:
+        raise SystemExit(f"--ftypes {' '.join(iq)}: llama.cpp writes i-quant mixes only with an imatrix; add --imatrix")
     if args.imatrix:
         from mixprec.cli import main as cli
 
-        cli(["quantize", str(checkpoint.path), "--work", str(args.work), "--method", "gguf-imatrix"])
+        for method, bits in (("gguf-imatrix", [2, 3, 4, 5, 6, 8]), ("gguf-iq", [1, 2, 3, 4, 5, 6, 8])):
+            if any(_method(args, f) == method for f in args.ftypes):
+                cli(["quantize", str(checkpoint.path), "--work", str(args.work), "--method", method,
+                     "--bits", *map(str, bits)])
         imatrix = _imatrix(checkpoint, args.work)
     empty = Recipe(ModelRef(checkpoint.path.name, checkpoint.model_type, checkpoint.fingerprint), model_map.granularity,
                    QuantSettings(method="gguf"), {g.name: None for g in model_map.select()})
