@@ -410,6 +410,9 @@ def test_uniform_baseline_is_the_nearest_quant_over_widths_and_group_sizes(
                         measure=replace(measure, num_windows=8))
     with pytest.raises(FingerprintMismatchError, match="num_windows=4 there, 8 asked"):
         prepare(other)
+    wider = replace(config, measure=replace(measure, bits=(2, 3, 4, 5)))
+    measure_missing(wider)  # a finished table lacking an asked width is extended, not read as it is
+    assert sorted(prepare(wider).variants) == [2, 3, 4, 5]
     recipes = baseline_recipes(inputs, config)
     expected = baselines(inputs)
     assert set(recipes) == set(expected) and {"dp", "greedy", "hq"} <= set(recipes)

@@ -158,7 +158,7 @@ def measure_missing(config: StageConfig) -> Path:
 
 
 def _measure_one(measure: MeasureConfig) -> Path:
-    if is_finished(measure.folder):
+    if is_finished(measure.folder) and _holds_widths(measure):
         return measure.folder
     log.info("no finished measurement in %s: measuring it now (as `mixprec measure --granularity %s`)",
              measure.folder, measure.granularity)
@@ -166,6 +166,12 @@ def _measure_one(measure: MeasureConfig) -> Path:
     if folder is None:
         raise MixprecError(f"other workers still hold jobs of {measure.folder}; re-run when they finish")
     return folder
+
+
+def _holds_widths(measure: MeasureConfig) -> bool:
+    """Whether the finished table has every width asked: one measured at `--bits 2 …` is extended by a search
+    at `--bits 1 2 …` (as `mixprec measure` extends it), not read as if it held width 1."""
+    return set(measure.measured_bits) <= set(load_measurement(measure.folder).summary.settings.measured_bits)
 
 
 def _variants(measurement: Measurement, checkpoint: Checkpoint) -> dict[Option, Variant]:
