@@ -24,6 +24,7 @@ llama_cpp = pytest.importorskip("llama_cpp")
 from gguf import GGUFReader  # noqa: E402
 from transformers import AutoConfig, AutoModelForCausalLM  # noqa: E402
 
+from mixprec.bundled.bpe import TokenizerConfig, train_tokenizer  # noqa: E402
 from mixprec.checkpoint.gguf import compile_gguf, llama_quantize_types  # noqa: E402
 from mixprec.checkpoint.qformat import CompileError  # noqa: E402
 from mixprec.cli import main  # noqa: E402
@@ -55,9 +56,9 @@ IQ_MIX = [{"attn.q": 4, "attn.kv": 4, "attn.o": 1, "experts.gate_up": 1, "expert
            "shared.down": 2}]
 
 
-def _save_llama_cpp_moe(directory: Path) -> Path:
+def _save_llama_cpp_moe(directory: Path, vocab_size: int = 160) -> Path:
     config = AutoConfig.for_model(
-        "qwen2_moe", vocab_size=160, hidden_size=256, num_hidden_layers=2, num_attention_heads=4,
+        "qwen2_moe", vocab_size=vocab_size, hidden_size=256, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, intermediate_size=256, moe_intermediate_size=256, shared_expert_intermediate_size=256,
         num_experts=4, num_experts_per_tok=2, norm_topk_prob=False, mlp_only_layers=[], decoder_sparse_step=1,
         qkv_bias=True, max_position_embeddings=128, tie_word_embeddings=False, initializer_range=0.08,
@@ -178,17 +179,20 @@ def test_llama_cpp_runs_the_gguf_as_mixprec_measured_it(built: dict) -> None:
     assert engine_kl < 0.02 * quant_kl, (engine_kl, quant_kl)
 
 
+def _random_calibration(checkpoint: Checkpoint, cache: Path) -> Calibration:
+    """Hessians on 6 x 32 random tokens (the tiny model has no tokenizer), enough to route every expert."""
+    tokens = torch.randint(3, 160, (6 * 32,), generator=torch.Generator().manual_seed(1))
+    windows = windows_from_tokens(tokens, WindowConfig(32, 6), "random", "quantizer-calibration")
+    return Calibration(checkpoint, windows, CalibConfig(num_windows=6, seq_len=32, batch_windows=6), cache)
+
+
 @pytest.fixture(scope="module")
 def built_iq(built: dict) -> dict:
     """The same model as a gguf-iq recipe whose routed experts (and one attention output) sit at width 1, IQ1_M,
     with importance matrices from a small random-token calibration."""
     root, checkpoint = built["root"], built["checkpoint"]
-    tokens = torch.randint(3, 160, (6 * 32,), generator=torch.Generator().manual_seed(1))
-    calibration = Calibration(checkpoint, windows_from_tokens(tokens, WindowConfig(32, 6), "random",
-                                                               "quantizer-calibration"),
-                              CalibConfig(num_windows=6, seq_len=32, batch_windows=6), root / "calibration")
     ensure_variants(checkpoint, checkpoint.model_map("layer"), [IQ_SETTINGS.config(b) for b in (1, 2, 4)],
-                    root / "work-iq", calibration=calibration)
+                    root / "work-iq", calibration=_random_calibration(checkpoint, root / "calibration"))
     recipe = _recipe(checkpoint, IQ_MIX, IQ_SETTINGS)
     report = compile_gguf(recipe, checkpoint, root / "work-iq", root / "iq1.gguf")
     return {**built, "recipe": recipe, "report": report, "gguf": root / "iq1.gguf", "work": root / "work-iq"}
@@ -284,7 +288,14 @@ def test_pipeline_quantize_search_compile_in_ggml_types(built: dict, tmp_path: P
 
     monkeypatch.chdir(tmp_path)
     model = tmp_path / "model"
-    shutil.copytree(built["checkpoint"].path, model)
+    if method == "gguf-iq":  # its imatrix comes from text calibration: the model needs a tokenizer
+        _save_llama_cpp_moe(model, vocab_size=320)
+        train_tokenizer([Path(pytest.__file__).read_text(encoding="utf-8")],
+                        TokenizerConfig(vocab_size=320)).save_pretrained(model)
+        assert main(["quantize", str(model), "--work", str(tmp_path / "work"), "--method", method, "--bits", *bits,
+                     "--calib-windows", "4", "--calib-seq-len", "32"]) == 0, capsys.readouterr().err
+    else:
+        shutil.copytree(built["checkpoint"].path, model)
     generator = torch.Generator().manual_seed(0)
     for split in ("calibration", "evaluation"):
         save_file({"tokens": torch.randint(3, 160, (2048,), generator=generator, dtype=torch.int32)},
@@ -292,8 +303,6 @@ def test_pipeline_quantize_search_compile_in_ggml_types(built: dict, tmp_path: P
     recipe_path, types, out = tmp_path / "r.yaml", tmp_path / "types.txt", tmp_path / "r.gguf"
     common = [str(model), "--work", str(tmp_path / "work"), "--method", method, "--bits", *bits,
               "--windows", "4", "--seq-len", "32", "--eval-windows", "4", "--studies-dir", str(tmp_path / "studies")]
-    assert main(["quantize", str(model), "--work", str(tmp_path / "work"), "--method", method, "--bits", *bits,
-                 "--calib-windows", "4", "--calib-seq-len", "32"]) == 0, capsys.readouterr().err
     assert main(["search", *common, "--budget", budget, "--trials", "4", "--out", str(recipe_path),
                  "--export-llama-quantize", str(types)]) == 0, capsys.readouterr().err
     recipe = Recipe.load(recipe_path)
