@@ -8,6 +8,7 @@ Run: HF_HUB_OFFLINE=1 .venv/bin/python -m pytest tests/test_search.py -q
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import random
@@ -376,6 +377,13 @@ def test_other_tables_seed_the_study(tiny_model_dirs: dict[str, Path], tmp_path:
     labels = [s.solver for s in seeds(inputs, baselines(inputs), 2)]
     assert any(label.startswith("raise-b2-fine:") for label in labels), labels
     assert all(s.cost <= inputs.limit_bits for s in seeds(inputs, baselines(inputs), 2))
+    assert not any("-above-" in label for label in labels), "nothing above 2 bits fits 3.0 bpw at g64"
+    roomy = dataclasses.replace(inputs, limit_bits=int(inputs.limit_bits * 4.4 / 3.0))
+    above = {s.solver: s for s in seeds(roomy, baselines(roomy), 2) if "-above-" in s.solver}
+    assert set(above) == {"dp-above-2b", "greedy-above-2b"}, "the study also starts from recipes avoiding 2 bits"
+    for solution in above.values():
+        assert solution.cost <= roomy.limit_bits and 2 not in solution.assignment.values()
+        assert solution.cost > 0.9 * roomy.limit_bits, "and they spend the budget"
 
 
 @pytest.mark.slow
