@@ -378,6 +378,8 @@ def test_other_tables_seed_the_study(tiny_model_dirs: dict[str, Path], tmp_path:
     assert any(label.startswith("raise-b2-fine:") for label in labels), labels
     assert all(s.cost <= inputs.limit_bits for s in seeds(inputs, baselines(inputs), 2))
     assert not any("-above-" in label for label in labels), "nothing above 2 bits fits 3.0 bpw at g64"
+    narrow = dataclasses.replace(config, measure=dataclasses.replace(config.measure, bits=(2, 4)))
+    assert {o for opts in prepare(narrow).problem.options for o in opts} <= {2, 4, None}, "only the asked widths"
     roomy = dataclasses.replace(inputs, limit_bits=int(inputs.limit_bits * 4.4 / 3.0))
     above = {s.solver: s for s in seeds(roomy, baselines(roomy), 2) if "-above-" in s.solver}
     assert set(above) == {"dp-above-2b", "greedy-above-2b"}, "the study also starts from recipes avoiding 2 bits"

@@ -174,12 +174,16 @@ def _holds_widths(measure: MeasureConfig) -> bool:
     return set(measure.measured_bits) <= set(load_measurement(measure.folder).summary.settings.measured_bits)
 
 
-def _variants(measurement: Measurement, checkpoint: Checkpoint) -> dict[Option, Variant]:
+def _variants(measurement: Measurement, checkpoint: Checkpoint, widths: tuple[int, ...]) -> dict[Option, Variant]:
+    """The measured variants at the widths asked for (`--bits`): a table that also holds other widths (measured
+    for another run) searches only these, so `search --bits 2 3 4` never picks a width it was not given."""
     if measurement.summary.model.fingerprint != checkpoint.fingerprint:
         raise FingerprintMismatchError(f"{measurement.folder} was measured on another model; use this model's "
                                        "own --work folder or re-run `mixprec measure`")
     variants = {}
     for bits, info in measurement.summary.variants.items():
+        if int(bits) not in widths:
+            continue
         variant = Variant.open(info.path, checkpoint.fingerprint)
         if variant.manifest.file_sha256 != info.sha256:
             raise FingerprintMismatchError(f"{info.path} changed since {measurement.folder} was measured; "
@@ -222,7 +226,7 @@ def prepare(config: StageConfig) -> Inputs:
         return _prepare_options(config, checkpoint, model_map)
     measure = config.measure_config()
     measurement = _check_settings(load_measurement(measure.folder), measure)
-    variants = _variants(measurement, checkpoint)
+    variants = _variants(measurement, checkpoint, config.measure.variant_bits)
     table = CostTable.from_variants(model_map, variants)
     options, limit = _check_budget(table, config)
     problem = Problem.build(table, options, measurement_losses(measurement))
@@ -233,7 +237,8 @@ def prepare(config: StageConfig) -> Inputs:
 def _prepare_options(config: StageConfig, checkpoint: Checkpoint, model_map: ModelMap) -> Inputs:
     """One table over options from the families' tables: variants and losses keyed by option label. The
     tables must share their calibration tokens, so their losses are comparable and one engine serves all."""
-    measurements = [_check_settings(load_measurement(m.folder), m) for m in config.measure_configs()]
+    measures = config.measure_configs()
+    measurements = [_check_settings(load_measurement(m.folder), m) for m in measures]
     first = measurements[0]
     for other in measurements[1:]:
         if other.summary.data.sha256 != first.summary.data.sha256:
@@ -241,8 +246,8 @@ def _prepare_options(config: StageConfig, checkpoint: Checkpoint, model_map: Mod
                                            "tokens; measure every option family with the same data settings")
     variants: dict[Option, Variant] = {}
     losses: dict[str, dict[Option, float]] = {}
-    for measurement in measurements:
-        found = _variants(measurement, checkpoint)
+    for measurement, measure in zip(measurements, measures, strict=True):
+        found = _variants(measurement, checkpoint, measure.variant_bits)
         labels = {bits: option_label(v.config) for bits, v in found.items()}
         variants.update({labels[bits]: v for bits, v in found.items()})
         for group, row in measurement_losses(measurement).items():
@@ -268,7 +273,7 @@ def _other_estimates(main: Measurement, checkpoint: Checkpoint, table: CostTable
                 continue
             if other.summary.variants != main.summary.variants:
                 raise MixprecError("it was made from other variants")
-            _variants(other, checkpoint)
+            _variants(other, checkpoint, tuple(int(b) for b in other.summary.variants))  # checks the files
             found[folder.name] = Problem.build(table, options, measurement_losses(other))
         except MixprecError as exc:
             log.info("not seeding from %s: %s", folder, exc)
