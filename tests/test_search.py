@@ -381,7 +381,9 @@ def test_other_tables_seed_the_study(tiny_model_dirs: dict[str, Path], tmp_path:
     narrow = dataclasses.replace(config, measure=dataclasses.replace(config.measure, bits=(2, 4)))
     assert {o for opts in prepare(narrow).problem.options for o in opts} <= {2, 4, None}, "only the asked widths"
     roomy = dataclasses.replace(inputs, limit_bits=int(inputs.limit_bits * 4.4 / 3.0))
-    above = {s.solver: s for s in seeds(roomy, baselines(roomy), 2) if "-above-" in s.solver}
+    roomy_seeds = seeds(roomy, baselines(roomy), 2)
+    assert [s.solver for s in roomy_seeds[1:3]] == ["dp-above-2b", "greedy-above-2b"], "tried first, after the DP"
+    above = {s.solver: s for s in roomy_seeds if "-above-" in s.solver}
     assert set(above) == {"dp-above-2b", "greedy-above-2b"}, "the study also starts from recipes avoiding 2 bits"
     for solution in above.values():
         assert solution.cost <= roomy.limit_bits and 2 not in solution.assignment.values()

@@ -358,14 +358,15 @@ def _seeds_from_others(inputs: Inputs) -> list[Solution]:
 
 
 def seeds(inputs: Inputs, compared: dict[str, Solution], front_seeds: int) -> list[Solution]:
-    """Everything the study starts from, in order: the DP points nearest the budget (the first is the
-    paired reference), the baselines that fit (greedy on every option family too), DP under compressed
-    estimates, block- and kind-tied solutions, and the solutions of the other tables' estimates."""
+    """Everything the study starts from, in order: the DP point at the budget (the paired reference), DP and
+    greedy above the lowest width, the next DP points, the baselines that fit (greedy on every option family
+    too), DP under compressed estimates, block- and kind-tied solutions, and the other tables' solutions."""
     front = pareto_front(inputs.problem).near(inputs.limit_bits, front_seeds)
     fitting = [compared[k] for k in ("greedy", "hq", "uniform-fit") if k in compared]
     fitting += [v for k, v in compared.items() if k.startswith("greedy-")]  # greedy on each other option family
     limit = inputs.limit_bits
-    return (front + fitting + _family_seeds(inputs) + _above_lowest_seeds(inputs)
+    # right after the reference: a study of few trials must still compare the recipe that avoids the lowest width
+    return (front[:1] + _above_lowest_seeds(inputs) + front[1:] + fitting + _family_seeds(inputs)
             + compressed_solutions(inputs.problem, limit) + tied_solutions(inputs.problem, limit)
             + _seeds_from_others(inputs))
 
