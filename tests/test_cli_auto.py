@@ -19,7 +19,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from mixprec.bundled.bpe import TokenizerConfig, train_tokenizer
 from mixprec.cli import build_parser, measure_cmd, search_cmd
 from mixprec.cli.auto import DEFAULT_OPTIONS, RTN_OPTIONS, default_options
-from mixprec.formats.recipe import Recipe
+from mixprec.formats.recipe import Budget, Recipe
 from mixprec.model.loading import Checkpoint
 from mixprec.quant.hessians import layer_hessian_bytes
 from tests.test_search import _tiny_model, mixprec
@@ -131,10 +131,10 @@ def test_default_search_ships_a_per_expert_recipe_that_compiles(tiny_model_dirs:
     model = _tiny_model(tiny_model_dirs, tmp_path, monkeypatch)
     _add_tokenizer(model)  # GPTQ calibrates on text: the model needs a tokenizer
     work, out = tmp_path / "work", tmp_path / "r.yaml"
-    code, _, err = mixprec("search", str(model), "--work", str(work), "--bits", "2", "3", "4", "--windows", "4",
-                           "--seq-len", "32", "--eval-windows", "4", "--studies-dir", str(tmp_path / "studies"),
-                           "--budget", "3", "--trials", "4", "--out", str(out), "--calib-windows", "4",
-                           "--calib-seq-len", "32", capsys=capsys)
+    search = ["search", str(model), "--work", str(work), "--bits", "2", "3", "4", "--windows", "4", "--seq-len", "32",
+              "--eval-windows", "4", "--studies-dir", str(tmp_path / "studies"), "--calib-windows", "4",
+              "--calib-seq-len", "32"]
+    code, _, err = mixprec(*search, "--budget", "3", "--trials", "4", "--out", str(out), capsys=capsys)
     assert code == 0, err
     for size in (32, 64, 128):
         assert (work / "variants" / f"gptq-b2-g{size}-sym" / "manifest.json").is_file()
@@ -156,3 +156,8 @@ def test_default_search_ships_a_per_expert_recipe_that_compiles(tiny_model_dirs:
     code, stdout, err = mixprec("eval", str(tmp_path / "ckpt"), "--reference", str(model), "--windows", "4",
                                 "--seq-len", "32", capsys=capsys)
     assert code == 0 and "KL" in stdout, err
+    shutil.rmtree(work / "calibration")  # finished tables: another budget neither calibrates nor quantizes again
+    code, _, err = mixprec(*search, "--calib-windows", "5", "--budget", "3.5", "--trials", "2", "--out",
+                           str(tmp_path / "r35.yaml"), capsys=capsys)
+    assert code == 0 and Recipe.load(tmp_path / "r35.yaml").budget == Budget(bpw=3.5), err
+    assert not (work / "calibration").exists()

@@ -49,7 +49,7 @@ from mixprec.quant import SUPPORTED_GROUP_SIZES, QuantSettings, quantizer_class,
 from mixprec.quant.ggml import GGMLQuantizer
 from mixprec.quant.options import option_width, parse_families
 from mixprec.search.costs import Constraints, parse_settings
-from mixprec.search.inputs import SELECT_MODES, Inputs, StageConfig, check, measure_missing, prepare
+from mixprec.search.inputs import SELECT_MODES, Inputs, StageConfig, check, measure_missing, prepare, unmeasured
 from mixprec.search.pipeline import StageResult, run_stage, run_stages
 from mixprec.search.study import SAMPLERS, SearchConfig, quiet_optuna
 from mixprec.search.sweep import run_budgets
@@ -310,9 +310,10 @@ def run(args: argparse.Namespace) -> int:
     for config in configs:
         check(config)
     if not args.no_measure:
-        measures = [m for c in configs for m in c.measure_configs()]
-        quantize_calibrated(args, [m.quant_config(b) for m in measures for b in m.variant_bits],
-                            measures[0].variant_kinds, configs[0].work)
+        measures = [m for c in configs for m in unmeasured(c)]  # finished tables need no (GPTQ) variants made
+        if measures:
+            quantize_calibrated(args, [m.quant_config(b) for m in measures for b in m.variant_bits],
+                                measures[0].variant_kinds, configs[0].work)
         for config in configs:
             measure_missing(config)  # the explicit measure step (`mixprec measure` with the same settings)
     inputs = [prepare(c) for c in configs]

@@ -38,8 +38,8 @@ from mixprec.search.solve import (
 )
 from mixprec.search.study import SearchConfig
 
-__all__ = ["StageConfig", "Inputs", "restrict", "UniformQuant", "check", "measure_missing", "prepare", "baselines",
-           "uniform_grid", "nearest_uniform", "seeds", "SELECT_MODES"]
+__all__ = ["StageConfig", "Inputs", "restrict", "UniformQuant", "check", "measure_missing", "unmeasured", "prepare",
+           "baselines", "uniform_grid", "nearest_uniform", "seeds", "SELECT_MODES"]
 
 log = logging.getLogger(__name__)
 
@@ -153,13 +153,18 @@ def measure_missing(config: StageConfig) -> Path:
     A separate step, taken after every flag is validated (`check`), rather than a side effect of loading:
     `prepare` only reads a finished table and says how to make one when it is missing.
     """
-    folders = [_measure_one(measure) for measure in config.measure_configs()]  # one per option family
-    return folders[0]
+    for measure in unmeasured(config):  # one table per option family
+        _measure_one(measure)
+    return config.measure_configs()[0].folder
+
+
+def unmeasured(config: StageConfig) -> list[MeasureConfig]:
+    """The tables `config` reads that are not finished, or lack an asked width: what the measure step must run
+    (and the only ones whose variants must exist; a finished table's are checked when it is read)."""
+    return [m for m in config.measure_configs() if not (is_finished(m.folder) and _holds_widths(m))]
 
 
 def _measure_one(measure: MeasureConfig) -> Path:
-    if is_finished(measure.folder) and _holds_widths(measure):
-        return measure.folder
     log.info("no finished measurement in %s: measuring it now (as `mixprec measure --granularity %s`)",
              measure.folder, measure.granularity)
     folder = run_measure(measure)
